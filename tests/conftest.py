@@ -1,0 +1,44 @@
+"""Shared test setup: offline model loading, tier markers by folder, and no stray Ray clusters.
+
+Tiers: tests/unit (pure logic, no Ray), tests/ray (single-node local Ray), tests/cluster (ray.cluster_utils.Cluster).
+Run one tier with `pytest -m pure|ray|cluster`.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# never attach to a cluster someone left running: tests start their own
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest  # noqa: E402
+
+_TIERS = {"unit": "pure", "ray": "ray", "cluster": "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = item.path.parts
+        for folder, marker in _TIERS.items():
+            if folder in parts:
+                item.add_marker(getattr(pytest.mark, marker))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_stray_ray():
+    """Each module starts from no Ray and leaves none behind."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
