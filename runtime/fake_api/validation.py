@@ -1,0 +1,181 @@
+"""Request validation with the API's messages and statuses (400 / 404 / 413), so the SDK raises the same class.
+
+Checks only what the real API rejects and what the rest of the fake relies on; messages are phrased like the
+API's (``field: problem``), including "Extra inputs are not permitted" for parameters the 2026-10-21 version
+removed (temperature, top_p, top_k) or never had.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from runtime.fake_api.protocol import ApiError
+from runtime.settings import ModelInfo
+
+CREATE_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "tools", "tool_choice",
+    "thinking", "cache_control", "container", "diagnostics", "inference_geo", "output_config", "service_tier",
+    "speed", "mcp_servers", "context_management",
+})
+COUNT_FIELDS = frozenset({
+    "model", "messages", "system", "tools", "tool_choice", "thinking", "cache_control", "output_config", "speed",
+    "mcp_servers", "context_management",
+})
+ROLES = frozenset({"user", "assistant", "system"})
+_CACHE_TTLS = frozenset({"5m", "1h"})
+
+
+@dataclass(frozen=True)
+class Prepared:
+    body: dict
+    model: str
+    info: ModelInfo
+    model_class: str
+    family: str
+    max_tokens: int
+    stream: bool
+    user_id: str | None
+
+
+def _bad(msg: str, cls: str | None = None) -> ApiError:
+    return ApiError(400, msg, model_class=cls)
+
+
+def _check_cache_control(cc: Any, where: str, cls: str | None) -> None:
+    if not isinstance(cc, dict) or cc.get("type") != "ephemeral":
+        raise _bad(f"{where}.cache_control.type: Input should be 'ephemeral'", cls)
+    ttl = cc.get("ttl")
+    if ttl is not None and ttl not in _CACHE_TTLS:
+        raise _bad(f"{where}.cache_control.ttl: Input should be '5m' or '1h'", cls)
+
+
+def _check_block(b: Any, where: str, cls: str | None) -> None:
+    if not isinstance(b, dict):
+        raise _bad(f"{where}: Input should be a valid dictionary or object", cls)
+    t = b.get("type")
+    if not isinstance(t, str):
+        raise _bad(f"{where}.type: Field required", cls)
+    if t == "text":
+        text = b.get("text")
+        if not isinstance(text, str):
+            raise _bad(f"{where}.text: Field required", cls)
+        if not text:
+            raise _bad("messages: text content blocks must be non-empty", cls)
+    cc = b.get("cache_control")
+    if cc is not None:
+        _check_cache_control(cc, where, cls)
+
+
+def resolve_model(body: Any, models: dict[str, ModelInfo]) -> tuple[str, ModelInfo] | None:
+    """The request's model if it is a known one (used to pick rate-limit headers even for a bad request)."""
+    if isinstance(body, dict):
+        m = body.get("model")
+        if isinstance(m, str):
+            info = models.get(m)
+            if info is not None:
+                return m, info
+    return None
+
+
+def validate(body: Any, models: dict[str, ModelInfo], *, count_only: bool = False,
+             batch: bool = False) -> Prepared:
+    if not isinstance(body, dict):
+        raise _bad("Input should be a valid dictionary or object")
+    resolved = resolve_model(body, models)
+    cls = resolved[1].model_class if resolved else None
+    allowed = COUNT_FIELDS if count_only else CREATE_FIELDS
+    for k in body:
+        if k not in allowed:
+            raise _bad(f"{k}: Extra inputs are not permitted", cls)
+    model = body.get("model")
+    if model is None:
+        raise _bad("model: Field required")
+    if not isinstance(model, str) or not model:
+        raise _bad("model: Input should be a valid string")
+    max_tokens = 0
+    if not count_only:
+        if "max_tokens" not in body:
+            raise _bad("max_tokens: Field required", cls)
+        max_tokens = body["max_tokens"]
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            raise _bad("max_tokens: Input should be a valid integer", cls)
+        if max_tokens < 1:
+            raise _bad("max_tokens: Input should be greater than or equal to 1", cls)
+    msgs = body.get("messages")
+    if msgs is None:
+        raise _bad("messages: Field required", cls)
+    if not isinstance(msgs, list):
+        raise _bad("messages: Input should be a valid list", cls)
+    if not msgs:
+        raise _bad("messages: at least one message is required", cls)
+    last = len(msgs) - 1
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise _bad(f"messages.{i}: Input should be a valid dictionary or object", cls)
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'", cls)
+        if "content" not in m:
+            raise _bad(f"messages.{i}.content: Field required", cls)
+        content = m["content"]
+        if isinstance(content, str):
+            # the API lets only a final assistant turn (a prefill) be empty
+            if not content and not (i == last and role == "assistant"):
+                raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional "
+                           "final assistant message", cls)
+        elif isinstance(content, list):
+            if not content and not (i == last and role == "assistant"):
+                raise _bad(f"messages.{i}: all messages must have non-empty content except for the optional "
+                           "final assistant message", cls)
+            for j, b in enumerate(content):
+                _check_block(b, f"messages.{i}.content.{j}", cls)
+        else:
+            raise _bad(f"messages.{i}.content: Input should be a valid string or list", cls)
+    system = body.get("system")
+    if system is not None:
+        if isinstance(system, list):
+            for j, b in enumerate(system):
+                _check_block(b, f"system.{j}", cls)
+                if b.get("type") != "text":
+                    raise _bad(f"system.{j}.type: Input should be 'text'", cls)
+        elif not isinstance(system, str):
+            raise _bad("system: Input should be a valid string or list", cls)
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _bad("tools: Input should be a valid list", cls)
+        for j, t in enumerate(tools):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+                raise _bad(f"tools.{j}.name: Field required", cls)
+            if t.get("cache_control") is not None:
+                _check_cache_control(t["cache_control"], f"tools.{j}", cls)
+    if body.get("cache_control") is not None:
+        _check_cache_control(body["cache_control"], "", cls)
+    seqs = body.get("stop_sequences")
+    if seqs is not None and (not isinstance(seqs, list) or not all(isinstance(s, str) for s in seqs)):
+        raise _bad("stop_sequences: Input should be a valid list of strings", cls)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _bad("stream: Input should be a valid boolean", cls)
+    if batch and stream:
+        raise _bad("stream: streaming is not supported for requests in a Message Batch", cls)
+    user_id = None
+    meta = body.get("metadata")
+    if meta is not None:
+        if not isinstance(meta, dict):
+            raise _bad("metadata: Input should be a valid dictionary or object", cls)
+        for k in meta:
+            if k != "user_id":
+                raise _bad(f"metadata.{k}: Extra inputs are not permitted", cls)
+        user_id = meta.get("user_id")
+        if user_id is not None and not isinstance(user_id, str):
+            raise _bad("metadata.user_id: Input should be a valid string", cls)
+    if resolved is None:
+        raise ApiError(404, f"model: {model}")
+    _, info = resolved
+    if not count_only and max_tokens > info.max_output_tokens:
+        raise _bad(f"max_tokens: {max_tokens} > {info.max_output_tokens}, which is the maximum allowed number of "
+                   f"output tokens for {model}", cls)
+    return Prepared(body=body, model=model, info=info, model_class=info.model_class, family=info.tokenizer,
+                    max_tokens=max_tokens, stream=stream, user_id=user_id)
