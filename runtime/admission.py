@@ -1,0 +1,403 @@
+"""Cluster-wide admission: Anthropic's three buckets per model class, per-user caps, priority floors.
+
+Pure logic with an injected clock; ``actors/limiter.py`` owns one instance for the whole cluster. A decision
+never blocks: it is a ``Grant`` (capacity taken now) or a ``RetryAfter`` (how long until the binding bucket has
+room) that the caller sleeps on without holding anything::
+
+    clock = ManualClock()
+    adm = Admission({"sonnet": ClassLimits(rpm=50, itpm=30_000, otpm=8_000)}, UserLimits(), LimiterSettings(),
+                    clock=clock)
+    g = adm.acquire(Estimate("r1", "sonnet", "u1", "normal", input_tokens=1_000, max_output_tokens=500))
+    ...call the API...
+    adm.reconcile(Outcome(g.lease_id, usage, 200, headers, time.time()))   # give back what was not used
+
+The buckets mirror the server's: capacity C refills at C per minute, continuously. Our capacity is the
+configured limit less a safety margin, because grants reach the API slightly out of step with our clock.
+OTPM is charged from ``max_output_tokens`` at grant (as the server does) and the unused part is returned on
+reconcile; ITPM is charged from the estimate and corrected to the actual count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from runtime.buckets import Clock, TokenBucket
+from runtime.settings import ClassLimits, LimiterSettings, UserLimits
+from runtime.usage import Usage
+
+INF = float("inf")
+BUCKETS: tuple[str, ...] = ("rpm", "itpm", "otpm")
+# response header stem -> our bucket name
+_HEADER_BUCKET = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
+# outcomes the server did not process: it charged no tokens (the request slot was still spent)
+REFUND_STATUSES = frozenset({429, 529, 500, 0})
+_PERIOD = 60.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    request_id: str
+    model_class: str
+    user_id: str | None
+    priority: str  # "critical" | "normal" | "bulk"
+    input_tokens: int
+    max_output_tokens: int
+
+
+@dataclass(frozen=True)
+class Grant:
+    lease_id: str
+    request_id: str
+    model_class: str
+    input_tokens: int
+    max_output_tokens: int
+    user_id: str | None
+
+
+@dataclass(frozen=True)
+class RetryAfter:
+    request_id: str
+    seconds: float  # inf: the request can never fit the configured limits
+    reason: str     # the binding bucket, e.g. "sonnet:otpm", "user:u1:tpm", "sonnet:paused"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    lease_id: str
+    usage: Usage | None  # None: never reached the API or refused before processing
+    status: int          # HTTP status; 0 for a connection error
+    headers: dict[str, str] = field(default_factory=dict)  # lower-cased ratelimit-* and retry-after
+    received_at: float = 0.0  # unix time the response arrived (0: unknown, treat as now)
+
+
+@dataclass
+class _Lease:
+    model_class: str
+    user_id: str | None
+    input_tokens: int
+    max_output_tokens: int
+    granted_at: float
+
+
+@dataclass
+class _Hold:
+    """The first request refused on a bucket keeps later, smaller ones from taking the refill it waits for."""
+
+    request_id: str
+    amount: float
+    rank: int
+    expires: float
+
+
+_RANK = {"critical": 0, "normal": 1, "bulk": 2}
+
+
+class _ClassState:
+    __slots__ = ("limits", "buckets", "paused_until", "holds")
+
+    def __init__(self, limits: ClassLimits, margin: float, clock: Clock) -> None:
+        self.limits = {"rpm": limits.rpm, "itpm": limits.itpm, "otpm": limits.otpm}
+        self.buckets = {b: TokenBucket(v * (1.0 - margin), _PERIOD, clock) for b, v in self.limits.items()}
+        self.paused_until = -INF
+        self.holds: dict[str, _Hold] = {}
+
+
+class _UserState:
+    __slots__ = ("rpm", "tpm", "last_used")
+
+    def __init__(self, limits: UserLimits, clock: Clock) -> None:
+        # user caps are our own policy, not the server's: no safety margin
+        self.rpm = TokenBucket(limits.rpm, _PERIOD, clock) if limits.rpm else None
+        self.tpm = TokenBucket(limits.tpm, _PERIOD, clock) if limits.tpm else None
+        self.last_used = clock()
+
+    def idle_and_full(self) -> bool:
+        return all(b is None or b.level >= b.capacity - 1e-9 for b in (self.rpm, self.tpm))
+
+
+class Admission:
+    """Admission decisions over per-class and per-user token buckets; see the module docstring."""
+
+    def __init__(self, limits: dict[str, ClassLimits], user_limits: UserLimits, limiter: LimiterSettings,
+                 clock: Clock = time.monotonic, *, wall_clock: Clock = time.time,
+                 lease_timeout_s: float = 600.0, user_sweep_s: float = 60.0) -> None:
+        self._clock = clock
+        # converts a response's unix received_at into "seconds ago" for header learning
+        self._wall = wall_clock
+        self._settings = limiter
+        self._user_limits = user_limits
+        self._classes: dict[str, _ClassState] = {c: _ClassState(lim, limiter.safety_margin, clock)
+                                                 for c, lim in limits.items()}
+        self._users: dict[str, _UserState] = {}
+        # insertion order is grant order, so expiry pops from the front
+        self._leases: dict[str, _Lease] = {}
+        self._lease_timeout = lease_timeout_s
+        self._user_sweep_s = user_sweep_s
+        self._next_user_sweep = clock() + user_sweep_s
+        # a fresh prefix per instance: leases granted before an actor restart are unknown afterwards
+        self._prefix = uuid.uuid4().hex[:10]
+        self._seq = 0
+        self.stats = {"granted": 0, "refused": 0, "impossible": 0, "reconciled": 0, "expired": 0,
+                      "ignored_outcomes": 0, "limits_learned": 0, "clamps": 0, "pauses": 0}
+
+    # -- admission ----------------------------------------------------------------------------------------
+    def _floor_frac(self, priority: str) -> float | None:
+        if priority == "critical":
+            return 0.0
+        if priority == "normal":
+            return self._settings.critical_reserve
+        if priority == "bulk":
+            return self._settings.critical_reserve + self._settings.bulk_headroom
+        return None
+
+    def _user(self, user_id: str) -> _UserState:
+        u = self._users.get(user_id)
+        if u is None:
+            u = self._users[user_id] = _UserState(self._user_limits, self._clock)
+        return u
+
+    def acquire(self, e: Estimate) -> Grant | RetryAfter:
+        now = self._clock()
+        self._housekeep(now)
+        cls = self._classes.get(e.model_class)
+        if cls is None:
+            return self._impossible(e, f"unknown model class {e.model_class!r}")
+        frac = self._floor_frac(e.priority)
+        if frac is None:
+            return self._impossible(e, f"unknown priority {e.priority!r}")
+        if e.input_tokens < 0 or e.max_output_tokens < 0:
+            return self._impossible(e, "negative token estimate")
+
+        rank = _RANK[e.priority]
+        needs: list[tuple[str, TokenBucket, float, float]] = []
+        for name, amount in (("rpm", 1.0), ("itpm", float(e.input_tokens)), ("otpm", float(e.max_output_tokens))):
+            b = cls.buckets[name]
+            if amount > b.capacity + 1e-9:
+                return self._impossible(e, f"{e.model_class}:{name} needs {amount:g} > capacity {b.capacity:g}")
+            floor = frac * b.capacity
+            hold = cls.holds.get(name)
+            if hold is not None:
+                if hold.expires <= now:
+                    del cls.holds[name]
+                elif hold.request_id != e.request_id and rank >= hold.rank:
+                    floor += hold.amount
+            # a request too big to fit above its floor waits for a full bucket rather than never running: it
+            # may then dip into the reserve, once
+            needs.append((f"{e.model_class}:{name}", b, amount, min(floor, b.capacity - amount)))
+        if e.user_id is not None:
+            u = self._user(e.user_id)
+            u.last_used = now
+            for name, b, amount in (("rpm", u.rpm, 1.0), ("tpm", u.tpm, float(e.input_tokens + e.max_output_tokens))):
+                if b is None:
+                    continue
+                if amount > b.capacity + 1e-9:
+                    return self._impossible(e, f"user:{e.user_id}:{name} needs {amount:g} > cap {b.capacity:g}")
+                needs.append((f"user:{e.user_id}:{name}", b, amount, 0.0))
+
+        wait, reason = 0.0, ""
+        if cls.paused_until > now:
+            wait, reason = cls.paused_until - now, f"{e.model_class}:paused"
+        for label, b, amount, floor in needs:
+            w = b.wait_time(amount, floor)
+            if w > wait:
+                wait, reason = w, label
+        if wait > 0.0:
+            self.stats["refused"] += 1
+            if not math.isinf(wait):
+                self._hold(cls, e, rank, needs, now + wait + max(1.0, 0.25 * wait))
+            return RetryAfter(e.request_id, wait, reason)
+
+        for _, b, amount, _ in needs:
+            b.take(amount)
+        for name in [n for n, h in cls.holds.items() if h.request_id == e.request_id]:
+            del cls.holds[name]
+        self._seq += 1
+        lease_id = f"{self._prefix}-{self._seq}"
+        self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now)
+        self.stats["granted"] += 1
+        return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id)
+
+    @staticmethod
+    def _hold(cls: _ClassState, e: Estimate, rank: int, needs: list, expires: float) -> None:
+        # without a hold a large request starves behind a stream of small ones that each fit the refill;
+        # the grace covers the caller's jittered sleep. One hold per bucket: the oldest waiter's.
+        for label, b, amount, floor in needs[:3]:
+            name = label.rsplit(":", 1)[1]
+            h = cls.holds.get(name)
+            if h is not None and h.request_id == e.request_id:
+                h.expires = expires
+            elif h is None and b.wait_time(amount, floor) > 0.0:
+                cls.holds[name] = _Hold(e.request_id, amount, rank, expires)
+
+    def _impossible(self, e: Estimate, reason: str) -> RetryAfter:
+        self.stats["impossible"] += 1
+        return RetryAfter(e.request_id, INF, reason)
+
+    def acquire_many(self, estimates: Iterable[Estimate]) -> list[Grant | RetryAfter]:
+        # in order: a refused large request does not hold back smaller ones behind it (no head-of-line blocking)
+        return [self.acquire(e) for e in estimates]
+
+    # -- reconcile ----------------------------------------------------------------------------------------
+    def reconcile(self, o: Outcome) -> None:
+        lease = self._leases.pop(o.lease_id, None)
+        if lease is None:
+            # reconciled already, expired, or granted before a restart: applying it again would double-refund
+            self.stats["ignored_outcomes"] += 1
+            return
+        self.stats["reconciled"] += 1
+        cls = self._classes.get(lease.model_class)
+        user = self._users.get(lease.user_id) if lease.user_id is not None else None
+        if cls is not None:
+            self._settle(cls, user, lease, o)
+            if o.headers:
+                self._learn(lease.model_class, cls, o)
+
+    def reconcile_many(self, outcomes: Iterable[Outcome]) -> None:
+        for o in outcomes:
+            self.reconcile(o)
+
+    @staticmethod
+    def _adjust(bucket: TokenBucket | None, delta: float) -> None:
+        """delta > 0: the request used more than reserved (a debt); delta < 0: give the excess back."""
+        if bucket is None or delta == 0:
+            return
+        if delta > 0:
+            bucket.take(delta)
+        else:
+            bucket.give(-delta)
+
+    def _settle(self, cls: _ClassState, user: _UserState | None, lease: _Lease, o: Outcome) -> None:
+        if o.usage is not None:
+            d_in = o.usage.itpm_tokens - lease.input_tokens
+            d_out = o.usage.output_tokens - lease.max_output_tokens
+        else:
+            # nothing was generated; input is refunded only where the server certainly did not process it
+            d_out = -lease.max_output_tokens
+            d_in = -lease.input_tokens if o.status in REFUND_STATUSES else 0
+        self._adjust(cls.buckets["itpm"], d_in)
+        self._adjust(cls.buckets["otpm"], d_out)
+        if user is not None:
+            self._adjust(user.tpm, d_in + d_out)
+
+    def _learn(self, model_class: str, cls: _ClassState, o: Outcome) -> None:
+        h = o.headers
+        margin = self._settings.safety_margin
+        now = self._clock()
+        age = max(0.0, self._wall() - o.received_at) if o.received_at > 0 else 0.0
+        for stem, name in _HEADER_BUCKET.items():
+            b = cls.buckets[name]
+            limit = _num(h.get(f"anthropic-ratelimit-{stem}-limit"))
+            if limit is not None and limit > 0 and int(limit) != cls.limits[name]:
+                cls.limits[name] = int(limit)
+                b.set_capacity(limit * (1.0 - margin))
+                self.stats["limits_learned"] += 1
+            remaining = _num(h.get(f"anthropic-ratelimit-{stem}-remaining"))
+            if remaining is not None:
+                server_limit = cls.limits[name]
+                # the server's deficit, carried into our margin-reduced bucket and refilled since it was sent
+                level = remaining - margin * server_limit + age * server_limit / _PERIOD
+                if level < b.level - 1e-9:
+                    b.clamp(level)
+                    self.stats["clamps"] += 1
+        if o.status == 429:
+            ra = _num(h.get("retry-after"))
+            if ra is not None and ra > age:
+                until = now + ra - age
+                if until > cls.paused_until:
+                    cls.paused_until = until
+                    self.stats["pauses"] += 1
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+    def _housekeep(self, now: float) -> None:
+        cutoff = now - self._lease_timeout
+        leases = self._leases
+        while leases:
+            first = next(iter(leases))
+            if leases[first].granted_at > cutoff:
+                break
+            # refunding now would be pointless: the buckets refilled long ago; only the record leaks
+            del leases[first]
+            self.stats["expired"] += 1
+        if now >= self._next_user_sweep:
+            self._next_user_sweep = now + self._user_sweep_s
+            idle_before = now - self._user_sweep_s
+            users_with_leases = {le.user_id for le in leases.values()}
+            for uid in [uid for uid, u in self._users.items()
+                        if u.last_used < idle_before and uid not in users_with_leases and u.idle_and_full()]:
+                del self._users[uid]
+
+    def expire(self) -> None:
+        """Run housekeeping now (lease expiry, idle user buckets); acquire does it as it goes."""
+        now = self._clock()
+        self._next_user_sweep = min(self._next_user_sweep, now)
+        self._housekeep(now)
+
+    # -- configuration and views --------------------------------------------------------------------------
+    def set_limits(self, limits: dict[str, ClassLimits] | None = None, user_limits: UserLimits | None = None,
+                   limiter: LimiterSettings | None = None) -> None:
+        """Change limits live; levels keep their absolute deficit, new classes start full."""
+        if limiter is not None:
+            self._settings = limiter
+            for st in self._classes.values():
+                for name, b in st.buckets.items():
+                    b.set_capacity(st.limits[name] * (1.0 - limiter.safety_margin))
+        margin = self._settings.safety_margin
+        for c, lim in (limits or {}).items():
+            st = self._classes.get(c)
+            if st is None:
+                self._classes[c] = _ClassState(lim, margin, self._clock)
+                continue
+            for name, v in (("rpm", lim.rpm), ("itpm", lim.itpm), ("otpm", lim.otpm)):
+                st.limits[name] = v
+                st.buckets[name].set_capacity(v * (1.0 - margin))
+        if user_limits is not None:
+            self._user_limits = user_limits
+            for u in self._users.values():
+                u.rpm = _recap(u.rpm, user_limits.rpm, self._clock)
+                u.tpm = _recap(u.tpm, user_limits.tpm, self._clock)
+
+    def snapshot(self) -> dict:
+        now = self._clock()
+        classes = {}
+        for c, st in self._classes.items():
+            d = {name: {"limit": st.limits[name], "capacity": b.capacity, "level": b.level}
+                 for name, b in st.buckets.items()}
+            d["paused_for_s"] = max(0.0, st.paused_until - now)
+            classes[c] = d
+        in_flight: dict[str, dict[str, int]] = {}
+        for le in self._leases.values():
+            f = in_flight.setdefault(le.model_class, {"leases": 0, "input_tokens": 0, "max_output_tokens": 0})
+            f["leases"] += 1
+            f["input_tokens"] += le.input_tokens
+            f["max_output_tokens"] += le.max_output_tokens
+        return {"classes": classes, "in_flight": in_flight, "leases": len(self._leases),
+                "users": len(self._users), "stats": dict(self.stats)}
+
+    def user_levels(self, user_id: str) -> dict[str, float] | None:
+        u = self._users.get(user_id)
+        if u is None:
+            return None
+        return {name: b.level for name, b in (("rpm", u.rpm), ("tpm", u.tpm)) if b is not None}
+
+
+def _recap(b: TokenBucket | None, cap: int, clock: Clock) -> TokenBucket | None:
+    if not cap:
+        return None
+    if b is None:
+        return TokenBucket(cap, _PERIOD, clock)
+    b.set_capacity(cap)
+    return b
+
+
+def _num(v: str | None) -> float | None:
+    if v is None:
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None  # e.g. an HTTP-date retry-after: not worth a parser, the fallback backoff covers it
+    return x if math.isfinite(x) else None
