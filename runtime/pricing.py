@@ -1,0 +1,79 @@
+"""Usage -> dollars, from the price tiers in ``Settings.models``.
+
+Prices are configuration (they change with Anthropic's price list), so nothing here holds a number. An unknown
+model raises ``UnknownModel`` (through ``Settings.model_info``): a model with no price must never cost $0.
+
+The tier is chosen by the whole prompt (uncached input + cache writes + cache reads), because that is what the
+API bills long-context tiers by; every token kind of that response is then priced at that tier's rates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from runtime.settings import ModelInfo, PriceTier, Settings
+from runtime.usage import Usage
+
+_PER_TOKEN = 1e-6  # prices are per million tokens
+_BATCH_FACTOR = 0.5
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    input_usd: float
+    output_usd: float
+    cache_write_usd: float
+    cache_read_usd: float
+    total_usd: float
+    batch: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CostBreakdown":
+        return cls(**{k: d[k] for k in ("input_usd", "output_usd", "cache_write_usd", "cache_read_usd",
+                                        "total_usd")}, batch=bool(d.get("batch", False)))
+
+    @classmethod
+    def zero(cls, batch: bool = False) -> "CostBreakdown":
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, batch)
+
+
+def tier_for(info: ModelInfo, prompt_tokens: int) -> PriceTier:
+    """The first tier whose bound holds the prompt (the last tier is unbounded by validation)."""
+    for tier in info.prices:
+        if tier.up_to_input_tokens is None or prompt_tokens <= tier.up_to_input_tokens:
+            return tier
+    return info.prices[-1]
+
+
+def price(usage: Usage, model: str, settings: Settings, *, batch: bool = False) -> CostBreakdown:
+    info = settings.model_info(model)  # raises UnknownModel
+    tier = tier_for(info, usage.prompt_tokens)
+    factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+    inp = usage.input_tokens * tier.input * factor
+    out = usage.output_tokens * tier.output * factor
+    # validation fills the cache rates, so they are never None here
+    write = (usage.cache_write_5m_tokens * tier.cache_write_5m
+             + usage.cache_write_1h_tokens * tier.cache_write_1h) * factor
+    read = usage.cache_read_tokens * tier.cache_read * factor
+    return CostBreakdown(inp, out, write, read, inp + out + write + read, batch)
+
+
+def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Settings, *,
+             batch: bool = False) -> float:
+    """Worst-case cost of one call, for a budget reservation.
+
+    Conservative on purpose, because a reservation that is too small lets concurrent requests overshoot a
+    budget: the estimate of the prompt may be low, so the tier is chosen with 30 % headroom (the tokenizer
+    generations differ by about that much), and every input token is priced at the dearest input-side rate of
+    that tier (a 1 h cache write costs 2x input). The settle step replaces this with the real cost.
+    """
+    info = settings.model_info(model)
+    est = max(0, int(est_input_tokens))
+    tier = tier_for(info, int(est * 1.3))
+    in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
+    factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+    return (est * in_rate + max(0, int(max_tokens)) * tier.output) * factor

@@ -1,0 +1,248 @@
+"""The ledger actor on real Ray with a real SQLite file: durability across restarts, idempotency, budgets
+under concurrency, intents, alerts (webhook included) and the report read straight from the file."""
+
+import json
+import queue
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import ray
+
+from actors.ledger import LedgerActor, NAMESPACE, get_or_create_ledger
+from runtime import report
+from runtime.pricing import CostBreakdown, price
+from runtime.records import Record
+from runtime.settings import Settings
+from runtime.usage import Usage
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def make_ledger(tmp_path, **settings_kw):
+    s = Settings(data_dir=tmp_path, **settings_kw)
+    # a unique name per test: the module shares one Ray session
+    h = LedgerActor.options(name=f"ledger-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE,
+                            lifetime="detached", get_if_exists=True).remote(s)
+    return h, s
+
+
+@pytest.fixture
+def ledgers(ray_local):
+    made = []
+    yield made
+    for h in made:
+        ray.kill(h, no_restart=True)
+
+
+def billed(i, cost=0.01, request_id=None, user="u1", tenant="t1", model="claude-sonnet-5-5", ts=None, **kw):
+    return Record(request_id=request_id or f"req-{i}", attempt=1, message_id=f"msg-{i}",
+                  ts=ts or time.time(), user_id=user, tenant=tenant, priority="normal", model=model,
+                  usage=Usage(input_tokens=100, output_tokens=10), cost=CostBreakdown(cost, 0, 0, 0, cost),
+                  latency_s=0.1, **kw)
+
+
+def failed(i, attempt=1):
+    return Record(request_id=f"req-{i}", attempt=attempt, message_id=None, ts=time.time(), user_id="u1",
+                  tenant="t1", priority="normal", model="claude-sonnet-5-5", status="error",
+                  error_type="overloaded_error")
+
+
+def wait_ready(h, timeout=60):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return ray.get(h.ping.remote(), timeout=10)
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_commit_is_idempotent_by_identity(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path)
+    ledgers.append(h)
+    r = billed(1, cost=0.02)
+    assert ray.get(h.commit.remote(r)) is True
+    assert ray.get(h.commit.remote(r)) is False                      # a retried write of the same response
+    assert ray.get(h.commit.remote(r.to_row())) is False             # also as a dict
+    # the same request re-run after its caller died, billed under a new message id: both are money spent
+    assert ray.get(h.commit.remote(billed(2, cost=0.03, request_id="req-1"))) is True
+    # failure rows are identified by (request id, attempt, status)
+    assert ray.get(h.commit_many.remote([failed(9), failed(9), failed(9, attempt=2)])) == [True, False, True]
+    st = ray.get(h.stats.remote())
+    assert (st["rows"], st["billed"], st["errors"]) == (4, 2, 2)
+    assert st["total_usd"] == pytest.approx(0.05)
+    assert ray.get(h.spend.remote()) == pytest.approx({"claude-sonnet-5-5": 0.05})
+    rows = ray.get(h.records.remote())
+    assert len(rows) == 4 and Record.from_row(rows[0]).cost == r.cost
+
+
+def test_kill_mid_run_replays_with_no_duplicates_and_same_totals(tmp_path, ledgers):
+    h, s = make_ledger(tmp_path, budgets={"daily_usd": 100.0})
+    ledgers.append(h)
+    n = 600
+    models = ("claude-sonnet-5-5", "claude-haiku-5-5")
+    recs = [billed(i, cost=0.001 * (1 + i % 7), user=f"u{i % 3}", model=models[i % 2]) for i in range(n)]
+    expected_total = sum(r.cost_usd for r in recs)
+    pid = ray.get(h.stats.remote())["pid"]
+    refs = []
+    for i in range(0, n, 20):
+        refs.append(h.commit_many.remote(recs[i:i + 20]))
+        refs += [h.commit.remote(recs[j]) for j in range(i, i + 20, 5)]  # some doubled writes race the first
+        if i == 300:
+            ray.kill(h, no_restart=False)  # Ray restarts it; in-flight calls are retried against the new one
+    ray.get(refs, timeout=120)
+    wait_ready(h)
+    st = ray.get(h.stats.remote())
+    assert st["pid"] != pid  # it really was restarted
+    assert st["rows"] == n and st["billed"] == n
+    assert st["total_usd"] == pytest.approx(expected_total)
+    rows = ray.get(h.records.remote())
+    assert len({(r["request_id"], r["message_id"]) for r in rows}) == n == len(rows)
+    # every retried write after the restart is a duplicate
+    assert ray.get(h.commit_many.remote(recs)) == [False] * n
+    by_user = ray.get(h.spend.remote(by="user"))
+    # a second restart rebuilds the same totals from the file alone
+    ray.kill(h, no_restart=False)
+    wait_ready(h)
+    st2 = ray.get(h.stats.remote())
+    assert st2["rows"] == n and st2["total_usd"] == pytest.approx(expected_total)
+    assert ray.get(h.spend.remote(by="user")) == pytest.approx(by_user)
+    assert sum(by_user.values()) == pytest.approx(expected_total)
+    # and the budget book was replayed too: the day's spend is there
+    assert ray.get(h.budget_state.remote("u0", None)) == "normal"
+    assert ray.get(h.reserve.remote("x", "u0", None, "normal", 100.0 - expected_total + 0.01)).granted is False
+
+
+def test_64_concurrent_reserves_never_overshoot_a_dollar(tmp_path, ledgers):
+    import random
+
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    rng = random.Random(7)
+    amounts = [rng.uniform(0.01, 0.1) for _ in range(64)]
+    res = ray.get([h.reserve.remote(f"r{i}", f"u{i % 4}", None, "normal", a) for i, a in enumerate(amounts)])
+    granted = [a for a, r in zip(amounts, res) if r.granted]
+    refused = [r for r in res if not r.granted]
+    assert sum(granted) <= 1.0 + 1e-9
+    assert refused and all(r.state == "stop" and r.budget == "daily" for r in refused)
+    assert sum(granted) + min(a for a, r in zip(amounts, res) if not r.granted) > 1.0  # it filled up
+    assert any(r.state == "downgrade" for r in res if r.granted)
+    assert ray.get(h.budget_state.remote("u0", None)) in ("downgrade", "stop")
+    # settle the granted ones at half their reservation: room comes back
+    for i, (a, r) in enumerate(zip(amounts, res)):
+        if r.granted:
+            ray.get(h.commit.remote(billed(i, cost=a / 2, request_id=f"r{i}")))
+    assert ray.get(h.stats.remote())["outstanding_reservations"] == 0
+    assert ray.get(h.spend.remote(by="day")) == pytest.approx({time.strftime("%Y-%m-%d", time.gmtime()):
+                                                             sum(granted) / 2})
+    r = ray.get(h.reserve.remote("late", "u1", None, "normal", 0.4))
+    assert r.granted
+    ray.get(h.release.remote("late"))
+    assert ray.get(h.stats.remote())["outstanding_reservations"] == 0
+
+
+def test_intents_without_outcome_are_pending_across_restart(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path)
+    ledgers.append(h)
+    ray.get([h.intent.remote("a", 1, "claude-sonnet-5-5"), h.intent.remote("b", 1, "claude-opus-5-5"),
+             h.intent.remote("b", 1, "claude-opus-5-5"), h.intent.remote("c", 2, "claude-haiku-5-5")])
+    ray.get(h.commit.remote(billed(1, request_id="a")))
+    ray.get(h.commit.remote(billed(2, request_id="c")))  # attempt 1 < 2: the attempt-2 call is unanswered
+    ray.kill(h, no_restart=False)
+    wait_ready(h)
+    pending = ray.get(h.pending_intents.remote())
+    assert [(p["request_id"], p["attempt"]) for p in pending] == [("b", 1), ("c", 2)]
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: "queue.Queue[dict]" = queue.Queue()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.put(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_alerts_reach_log_store_and_webhook_and_survive_restart(tmp_path, ledgers):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook?token=secret"
+        h, s = make_ledger(tmp_path, alerts={"request_usd": 0.10, "day_usd": 0.5, "webhook_url": url},
+                           environment="test")
+        ledgers.append(h)
+        assert ray.get(h.commit.remote(billed(1, cost=0.4))) is True  # request_cost
+        got = _Hook.received.get(timeout=15)
+        assert got["kind"] == "request_cost" and got["environment"] == "test" and got["value"] == pytest.approx(0.4)
+        ray.get(h.commit.remote(billed(2, cost=0.05)))  # day at 0.45
+        ray.get(h.commit.remote(billed(3, cost=0.06)))  # day at 0.51: daily_spend, once
+        got = _Hook.received.get(timeout=15)
+        assert got["kind"] == "daily_spend" and got["value"] == pytest.approx(0.51)
+        deadline = time.time() + 10
+        while len(ray.get(h.alerts.remote())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        assert [a["kind"] for a in ray.get(h.alerts.remote())] == ["request_cost", "daily_spend"]
+        ray.kill(h, no_restart=False)
+        wait_ready(h)
+        # after the restart the day's episode is remembered: more spend raises nothing new
+        ray.get(h.commit.remote(billed(4, cost=0.05)))
+        time.sleep(0.5)
+        assert [a["kind"] for a in ray.get(h.alerts.remote())] == ["request_cost", "daily_spend"]
+        assert _Hook.received.empty()
+    finally:
+        server.shutdown()
+
+
+def test_singleton_and_report_from_the_file(tmp_path, ledgers):
+    s = Settings(data_dir=tmp_path)
+    a, b = get_or_create_ledger(s), get_or_create_ledger(s)
+    ledgers.append(a)
+    assert a._actor_id == b._actor_id
+    now = time.time()
+    recs = [billed(i, cost=0.0, model="claude-haiku-5-5", ts=now - 86_400 * (i % 3)) for i in range(9)]
+    recs = [Record(**{**r.__dict__, "cost": price(Usage(1000 * (i + 1), 100), r.model, s)})
+            for i, r in enumerate(recs)]
+    hit = Record(request_id="hit-1", attempt=1, message_id=None, ts=now, user_id="u1", tenant=None,
+                 priority="normal", model="claude-haiku-5-5", cost=CostBreakdown.zero(), cache="exact",
+                 saved_usd=0.5)
+    ray.get(a.commit_many.remote(recs + [hit, failed(99)]))
+    summary = report.main(s.ledger_path, 7 * 86_400, tmp_path / "report.png")
+    assert summary["requests"] == 11 and summary["cache_hits"] == 1 and summary["errors"] == 1
+    assert summary["total_usd"] == pytest.approx(sum(r.cost_usd for r in recs))
+    assert summary["saved_usd"] == pytest.approx(0.5)
+    assert len(summary["days"]) == 3
+    assert (tmp_path / "report.png").stat().st_size > 1000
+    assert report.main(s.ledger_path, 3600, tmp_path / "r2.png")["requests"] == 5  # 3 today + hit + error
+
+
+async def test_commit_batcher_shares_calls_and_keeps_identity(tmp_path, ledgers):
+    import asyncio
+
+    from actors.ledger import CommitBatcher
+
+    h, _ = make_ledger(tmp_path)
+    ledgers.append(h)
+    await h.ping.remote()
+    batcher = CommitBatcher(h, max_batch=50)
+    recs = [billed(i, cost=0.001) for i in range(200)]
+    results = await asyncio.gather(*(batcher.commit(r) for r in recs + recs[:20]))
+    assert sorted(results[:200]) == [True] * 200 and results[200:] == [False] * 20
+    st = await h.stats.remote()
+    assert st["rows"] == 200 and st["total_usd"] == pytest.approx(0.2)
+    assert st["flushes"] < 100  # calls were shared, not one transaction per record
