@@ -1,0 +1,91 @@
+"""What the runtime adds to one call, with no contention: ours vs a direct SDK call to the same server.
+
+    python benchmarks/overhead.py [--n 300]
+
+The fake API runs in its own process with no limits and no latency, so the difference is the runtime's own work:
+validation, routing, the ledger reservation and durable record, the limiter grant and reconcile, Ray hops. Calls
+alternate (direct, ours, direct, ...) so both see the same machine noise. Variants of ours: cache bypassed
+(cache=False), and cache on with unique prompts (the miss path: embedding + vector search + single-flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import anthropic  # noqa: E402
+import ray  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from benchmarks.common import FakeApiProcess, pct, write_json  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=300)
+    args = ap.parse_args()
+
+    import runtime
+    from runtime.settings import ClassLimits, Settings, UserLimits
+
+    console = Console()
+    big = ClassLimits(rpm=10**7, itpm=10**10, otpm=10**10)
+    with FakeApiProcess("--rpm", str(10**7), "--itpm", str(10**10), "--otpm", str(10**10)) as fake:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            rt = runtime.start(Settings(base_url=fake.url, api_key="bench-key",
+                                        limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
+                                        user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
+                                        data_dir=f"/tmp/overhead_bench_{fake.port}"))
+            client = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
+
+            def req(i: int, tag: str) -> dict:
+                return {"model": "claude-haiku-5-5", "max_tokens": 32,
+                        "messages": [{"role": "user", "content": f"{tag} overhead probe number {i}"}]}
+
+            # warm up connections, the caller, the embedding model
+            for i in range(20):
+                client.messages.create(**req(i, "warm"))
+                ray.get(rt.submit(req(i, "warm"), cache=False))
+                ray.get(rt.submit(req(i, "warm-cache")))
+            direct, bypass, cached = [], [], []
+            for i in range(args.n):
+                t0 = time.perf_counter()
+                client.messages.create(**req(i, "direct"))
+                direct.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ray.get(rt.submit(req(i, "bypass"), cache=False))
+                bypass.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ray.get(rt.submit(req(i, "cachemiss")))
+                cached.append(time.perf_counter() - t0)
+            rt.shutdown()
+        finally:
+            ray.shutdown()
+
+    def ms(v: list[float], q: float) -> float:
+        return pct(v, q) * 1000
+
+    rows = {}
+    t = Table(title=f"per-call latency, {args.n} sequential calls each (ms)")
+    for col in ("path", "p50", "p99", "mean", "added p50", "added p99"):
+        t.add_column(col, justify="right")
+    for name, vals in (("direct SDK", direct), ("runtime, cache bypassed", bypass),
+                       ("runtime, cache miss path", cached)):
+        row = {"p50_ms": ms(vals, 50), "p99_ms": ms(vals, 99), "mean_ms": statistics.mean(vals) * 1000,
+               "added_p50_ms": ms(vals, 50) - ms(direct, 50), "added_p99_ms": ms(vals, 99) - ms(direct, 99)}
+        rows[name] = row
+        t.add_row(name, f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['mean_ms']:.2f}",
+                  f"{row['added_p50_ms']:.2f}", f"{row['added_p99_ms']:.2f}")
+    console.print(t)
+    console.print(f"wrote {write_json('overhead', {'n': args.n, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The `claude-runtime` command: fake-api, demo, report, status."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="claude-runtime: the Claude API at production scale on Ray.")
+
+
+@app.command("fake-api")
+def fake_api(
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8080, help="port to listen on"),
+    rpm: Optional[int] = typer.Option(None, help="requests/min per model class (default: the settings' limits)"),
+    itpm: Optional[int] = typer.Option(None, help="input tokens/min per model class"),
+    otpm: Optional[int] = typer.Option(None, help="output tokens/min per model class"),
+    p529: float = typer.Option(0.0, help="probability of a 529 overloaded_error"),
+    p500: float = typer.Option(0.0, help="probability of a 500 api_error"),
+    latency_ms: float = typer.Option(0.0, "--latency-ms", help="added latency per request"),
+    seed: int = typer.Option(0, help="seed for fault injection and reply text"),
+    billing: Optional[Path] = typer.Option(None, help="append one JSON line per billed response here"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FAKE_API_KEY",
+                                          help="require this key (default: any non-empty key)"),
+) -> None:
+    """Serve the local Anthropic-compatible API (same JSON, SSE, limits, 429/529 and headers as the real one)."""
+    from runtime.fake_api import FakeApiConfig, serve
+    from runtime.settings import Settings
+
+    cfg = FakeApiConfig.from_settings(Settings(), p529=p529, p500=p500, latency_ms=latency_ms, seed=seed,
+                                      billing_path=billing, api_key=api_key)
+    if rpm is not None or itpm is not None or otpm is not None:
+        cfg = cfg.with_uniform_limits(rpm or 10**9, itpm or 10**12, otpm or 10**12)
+    typer.echo(f"fake Anthropic API on http://{host}:{port} (ANTHROPIC_BASE_URL=http://{host}:{port})")
+    serve(cfg, host=host, port=port)
+
+
+@app.command()
+def demo(requests: int = typer.Option(120, help="how many requests to send"),
+         data_dir: Optional[Path] = typer.Option(None, help="where the ledger and cache go (default: temp)")) -> None:
+    """Run a short mixed load through the runtime on a local Ray and print a summary table."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from runtime.demo import main
+
+    main(requests, str(data_dir) if data_dir else None)
+
+
+@app.command()
+def report(since: str = typer.Option("7d", help="span to report, e.g. 24h, 7d, 4w"),
+           ledger: Optional[Path] = typer.Option(None, help="ledger file (default: from settings)"),
+           png: Path = typer.Option(Path("cost_report.png"), help="where to write the plot")) -> None:
+    """Spend by day and model, and what the cache saved: a table and a PNG."""
+    from runtime.client import _since_ts
+    from runtime.report import main as report_main
+    from runtime.settings import Settings
+    import time
+
+    path = ledger or Settings().ledger_path
+    if not path.exists():
+        typer.echo(f"no ledger at {path}", err=True)
+        raise typer.Exit(1)
+    report_main(path, time.time() - _since_ts(since), png)
+
+
+@app.command()
+def status() -> None:
+    """Attach to a running runtime (RAY_ADDRESS or auto) and print its state."""
+    import json
+
+    import runtime
+
+    rt = runtime.connect()
+    typer.echo(json.dumps(rt.stats(), indent=2, default=str))
+
+
+if __name__ == "__main__":
+    app()

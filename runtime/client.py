@@ -1,0 +1,195 @@
+"""The Runtime handle: ``start``, ``connect``, ``submit``, ``map``, spend queries, ``shutdown``.
+
+The handle is small and picklable (actor handles plus settings), so tasks and actors anywhere in the cluster can
+receive it, or call ``runtime.connect()`` to attach to the running singletons by name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import deque
+from datetime import datetime
+from typing import Any, Iterable, Iterator
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from runtime.errors import ConfigurationError
+from runtime.request import validate
+from runtime.settings import Settings
+
+NAMESPACE = "claude_runtime"
+CALLER_PREFIX = "caller-"
+FAKE_API_KEY = "fake-local-key"  # the embedded API accepts any non-empty key; a real key never has this shape
+
+
+def _since_ts(since: float | str | datetime | None) -> float | None:
+    """Accept unix seconds, a datetime, or a span like '7d', '12h', '30m'."""
+    if since is None or isinstance(since, (int, float)):
+        return since
+    if isinstance(since, datetime):
+        return since.timestamp()
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", since)
+    if not m:
+        raise ValueError(f"since must be unix seconds, a datetime or a span like '7d', not {since!r}")
+    unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return time.time() - float(m.group(1)) * unit
+
+
+class Runtime:
+    def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None) -> None:
+        if not callers:
+            raise ConfigurationError("a runtime needs at least one caller actor")
+        self.settings = settings
+        self.callers = callers
+        self.limiter = limiter
+        self.ledger = ledger
+        self.cache = cache
+        self.fake_api = fake_api
+        self._rr = itertools.count()
+
+    def __reduce__(self):  # the round-robin counter is per process
+        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api))
+
+    # -- requests ------------------------------------------------------------------------------------------
+    def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
+               priority: str = "normal", cache: bool = True, request_id: str | None = None,
+               deadline_s: float | None = None) -> ray.ObjectRef:
+        """Send one request; returns a ref to a ``runtime.Result``. Bad input raises ``InvalidRequest`` here,
+        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``."""
+        req = validate(request, self.settings, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
+                       request_id=request_id, deadline_s=deadline_s)
+        caller = self.callers[next(self._rr) % len(self.callers)]
+        return caller.handle.remote(req)
+
+    def map(self, requests: Iterable[dict[str, Any]], *, max_in_flight: int = 256, progress: bool = True,
+            **kwargs: Any) -> Iterator[Any]:
+        """Results in input order, at most ``max_in_flight`` outstanding; a failure is yielded as its exception
+        (errors as values), so one bad request never stops a job."""
+        from tqdm.auto import tqdm
+
+        reqs = list(requests)
+        window: deque[Any] = deque()
+        bar = tqdm(total=len(reqs), disable=not progress, desc="claude-runtime", unit="req")
+        it = iter(reqs)
+        try:
+            for req in itertools.islice(it, max_in_flight):
+                window.append(self._submit_value(req, kwargs))
+            while window:
+                head = window.popleft()
+                yield self._get_value(head)
+                bar.update(1)
+                nxt = next(it, None)
+                if nxt is not None:
+                    window.append(self._submit_value(nxt, kwargs))
+        finally:
+            bar.close()
+
+    def _submit_value(self, req: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        try:
+            return self.submit(req, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - errors as values
+            return exc
+
+    @staticmethod
+    def _get_value(ref_or_exc: Any) -> Any:
+        if isinstance(ref_or_exc, BaseException):
+            return ref_or_exc
+        try:
+            return ray.get(ref_or_exc)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            return cause
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    # -- ledger queries ------------------------------------------------------------------------------------
+    def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
+        if by not in ("model", "user", "tenant", "day"):
+            raise ValueError("by must be one of model, user, tenant, day")
+        return ray.get(self.ledger.spend.remote(_since_ts(since), by))
+
+    def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
+        return ray.get(self.ledger.records.remote(_since_ts(since), limit))
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
+                               "limiter": ray.get(self.limiter.snapshot.remote())}
+        if self.cache is not None:
+            out["cache"] = ray.get(self.cache.stats.remote())
+        if self.fake_api is not None:
+            out["fake_api"] = ray.get(self.fake_api.stats.remote())
+        return out
+
+    def shutdown(self) -> None:
+        """Stop every actor of this runtime (they are detached: they outlive drivers until this is called)."""
+        if self.fake_api is not None:
+            try:
+                ray.get(self.fake_api.stop.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort, it is killed next
+                pass
+        for actor in [*self.callers, self.limiter, self.ledger, self.cache, self.fake_api]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+
+
+def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any] | None = None) -> Runtime:
+    """Create (or attach to) the runtime's singletons and callers. With no API key and no base URL the embedded
+    local API is started and used, so nothing is spent."""
+    from actors.cache import get_or_create_cache
+    from actors.caller import CallerActor
+    from actors.fake_api import get_or_create_fake_api
+    from actors.ledger import get_or_create_ledger
+    from actors.limiter import get_or_create_limiter
+
+    settings = settings or Settings()
+    if not ray.is_initialized():
+        ray.init()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    base_url, api_key, fake = settings.base_url, settings.api_key, None
+    if settings.uses_fake_api:
+        from pydantic import SecretStr
+
+        fake = get_or_create_fake_api(settings, fake_api_overrides)
+        base_url, api_key = ray.get(fake.url.remote()), SecretStr(FAKE_API_KEY)
+    limiter = get_or_create_limiter(settings)
+    ledger = get_or_create_ledger(settings)
+    cache = get_or_create_cache(settings) if settings.cache.enabled else None
+    cs = settings.callers
+    # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    callers = [
+        ray.remote(CallerActor).options(
+            name=f"{CALLER_PREFIX}{i}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            max_restarts=-1, max_task_retries=-1, max_concurrency=cs.max_concurrency, num_cpus=cs.num_cpus,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
+        ).remote(settings, base_url, api_key, limiter, ledger, cache)
+        for i in range(cs.num_callers)
+    ]
+    ray.get([c.ready.remote() for c in callers])
+    return Runtime(settings, callers, limiter, ledger, cache, fake)
+
+
+def connect() -> Runtime:
+    """Attach to a running runtime from any driver, task or actor in the cluster."""
+    if not ray.is_initialized():
+        ray.init(address="auto")
+    callers = []
+    for i in itertools.count():
+        try:
+            callers.append(ray.get_actor(f"{CALLER_PREFIX}{i}", namespace=NAMESPACE))
+        except ValueError:
+            break
+    if not callers:
+        raise ConfigurationError("no running claude-runtime found: call runtime.start() first")
+    settings = ray.get(callers[0].get_settings.remote())
+
+    def opt(name: str):
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return None
+
+    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"))

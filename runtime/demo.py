@@ -1,0 +1,141 @@
+"""`make demo`: a short mixed load through the whole runtime against the embedded local API and a local Ray."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+TOPICS = ["photosynthesis", "the TCP handshake", "binary search", "the French revolution", "vaccines",
+          "compound interest", "black holes", "the Rust borrow checker", "plate tectonics", "inflation"]
+
+
+def workload(n: int) -> list[tuple[dict, dict]]:
+    """(request, submit kwargs) pairs: simple and complex prompts, repeats (exact hits), paraphrases (semantic
+    hits), a real-time prompt (bypass), over three tenants and ten users."""
+    out: list[tuple[dict, dict]] = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        tenant = ["acme", "globex", "initech"][i % 3]
+        user = f"user-{i % 10}"
+        kind = i % 6
+        if kind == 0:
+            text, max_tokens = f"Explain {topic} in one paragraph.", 256
+        elif kind == 1:
+            text, max_tokens = f"Explain {topic} in one paragraph.", 256          # exact repeat
+        elif kind == 2:
+            text, max_tokens = f"Can you explain {topic} in a single paragraph?", 256   # paraphrase
+        elif kind == 3:
+            text, max_tokens = f"Classify the sentiment of this review of {topic}: 'great'.", 64
+        elif kind == 4:
+            text = (f"Analyze the design trade-offs of {topic} step by step and propose an architecture "
+                    f"for teaching it.")
+            max_tokens = 1024
+        else:
+            text, max_tokens = f"What is the latest news about {topic} today?", 128
+        out.append(({"model": "auto", "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]},
+                    {"user_id": user, "tenant": tenant}))
+    return out
+
+
+def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
+    import ray
+
+    import runtime
+    from runtime.settings import ClassLimits, Settings, UserLimits
+
+    console = Console()
+    data = Path(data_dir or tempfile.mkdtemp(prefix="claude_runtime_demo_"))
+    limits = {c: ClassLimits(rpm=600, itpm=200_000, otpm=60_000) for c in ("haiku", "sonnet", "opus", "fable")}
+    settings = Settings(data_dir=data, limits=limits, user_limits=UserLimits(rpm=120, tpm=100_000))
+    backend = "the embedded local API" if settings.uses_fake_api else f"{settings.base_url or 'api.anthropic.com'}"
+    console.print(f"[bold]claude-runtime demo[/]: {n_requests} requests against {backend}; data in {data}")
+    ray.init(address="local", num_cpus=int(os.environ.get("DEMO_NUM_CPUS", "2")), include_dashboard=False,
+             log_to_driver=False)
+    try:
+        t0 = time.perf_counter()
+        rt = runtime.start(settings)
+        console.print(f"runtime started in {time.perf_counter() - t0:.1f} s "
+                      f"({settings.callers.num_callers} callers)")
+        work = workload(n_requests)
+        # one bad request on purpose: it fails locally with a typed error and costs nothing
+        work.append(({"model": "auto", "max_tokens": 64, "temperature": 0.2,
+                      "messages": [{"role": "user", "content": "hi"}]}, {"user_id": "user-0", "tenant": "acme"}))
+        t1 = time.perf_counter()
+        results = []
+        # requests of one user keep their order; submit in waves so repeats find the first answer cached
+        wave = 6 * len(TOPICS)
+        for start in range(0, len(work), wave):
+            chunk = work[start:start + wave]
+            firsts = [(r, kw) for r, kw in chunk if "Explain" in r["messages"][0]["content"]
+                      and "Can you" not in r["messages"][0]["content"]][:len(TOPICS)]
+            rest = [w for w in chunk if w not in firsts]
+            for group in (firsts, rest):
+                for (req, kw), res in zip(group, _map(rt, group)):
+                    results.append((req, kw, res))
+        wall = time.perf_counter() - t1
+        summary = _summarize(console, rt, results, wall)
+        rt.shutdown()
+        return summary
+    finally:
+        ray.shutdown()
+
+
+def _map(rt, group):
+    out = []
+    for (req, kw) in group:
+        try:
+            out.append(rt.submit(req, **kw))
+        except Exception as exc:  # noqa: BLE001 - shown in the table
+            out.append(exc)
+    return [rt._get_value(x) for x in out]
+
+
+def _summarize(console: Console, rt, results, wall: float) -> dict:
+    import ray
+
+    from runtime.result import Result
+
+    ok = [r for _, _, r in results if isinstance(r, Result)]
+    errors = Counter(type(r).__name__ for _, _, r in results if not isinstance(r, Result))
+    by_model = Counter(r.model for r in ok if r.cache in ("miss", "bypass"))
+    by_cache = Counter(r.cache for r in ok)
+    lat = sorted(r.latency_s * 1000 for r in ok if r.cache in ("miss", "bypass"))
+    hit_lat = sorted(r.latency_s * 1000 for r in ok if r.cache in ("exact", "semantic"))
+    stats = rt.stats()
+    fake = stats.get("fake_api", {})
+    server_429 = fake.get("by_status", {}).get("429", 0)
+    cost = sum(r.cost_usd for r in ok)
+    saved = sum(r.saved_usd for r in ok)
+
+    t = Table(title="claude-runtime demo")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("requests", str(len(results)))
+    t.add_row("succeeded", str(len(ok)))
+    t.add_row("typed errors", ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0")
+    for model, n in sorted(by_model.items()):
+        t.add_row(f"  API calls to {model}", str(n))
+    for kind in ("miss", "exact", "semantic", "bypass"):
+        t.add_row(f"  cache {kind}", str(by_cache.get(kind, 0)))
+    t.add_row("cost (USD)", f"{cost:.6f}")
+    t.add_row("saved by cache (USD)", f"{saved:.6f}")
+    ledger_total = sum(rt.spend(by="model").values())
+    t.add_row("ledger total (USD)", f"{ledger_total:.6f}")
+    if lat:
+        t.add_row("API-path latency p50 / p99 (ms)",
+                  f"{statistics.median(lat):.1f} / {lat[min(len(lat) - 1, int(len(lat) * 0.99))]:.1f}")
+    if hit_lat:
+        t.add_row("cache-hit latency p50 (ms)", f"{statistics.median(hit_lat):.1f}")
+    t.add_row("server-side 429s", str(server_429))
+    t.add_row("wall time (s)", f"{wall:.1f}")
+    console.print(t)
+    return {"requests": len(results), "ok": len(ok), "errors": dict(errors), "by_cache": dict(by_cache),
+            "by_model": dict(by_model), "cost_usd": cost, "saved_usd": saved, "ledger_usd": ledger_total,
+            "server_429": server_429}

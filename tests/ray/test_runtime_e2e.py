@@ -1,0 +1,133 @@
+"""The whole request path on a real local Ray, against the embedded API, through the real SDK."""
+
+import time
+
+import pytest
+import ray
+
+import runtime
+from runtime.errors import InvalidRequest, OverloadedAfterFallback, UpstreamError
+from runtime.pricing import price
+from runtime.result import Result
+from runtime.usage import Usage
+from tests.runtime_fixtures import fake_post, fake_stats, fast_settings, start_local, user_msg
+
+
+@pytest.fixture(scope="module")
+def rt(tmp_path_factory):
+    settings = fast_settings(tmp_path_factory.mktemp("e2e"))
+    rt = start_local(settings)
+    yield rt
+    rt.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _calm_api(rt):
+    fake_post(rt, "/_fake/config", {"p529": 0.0, "p500": 0.0, "latency_ms": 0.0, "p529_by_class": {}})
+    yield
+
+
+def test_submit_returns_a_priced_message_and_a_ledger_row(rt):
+    res = ray.get(rt.submit(user_msg("Classify the sentiment: 'I love it'", 32), user_id="u1", tenant="acme",
+                            cache=False))
+    assert isinstance(res, Result)
+    assert res.model == rt.settings.router.haiku_model and res.cache == "bypass" and res.attempts == 1
+    assert res.message.content[0].text and res.message.role == "assistant"
+    expected = price(Usage.from_api(res.message.usage), res.model, rt.settings).total_usd
+    assert res.cost_usd == pytest.approx(expected) and res.cost_usd > 0
+    rows = [r for r in rt.ledger_records() if r["request_id"] == res.request_id]
+    assert len(rows) == 1 and rows[0]["message_id"] == res.message.id
+
+
+def test_bad_input_fails_before_any_call(rt):
+    before = fake_stats(rt)["requests"]
+    with pytest.raises(InvalidRequest) as exc:
+        ray.get(rt.submit(user_msg("hi", temperature=0.3)))
+    assert exc.value.field == "temperature"
+    with pytest.raises(InvalidRequest):
+        rt.submit({"model": "auto", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]})
+    assert fake_stats(rt)["requests"] == before
+
+
+def test_exact_then_semantic_hit_but_never_across_tenants(rt):
+    q = "Explain how photosynthesis turns light into chemical energy."
+    first = ray.get(rt.submit(user_msg(q, 200), tenant="acme"))
+    assert first.cache == "miss" and first.attempts == 1
+    again = ray.get(rt.submit(user_msg(q, 200), tenant="acme"))
+    assert again.cache == "exact" and again.cost_usd == 0 and again.attempts == 0
+    assert again.saved_usd == pytest.approx(first.cost_usd)
+    assert again.message.content[0].text == first.message.content[0].text
+    near = ray.get(rt.submit(user_msg(q.lower().rstrip("."), 200), tenant="acme"))
+    assert near.cache == "semantic" and near.message.content[0].text == first.message.content[0].text
+    other = ray.get(rt.submit(user_msg(q, 200), tenant="globex"))
+    assert other.cache == "miss" and other.attempts == 1
+
+
+def test_real_time_prompts_bypass_the_cache(rt):
+    q = "What is the latest price of copper today?"
+    a = ray.get(rt.submit(user_msg(q, 64), tenant="acme"))
+    b = ray.get(rt.submit(user_msg(q, 64), tenant="acme"))
+    assert a.cache == b.cache == "bypass" and a.attempts == b.attempts == 1
+
+
+def test_529_storm_falls_back_to_the_next_model(rt):
+    fake_post(rt, "/_fake/config", {"p529_by_class": {"opus": 1.0}})
+    res = ray.get(rt.submit(user_msg("Summarize: the sky is blue.", 64, model=rt.settings.router.opus_model),
+                            cache=False))
+    assert res.model == rt.settings.router.sonnet_model
+    statuses = [h["status"] for h in res.history]
+    assert statuses[-1] == 200 and 529 in statuses
+    assert all(h["model"] == rt.settings.router.opus_model for h in res.history[:-1])
+
+
+def test_overload_everywhere_is_a_typed_error_after_the_whole_chain(rt):
+    fake_post(rt, "/_fake/config", {"p529": 1.0})
+    with pytest.raises(OverloadedAfterFallback) as exc:
+        ray.get(rt.submit(user_msg("Summarize: grass is green.", 64, model=rt.settings.router.sonnet_model),
+                          cache=False))
+    models = {a["model"] for a in exc.value.attempts}
+    assert models == {rt.settings.router.sonnet_model, rt.settings.router.haiku_model}
+    assert exc.value.request_id
+
+
+def test_a_4xx_from_the_api_is_surfaced_and_never_retried(rt):
+    before = fake_stats(rt)["by_status"].get("413", 0)
+    huge = "lorem " * 260_000  # over the model's input limit: the API answers 413
+    with pytest.raises(UpstreamError) as exc:
+        ray.get(rt.submit(user_msg(huge, 16, model=rt.settings.router.sonnet_model), cache=False))
+    assert exc.value.status == 413 and len(exc.value.attempts) == 1
+    assert fake_stats(rt)["by_status"].get("413", 0) == before + 1
+
+
+def test_map_keeps_order_and_returns_errors_as_values(rt):
+    reqs = [user_msg(f"Translate to French: item {i}", 32) for i in range(6)]
+    reqs.insert(3, user_msg("bad", 32, top_k=3))
+    out = list(rt.map(reqs, tenant="acme", progress=False, max_in_flight=3))
+    assert len(out) == 7 and isinstance(out[3], InvalidRequest)
+    oks = [o for i, o in enumerate(out) if i != 3]
+    assert all(isinstance(o, Result) for o in oks)
+    assert [o.message.content[0].text for o in oks] == [
+        ray.get(rt.submit(r, tenant="acme")).message.content[0].text for i, r in enumerate(reqs) if i != 3]
+
+
+def test_submit_from_a_task_through_connect(rt):
+    @ray.remote(num_cpus=0)
+    def work(text):
+        handle = runtime.connect()
+        return ray.get(handle.submit(user_msg(text, 32), user_id="task-user")).model
+
+    assert ray.get(work.remote("Extract the year: born in 1990")) == rt.settings.router.haiku_model
+
+
+def test_a_killed_caller_still_yields_one_result(rt):
+    fake_post(rt, "/_fake/config", {"latency_ms": 1500})
+    ref = rt.submit(user_msg("Define entropy in one line.", 32), cache=False, request_id="req-kill-1")
+    time.sleep(0.6)
+    for caller in rt.callers:
+        ray.kill(caller, no_restart=False)
+    fake_post(rt, "/_fake/config", {"latency_ms": 0})
+    res = ray.get(ref, timeout=120)
+    assert isinstance(res, Result) and res.request_id == "req-kill-1"
+    ok_rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1" and r["status"] == "ok"]
+    assert any(r["message_id"] == res.message.id for r in ok_rows)

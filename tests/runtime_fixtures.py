@@ -1,0 +1,63 @@
+"""Helpers shared by the end-to-end tests: start a runtime on a fresh local Ray against the embedded API."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from typing import Any
+
+import ray
+
+import runtime
+from runtime.settings import ClassLimits, Settings, UserLimits
+
+CLASSES = ("haiku", "sonnet", "opus", "fable")
+
+
+def uniform_limits(rpm: int, itpm: int, otpm: int) -> dict[str, ClassLimits]:
+    return {c: ClassLimits(rpm=rpm, itpm=itpm, otpm=otpm) for c in CLASSES}
+
+
+def fast_settings(data_dir, **over: Any) -> Settings:
+    """Generous limits, quick backoff: tests exercise behaviour, not waiting."""
+    kw: dict[str, Any] = dict(
+        data_dir=data_dir,
+        limits=uniform_limits(60_000, 50_000_000, 10_000_000),
+        user_limits=UserLimits(rpm=0, tpm=0),
+        retry={"backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_cooldown_s": 1.0},
+        callers={"num_callers": 2},
+    )
+    kw.update(over)
+    return Settings(**kw)
+
+
+def start_local(settings: Settings, num_cpus: int = 2, **start_kw: Any) -> runtime.Runtime:
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="claude_runtime_tests")
+    return runtime.start(settings, **start_kw)
+
+
+def fake_url(rt: runtime.Runtime) -> str:
+    return ray.get(rt.fake_api.url.remote())
+
+
+def fake_post(rt: runtime.Runtime, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(fake_url(rt) + path, data=json.dumps(body).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return json.loads(text) if text else {}
+
+
+def fake_stats(rt: runtime.Runtime) -> dict[str, Any]:
+    return ray.get(rt.fake_api.stats.remote())
+
+
+def read_billing(settings: Settings) -> list[dict[str, Any]]:
+    path = settings.billing_path
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def user_msg(text: str, max_tokens: int = 128, model: str = "auto", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}], **extra}
