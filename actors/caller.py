@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from actors.cache import CacheClient
 from actors.ledger import CommitBatcher
 from actors.limiter import LimiterClient
-from runtime.admission import Estimate, Outcome
+from runtime.admission import NOT_SENT, Estimate, Outcome
 from runtime.errors import (AuthenticationError, BudgetExceeded, ClaudeRuntimeError, OverloadedAfterFallback,
                             UpstreamError, redact)
 from runtime.estimate import TokenEstimator
@@ -88,6 +88,9 @@ class CallerActor:
         self._policy = FallbackPolicy(settings.retry)
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._node_id = ray.get_runtime_context().get_node_id()
+        if self._cache is not None:
+            # load the embedding model before the first request, not during it (seconds on a cold process)
+            self._cache.embedder.embed(["warm up"])
 
     def ready(self) -> str:
         return self._node_id
@@ -117,7 +120,6 @@ class CallerActor:
             cache_kind = "bypass"
 
         try:
-            model, reason = await self._reserve_budget(req, model, reason)
             result = await self._call_with_fallback(req, model, reason, cache_kind, t0)
         except BaseException as exc:
             if outcome is not None and outcome.leader:
@@ -176,6 +178,9 @@ class CallerActor:
         idx = 0
         tries_on_model = 0
         deadline = time.monotonic() + (req.deadline_s if req.deadline_s is not None else s.limiter.max_wait_s)
+        # the budget reservation overlaps the first limiter grant and write-ahead intent: one round trip, not three
+        routed = model
+        budget = asyncio.ensure_future(self._reserve_budget(req, routed, reason))
         while True:
             model = chain[idx]
             has_next = idx + 1 < len(chain)
@@ -192,7 +197,20 @@ class CallerActor:
                                 priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens)
             # the write-ahead intent and the admission wait overlap; both finish before the call leaves
             intent_ref = self._ledger.intent.remote(req.request_id, attempt, model)
-            grant = await self._limiter.acquire(estimate, deadline_s=max(0.0, deadline - time.monotonic()))
+            grant_task = asyncio.ensure_future(
+                self._limiter.acquire(estimate, deadline_s=max(0.0, deadline - time.monotonic())))
+            if budget is not None:
+                try:
+                    budget_model, reason = await budget
+                except BaseException:
+                    self._drop_grant(grant_task)
+                    raise
+                budget = None
+                if budget_model != routed:  # downgraded: that grant was for the wrong class
+                    self._drop_grant(grant_task)
+                    chain, idx, tries_on_model, attempt = fallback_chain(budget_model, s), 0, 0, attempt - 1
+                    continue
+            grant = await grant_task
             await intent_ref
             try:
                 raw = await self._client.messages.with_raw_response.create(
@@ -237,6 +255,14 @@ class CallerActor:
             return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                           attempts=attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
                           user_id=req.user_id, tenant=req.tenant, history=history)
+
+    def _drop_grant(self, task: asyncio.Future) -> None:
+        """Give back a grant whose request will not be sent (or stop waiting for one)."""
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled() and task.exception() is None:
+            self._limiter.reconcile(Outcome(lease_id=task.result().lease_id, usage=None, status=NOT_SENT,
+                                            headers={}, received_at=time.time()))
 
     def _surface(self, req: NormalizedRequest, exc: BaseException, status: int,
                  history: list[dict[str, Any]]) -> ClaudeRuntimeError:

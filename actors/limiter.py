@@ -91,6 +91,7 @@ class LimiterClient:
         self._pending: list[tuple[Estimate, asyncio.Future]] = []
         self._acq_task: asyncio.Task | None = None
         self._sem: asyncio.Semaphore | None = None
+        self._inflight = 0
         self._outcomes: list[Outcome] = []
         self._rec_task: asyncio.Task | None = None
         self._rec_inflight: set[Any] = set()
@@ -115,6 +116,8 @@ class LimiterClient:
                 # actor restarting or unreachable: like a short RetryAfter, bounded by the same deadline
                 decision = RetryAfter(e.request_id, self._unavailable_retry_s, "limiter unavailable")
             if isinstance(decision, Grant):
+                if decision.delay_s > 0.0:
+                    await asyncio.sleep(decision.delay_s)
                 return decision
             if math.isinf(decision.seconds):
                 raise InvalidRequest(f"request can never fit the rate limits: {decision.reason}",
@@ -136,6 +139,7 @@ class LimiterClient:
             self._pending = []
             self._acq_task = None
             self._sem = asyncio.Semaphore(self._max_inflight)
+            self._inflight = 0
             self._rec_task = None
 
     def _decide(self, e: Estimate) -> asyncio.Future:
@@ -148,16 +152,22 @@ class LimiterClient:
 
     async def _acquire_flusher(self) -> None:
         while self._pending:
-            await asyncio.sleep(self.batch_window_s)
+            # requests arriving in the same loop tick always share a call; the batching window is only waited
+            # while earlier batches are on the wire, so a lone request pays no added latency
+            await asyncio.sleep(0)
+            if self._sem.locked() or self._inflight:
+                await asyncio.sleep(self.batch_window_s)
             while self._pending:
                 batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
                 await self._sem.acquire()
                 # sends overlap: the next window fills while this batch is on the wire
+                self._inflight += 1
                 self._loop.create_task(self._send(batch))
 
     async def _send(self, batch: list[tuple[Estimate, asyncio.Future]]) -> None:
         batch = [(e, fut) for e, fut in batch if not fut.done()]  # waiters cancelled before the send
         if not batch:
+            self._inflight -= 1
             self._sem.release()
             return
         try:
@@ -178,6 +188,7 @@ class LimiterClient:
                     # its waiter was cancelled: hand the tokens back rather than leave them to the refill
                     self.reconcile(Outcome(r.lease_id, None, 0, {}, time.time()))
         finally:
+            self._inflight -= 1
             self._sem.release()
 
     # -- reconcile ----------------------------------------------------------------------------------------

@@ -35,6 +35,9 @@ BUCKETS: tuple[str, ...] = ("rpm", "itpm", "otpm")
 _HEADER_BUCKET = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
 # outcomes the server did not process: it charged no tokens (the request slot was still spent)
 REFUND_STATUSES = frozenset({429, 529, 500, 0})
+# Outcome.status for a grant whose request was never sent (the caller changed model or was refused a budget):
+# everything comes back, the request slot included
+NOT_SENT = -1
 _PERIOD = 60.0
 
 
@@ -56,6 +59,8 @@ class Grant:
     input_tokens: int
     max_output_tokens: int
     user_id: str | None
+    # send no earlier than this many seconds from the decision: the capacity is already set aside for it
+    delay_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -205,11 +210,16 @@ class Admission:
             w = b.wait_time(amount, floor)
             if w > wait:
                 wait, reason = w, label
-        if wait > 0.0:
+        horizon = self._settings.schedule_ahead_s
+        if wait > horizon or (wait > 0.0 and cls.paused_until > now):
             self.stats["refused"] += 1
             if not math.isinf(wait):
                 self._hold(cls, e, rank, needs, now + wait + max(1.0, 0.25 * wait))
-            return RetryAfter(e.request_id, wait, reason)
+            # come back when the wait has shrunk to the scheduling horizon; the grant then carries the rest
+            return RetryAfter(e.request_id, max(0.001, wait - horizon) if horizon > 0 else wait, reason)
+        # wait <= horizon: take the capacity now and tell the caller when to send (the bucket runs into a debt
+        # that the refill repays by then). Callers then never sleep past the moment capacity frees, so the
+        # pipeline stays full without a retry round trip per request.
 
         for _, b, amount, _ in needs:
             b.take(amount)
@@ -219,7 +229,8 @@ class Admission:
         lease_id = f"{self._prefix}-{self._seq}"
         self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now)
         self.stats["granted"] += 1
-        return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id)
+        return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id,
+                     delay_s=wait)
 
     @staticmethod
     def _hold(cls: _ClassState, e: Estimate, rank: int, needs: list, expires: float) -> None:
@@ -277,7 +288,11 @@ class Admission:
         else:
             # nothing was generated; input is refunded only where the server certainly did not process it
             d_out = -lease.max_output_tokens
-            d_in = -lease.input_tokens if o.status in REFUND_STATUSES else 0
+            d_in = -lease.input_tokens if o.status in REFUND_STATUSES or o.status == NOT_SENT else 0
+            if o.status == NOT_SENT:
+                self._adjust(cls.buckets["rpm"], -1.0)
+                if user is not None:
+                    self._adjust(user.rpm, -1.0)
         self._adjust(cls.buckets["itpm"], d_in)
         self._adjust(cls.buckets["otpm"], d_out)
         if user is not None:

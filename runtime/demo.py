@@ -30,7 +30,7 @@ def workload(n: int) -> list[tuple[dict, dict]]:
         elif kind == 1:
             text, max_tokens = f"Explain {topic} in one paragraph.", 256          # exact repeat
         elif kind == 2:
-            text, max_tokens = f"Can you explain {topic} in a single paragraph?", 256   # paraphrase
+            text, max_tokens = f"Please explain {topic} in one paragraph.", 256   # paraphrase
         elif kind == 3:
             text, max_tokens = f"Classify the sentiment of this review of {topic}: 'great'.", 64
         elif kind == 4:
@@ -68,33 +68,26 @@ def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
         work.append(({"model": "auto", "max_tokens": 64, "temperature": 0.2,
                       "messages": [{"role": "user", "content": "hi"}]}, {"user_id": "user-0", "tenant": "acme"}))
         t1 = time.perf_counter()
+        # originals first, then their repeats and paraphrases, so those find the first answers cached
+        second = {1, 2}
+        phases = [[(w, i) for i, w in enumerate(work) if i % 6 not in second or i >= n_requests],
+                  [(w, i) for i, w in enumerate(work) if i % 6 in second and i < n_requests]]
         results = []
-        # requests of one user keep their order; submit in waves so repeats find the first answer cached
-        wave = 6 * len(TOPICS)
-        for start in range(0, len(work), wave):
-            chunk = work[start:start + wave]
-            firsts = [(r, kw) for r, kw in chunk if "Explain" in r["messages"][0]["content"]
-                      and "Can you" not in r["messages"][0]["content"]][:len(TOPICS)]
-            rest = [w for w in chunk if w not in firsts]
-            for group in (firsts, rest):
-                for (req, kw), res in zip(group, _map(rt, group)):
-                    results.append((req, kw, res))
+        for phase in phases:
+            refs = []
+            for (req, kw), _ in phase:
+                try:
+                    refs.append(rt.submit(req, **kw))
+                except Exception as exc:  # noqa: BLE001 - shown in the table
+                    refs.append(exc)
+            for ((req, kw), _), ref in zip(phase, refs):
+                results.append((req, kw, rt._get_value(ref)))
         wall = time.perf_counter() - t1
         summary = _summarize(console, rt, results, wall)
         rt.shutdown()
         return summary
     finally:
         ray.shutdown()
-
-
-def _map(rt, group):
-    out = []
-    for (req, kw) in group:
-        try:
-            out.append(rt.submit(req, **kw))
-        except Exception as exc:  # noqa: BLE001 - shown in the table
-            out.append(exc)
-    return [rt._get_value(x) for x in out]
 
 
 def _summarize(console: Console, rt, results, wall: float) -> dict:

@@ -137,7 +137,11 @@ class LimiterSettings(_Strict):
     # further fraction that bulk traffic leaves to normal traffic
     bulk_headroom: float = Field(default=0.20, ge=0, lt=1)
     # grant slightly under the server's limit: grants reach the API a little out of step (shared notes)
-    safety_margin: float = Field(default=0.02, ge=0, lt=0.5)
+    safety_margin: float = Field(default=0.01, ge=0, lt=0.5)
+    # a request whose capacity frees within this many seconds is granted now with a send-at delay, so no
+    # capacity idles between a refusal and the retry; it also bounds how long critical traffic can wait
+    # behind already-scheduled normal traffic
+    schedule_ahead_s: float = Field(default=0.5, ge=0)
     # ceiling on how long a caller waits for admission before RateLimitedPastDeadline
     max_wait_s: float = Field(default=120.0, gt=0)
 

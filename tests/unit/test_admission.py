@@ -16,7 +16,8 @@ from runtime.usage import Usage
 pytestmark = pytest.mark.pure
 
 LIMITS = {"sonnet": ClassLimits(rpm=60, itpm=60_000, otpm=6_000)}
-NO_MARGIN = LimiterSettings(safety_margin=0.0, critical_reserve=0.10, bulk_headroom=0.20)
+# schedule_ahead_s=0: these tests pin down refusals; scheduled grants have their own tests below
+NO_MARGIN = LimiterSettings(safety_margin=0.0, critical_reserve=0.10, bulk_headroom=0.20, schedule_ahead_s=0.0)
 NO_USERS = UserLimits(rpm=0, tpm=0)
 
 
@@ -50,7 +51,7 @@ def test_grant_takes_all_three_buckets():
 
 
 def test_safety_margin_reduces_capacity():
-    adm, _ = make(lim=LimiterSettings(safety_margin=0.05))
+    adm, _ = make(lim=LimiterSettings(safety_margin=0.05, schedule_ahead_s=0.0))
     snap = adm.snapshot()["classes"]["sonnet"]
     assert snap["otpm"]["capacity"] == pytest.approx(5_700)
     assert snap["otpm"]["limit"] == 6_000
@@ -201,7 +202,7 @@ def test_reconcile_is_idempotent_and_ignores_unknown_leases():
 
 
 def test_header_limit_change_adopted_within_one_response():
-    adm, clock = make(lim=LimiterSettings(safety_margin=0.02))
+    adm, clock = make(lim=LimiterSettings(safety_margin=0.02, schedule_ahead_s=0.0))
     g = adm.acquire(est(100, 100, "critical"))
     headers = {"anthropic-ratelimit-requests-limit": "120", "anthropic-ratelimit-output-tokens-limit": "3000",
                "anthropic-ratelimit-input-tokens-limit": "60000"}
@@ -329,15 +330,19 @@ op_strategy = st.lists(
 )
 
 
+@pytest.mark.parametrize("horizon", [0.0, 0.5, 5.0])
 @hsettings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(op_strategy)
-def test_granted_never_exceeds_capacity_plus_refill(ops):
+def test_granted_never_exceeds_capacity_plus_refill(horizon, ops):
     limits = {"sonnet": ClassLimits(rpm=20, itpm=2_000, otpm=1_000)}
-    adm, clock = make(limits=limits, users=UserLimits(rpm=5, tpm=1_500))
+    adm, clock = make(limits=limits, users=UserLimits(rpm=5, tpm=1_500),
+                      lim=LimiterSettings(safety_margin=0.0, critical_reserve=0.10, bulk_headroom=0.20,
+                                          schedule_ahead_s=horizon))
+    # a scheduled grant counts at its send time (decision + delay_s); its refund cannot come before that
     # per bucket: (time, signed amount) of what admission granted minus what reconcile gave back; forced
     # takes (actual input over the estimate) are not grants and only make the bound tighter
     events: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    open_leases: list[tuple[Grant, Estimate]] = []
+    open_leases: list[tuple[Grant, Estimate, float]] = []
     for dt, op, inp, out, prio, user, act_in, frac in ops:
         clock.advance(dt)
         now = clock()
@@ -345,17 +350,20 @@ def test_granted_never_exceeds_capacity_plus_refill(ops):
             e = est(inp, out, prio, user)
             r = adm.acquire(e)
             if isinstance(r, Grant):
-                open_leases.append((r, e))
-                events["rpm"].append((now, 1))
-                events["itpm"].append((now, inp))
-                events["otpm"].append((now, out))
+                assert 0.0 <= r.delay_s <= horizon + 1e-9
+                open_leases.append((r, e, now + r.delay_s))
+                send = now + r.delay_s
+                events["rpm"].append((send, 1))
+                events["itpm"].append((send, inp))
+                events["otpm"].append((send, out))
                 if user:
-                    events[f"user_rpm:{user}"].append((now, 1))
-                    events[f"user_tpm:{user}"].append((now, inp + out))
+                    events[f"user_rpm:{user}"].append((send, 1))
+                    events[f"user_tpm:{user}"].append((send, inp + out))
             else:
                 assert r.seconds > 0
             continue
-        g, e = open_leases.pop(0)
+        g, e, send = open_leases.pop(0)
+        now = max(now, send)
         if op == "reconcile":
             act_out = int(e.max_output_tokens * frac)
             adm.reconcile(Outcome(g.lease_id, Usage(act_in, act_out), 200, {}, now))
@@ -372,6 +380,7 @@ def test_granted_never_exceeds_capacity_plus_refill(ops):
             net = force_in - give_in - give_out
             events[f"user_tpm:{e.user_id}"].append((now, min(0, net)))
     for name, evs in events.items():
+        evs = sorted(evs, key=lambda ev: ev[0])
         cap = CAPS[name.split(":")[0]]
         rate = cap / 60.0
         for i, (t0, _) in enumerate(evs):
@@ -379,3 +388,40 @@ def test_granted_never_exceeds_capacity_plus_refill(ops):
             for t1, amount in evs[i:]:
                 total += amount
                 assert total <= cap + rate * (t1 - t0) + 1e-6, (name, t0, t1, total)
+
+
+def test_a_grant_never_sent_gives_everything_back_including_the_request_slot():
+    from runtime.admission import NOT_SENT
+
+    clock = ManualClock()
+    adm = Admission({"sonnet": ClassLimits(rpm=2, itpm=1000, otpm=1000)}, UserLimits(rpm=2, tpm=0),
+                    LimiterSettings(safety_margin=0.0, critical_reserve=0.0, bulk_headroom=0.0,
+                                    schedule_ahead_s=0.0), clock=clock)
+    e = Estimate("r1", "sonnet", "u1", "normal", 100, 100)
+    g1, g2 = adm.acquire(e), adm.acquire(Estimate("r2", "sonnet", "u1", "normal", 100, 100))
+    assert isinstance(g1, Grant) and isinstance(g2, Grant)
+    assert isinstance(adm.acquire(Estimate("r3", "sonnet", "u1", "normal", 1, 1)), RetryAfter)
+    adm.reconcile(Outcome(g1.lease_id, None, NOT_SENT, {}, 0.0))
+    assert isinstance(adm.acquire(Estimate("r3", "sonnet", "u1", "normal", 900, 900)), Grant)
+
+
+def test_capacity_freeing_within_the_horizon_is_granted_with_a_send_delay():
+    clock = ManualClock()
+    adm = Admission({"sonnet": ClassLimits(rpm=60, itpm=10**6, otpm=10**6)}, UserLimits(rpm=0, tpm=0),
+                    LimiterSettings(safety_margin=0.0, critical_reserve=0.0, bulk_headroom=0.0,
+                                    schedule_ahead_s=2.5), clock=clock)
+    grants = [adm.acquire(est_n(i)) for i in range(60)]
+    assert all(isinstance(g, Grant) and g.delay_s == 0 for g in grants)
+    # 1 request/s refill: the next two are scheduled 1 s and 2 s out, the third must come back later
+    g61, g62 = adm.acquire(est_n(61)), adm.acquire(est_n(62))
+    assert isinstance(g61, Grant) and g61.delay_s == pytest.approx(1.0)
+    assert isinstance(g62, Grant) and g62.delay_s == pytest.approx(2.0)
+    r = adm.acquire(est_n(63))
+    assert isinstance(r, RetryAfter) and r.seconds == pytest.approx(0.5)
+    clock.advance(0.5)
+    g63 = adm.acquire(est_n(63))
+    assert isinstance(g63, Grant) and g63.delay_s == pytest.approx(2.5)
+
+
+def est_n(i):
+    return Estimate(f"s{i}", "sonnet", None, "normal", 1, 1)
