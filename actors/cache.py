@@ -1,0 +1,700 @@
+"""The response cache: one LanceDB table on disk, owned by one detached actor, asked by every caller.
+
+    cache = get_or_create_cache(settings)              # the "cache" singleton in namespace claude_runtime
+    client = CacheClient(cache, settings)              # inside a caller actor
+    out = await client.lookup(params, model, tenant)   # "exact" | "semantic" | "miss" | "bypass"
+    if out.kind in ("exact", "semantic"):
+        return out.message                             # $0, no limiter capacity
+    try:
+        msg = await call_the_api(...)
+    except Exception:
+        await client.release(out)                      # waiters on this key try themselves
+        raise
+    await client.store(out, msg, model_used, cost_usd)
+
+Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
+claims, TTL, size cap, ANN index); it never judges whether a neighbour is the same question. The client, in
+the caller's process, embeds the prompt and applies runtime.cache_policy (bypass, threshold, guard): the
+embedding model loads once per caller, and the actor stays a fast state owner.
+
+Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
+(max_restarts=-1, no state carried by Ray) rebuilds its exact-key dict from the table and serves the entry.
+Hit counters in the stats are per actor life; the ledger, not the cache, is the record of money saved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from runtime import cache_policy as policy
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "claude_runtime"
+ACTOR_NAME = "cache"
+TABLE = "entries"
+DIM = 384
+
+SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("scope_id", pa.string()),
+    pa.field("tenant", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("kind", pa.string()),
+    pa.field("prompt", pa.string()),
+    pa.field("vector", pa.list_(pa.float32(), DIM)),
+    pa.field("response", pa.string()),
+    pa.field("cost_usd", pa.float64()),
+    pa.field("created_at", pa.float64()),
+    pa.field("expires_at", pa.float64()),
+    pa.field("hits", pa.int64()),
+])
+_META_COLS = [f.name for f in SCHEMA if f.name != "vector"]
+_HEX = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else float(now)
+
+
+class CacheStore:
+    """The table (the durable truth) plus an in-memory mirror of every live row: metadata by key for the
+    exact path, and vectors by scope. A scope of at most ``flat_scope_max`` rows is searched exactly in
+    memory (a matmul over the scope: no approximation, no query overhead); a bigger scope is searched in
+    LanceDB, through the IVF-PQ index once the table has one, with exact re-scoring. Synchronous; the actor
+    serialises writes. Memory: ~1.6 KB per entry plus the response text (1M entries ~ 2 GB)."""
+
+    def __init__(self, path: str | Path, *, max_entries: int = 1_000_000, index_min_rows: int = 100_000,
+                 flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000) -> None:
+        import lancedb
+
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_entries = max_entries
+        self.index_min_rows = index_min_rows
+        # scopes at most this big are searched exactly (flat over the scope's rows through the scope_id
+        # index); an IVF index would probe partitions that may hold none of a small scope's rows
+        self.flat_scope_max = flat_scope_max
+        self.scalar_index_min_rows = scalar_index_min_rows
+        self._db = lancedb.connect(str(self.path))
+        self.table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.scope_counts: dict[str, int] = {}
+        # vectors of every live row, per scope, for exact in-memory search of scopes up to flat_scope_max
+        # rows (a LanceDB query costs ~20 ms of fixed overhead here; a 2k x 384 matmul well under 1 ms)
+        self._scope_vecs: dict[str, dict[str, np.ndarray]] = {}
+        self._scope_mats: dict[str, tuple[list[str], np.ndarray]] = {}
+        self.dirty_hits: set[str] = set()
+        self.vector_indexed = False
+        self.scope_indexed = False
+        self._load()
+
+    # -- startup ---------------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        names = {getattr(ix, "name", "") for ix in self.table.list_indices()}
+        cols = {tuple(getattr(ix, "columns", ()) or ()) for ix in self.table.list_indices()}
+        self.vector_indexed = any("vector" in c for c in cols) or any("vector" in n for n in names)
+        self.scope_indexed = any("scope_id" in c for c in cols) or any("scope_id" in n for n in names)
+        if self.table.count_rows() == 0:
+            return
+        data = self.table.search().select(_META_COLS + ["vector"]).limit(None).to_arrow()
+        vecs = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(-1, DIM)
+        meta = data.drop_columns(["vector"]).to_pylist()
+        rows = []
+        for row, vec in zip(meta, vecs):
+            prev = self.rows.get(row["key"])
+            if prev is None or row["created_at"] >= prev["created_at"]:
+                self.rows[row["key"]] = row
+                row["vector"] = vec
+                rows.append(row)
+        self.rows.clear()
+        self.apply(rows)
+
+    def _dec_scope(self, scope_id: str, key: str) -> None:
+        n = self.scope_counts.get(scope_id, 0) - 1
+        if n <= 0:
+            self.scope_counts.pop(scope_id, None)
+        else:
+            self.scope_counts[scope_id] = n
+        vecs = self._scope_vecs.get(scope_id)
+        if vecs is not None:
+            vecs.pop(key, None)
+            if not vecs:
+                self._scope_vecs.pop(scope_id, None)
+        self._scope_mats.pop(scope_id, None)
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    def lookup_exact(self, key: str, now: float) -> dict[str, Any] | None:
+        row = self.rows.get(key)
+        if row is None or row["expires_at"] <= now:
+            return None
+        return row
+
+    def search(self, vector: Any, scope_id: str, k: int, now: float) -> list[dict[str, Any]]:
+        if not _HEX.match(scope_id or ""):
+            raise ValueError("scope_id must be a hex digest")  # it is spliced into a filter expression
+        if self.scope_counts.get(scope_id, 0) == 0:
+            return []
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        norm = float(np.linalg.norm(q))
+        if norm == 0 or q.shape[0] != DIM:
+            return []
+        q = q / norm
+        if scope_id in self._scope_vecs and self.scope_counts.get(scope_id, 0) <= self.flat_scope_max:
+            return self._search_memory(q, scope_id, k, now)
+        query = (self.table.search(q).distance_type("cosine")
+                 .where(f"scope_id = '{scope_id}' AND expires_at > {float(now)!r}", prefilter=True)
+                 .select(_META_COLS + ["vector", "_distance"]).limit(k))
+        if self.vector_indexed and self.scope_counts.get(scope_id, 0) > self.flat_scope_max:
+            query = query.nprobes(32).refine_factor(4)
+        else:
+            query = query.bypass_vector_index()
+        out = []
+        for row in query.to_list():
+            if row["scope_id"] != scope_id or row["expires_at"] <= now:
+                continue  # the filter is the guarantee; this is the belt to its braces
+            vec = np.asarray(row.pop("vector"), dtype=np.float32)
+            row.pop("_distance", None)
+            # exact cosine from the stored vector, whatever approximation the index used to find it
+            row["similarity"] = float(np.dot(q, vec) / (np.linalg.norm(vec) or 1.0))
+            live = self.rows.get(row["key"])
+            if live is None or live["created_at"] != row["created_at"]:
+                continue  # evicted or replaced since the table version we read
+            out.append(row)
+        out.sort(key=lambda r: -r["similarity"])
+        return out
+
+    def _search_memory(self, q: np.ndarray, scope_id: str, k: int, now: float) -> list[dict[str, Any]]:
+        mat = self._scope_mats.get(scope_id)
+        if mat is None:
+            vecs = self._scope_vecs[scope_id]
+            mat = self._scope_mats[scope_id] = (list(vecs), np.stack(list(vecs.values())))
+        keys, m = mat
+        sims = m @ q
+        order = np.argsort(-sims)
+        out = []
+        for i in order:
+            row = self.rows.get(keys[i])
+            if row is None or row["scope_id"] != scope_id or row["expires_at"] <= now:
+                continue
+            out.append({**row, "similarity": float(sims[i])})
+            if len(out) >= k:
+                break
+        return out
+
+    # -- writes ------------------------------------------------------------------------------------------------
+    def write(self, entries: list[dict[str, Any]]) -> None:
+        """Rows to disk; replaces rows with the same key. Call apply() after it returns."""
+        if not entries:
+            return
+        latest: dict[str, dict[str, Any]] = {}
+        for e in entries:
+            latest[e["key"]] = e
+        rows = list(latest.values())
+        replaced = [k for k in latest if k in self.rows]
+        if replaced:
+            self._delete_keys(replaced)
+        vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), DIM)
+        cols = {name: [r[name] for r in rows] for name in _META_COLS}
+        arrays = {name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in _META_COLS}
+        arrays["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), DIM)
+        self.table.add(pa.table({f.name: arrays[f.name] for f in SCHEMA}, schema=SCHEMA))
+
+    def apply(self, entries: list[dict[str, Any]]) -> None:
+        for e in entries:
+            prev = self.rows.get(e["key"])
+            if prev is not None:
+                self._dec_scope(prev["scope_id"], e["key"])
+            self.rows[e["key"]] = {name: e[name] for name in _META_COLS}
+            sid = e["scope_id"]
+            self.scope_counts[sid] = self.scope_counts.get(sid, 0) + 1
+            vec = np.asarray(e["vector"], dtype=np.float32).reshape(-1)
+            self._scope_vecs.setdefault(sid, {})[e["key"]] = vec / (np.linalg.norm(vec) or 1.0)
+            self._scope_mats.pop(sid, None)
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            if any(not _HEX.match(k) for k in chunk):
+                raise ValueError("cache keys must be hex digests")
+            self.table.delete("key IN (" + ",".join(f"'{k}'" for k in chunk) + ")")
+
+    def forget(self, keys: list[str]) -> None:
+        for k in keys:
+            row = self.rows.pop(k, None)
+            if row is not None:
+                self._dec_scope(row["scope_id"], k)
+            self.dirty_hits.discard(k)
+
+    def expired_keys(self, now: float) -> list[str]:
+        return [k for k, r in self.rows.items() if r["expires_at"] <= now]
+
+    def over_cap_keys(self) -> list[str]:
+        """Victims past max_entries: least hit first, oldest among equals; down to 90 % so eviction runs in
+        batches rather than on every put."""
+        excess = len(self.rows) - self.max_entries
+        if excess <= 0:
+            return []
+        target = len(self.rows) - int(self.max_entries * 0.9)
+        ranked = sorted(self.rows.values(), key=lambda r: (r["hits"], r["created_at"]))
+        return [r["key"] for r in ranked[:target]]
+
+    def delete(self, keys: list[str]) -> None:
+        if keys:
+            self._delete_keys(keys)
+
+    def flush_hits(self) -> int:
+        """Persist hit counts, one update per distinct count (counts cluster, so few updates)."""
+        by_count: dict[int, list[str]] = {}
+        for k in list(self.dirty_hits):
+            row = self.rows.get(k)
+            if row is not None:
+                by_count.setdefault(int(row["hits"]), []).append(k)
+        self.dirty_hits.clear()
+        for hits, keys in by_count.items():
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                self.table.update(where="key IN (" + ",".join(f"'{k}'" for k in chunk) + ")",
+                                  values={"hits": hits})
+        return sum(len(v) for v in by_count.values())
+
+    # -- upkeep ------------------------------------------------------------------------------------------------
+    def maintain(self) -> dict[str, Any]:
+        """Indexes past their row thresholds, compaction of the small fragments each put leaves, and
+        cleanup of old table versions. Slow: run it off the event loop."""
+        from lancedb.index import BTree, IvfPq
+
+        did: dict[str, Any] = {}
+        n = self.table.count_rows()
+        if not self.scope_indexed and n >= self.scalar_index_min_rows:
+            self.table.create_index("scope_id", config=BTree())
+            self.scope_indexed = True
+            did["scope_index"] = True
+        if not self.vector_indexed and n >= self.index_min_rows:
+            t0 = time.perf_counter()
+            self.build_vector_index(n)
+            did["vector_index_s"] = round(time.perf_counter() - t0, 2)
+        stats = self.table.stats()
+        frags = (stats.get("fragment_stats") or {}).get("num_fragments", 0) if isinstance(stats, dict) else 0
+        if frags > 16:
+            # compacts fragments, folds new rows into existing indexes, drops versions older than a minute
+            self.table.optimize(cleanup_older_than=timedelta(minutes=1))
+            did["optimized_fragments"] = frags
+        return did
+
+    def build_vector_index(self, n: int | None = None) -> None:
+        from lancedb.index import IvfPq
+
+        n = n or self.table.count_rows()
+        self.table.create_index("vector", config=IvfPq(distance_type="cosine",
+                                                       num_partitions=max(1, int(math.sqrt(n))),
+                                                       num_sub_vectors=48))
+        self.vector_indexed = True
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+
+@dataclass
+class _Claim:
+    since: float
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CacheService:
+    """The cache actor's logic (async; Ray-free, so it can be driven directly) around CacheStore. Writes are
+    coalesced: puts that arrive while a write is on disk go out together in the next one, so insert
+    throughput grows with load while each put still returns only once its row is durable."""
+
+    def __init__(self, settings: Any, *, index_min_rows: int = 100_000, maintenance_interval_s: float = 30.0,
+                 claim_timeout_s: float | None = None) -> None:
+        self._settings = settings
+        self._store = CacheStore(settings.cache_path, max_entries=settings.cache.max_entries,
+                                 index_min_rows=index_min_rows)
+        # a leader that died without releasing frees its key after this long
+        self._claim_timeout_s = claim_timeout_s or (settings.retry.request_timeout_s
+                                                    + settings.limiter.max_wait_s)
+        self._life = f"{os.getpid()}-{time.time_ns()}"
+        self._claims: dict[str, _Claim] = {}
+        self._waiting = 0
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._writing = False
+        self._write_lock = asyncio.Lock()  # writes, deletes and compaction never overlap
+        self._counters = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypasses": 0, "evictions": 0,
+                          "saved_usd": 0.0, "puts": 0, "writes": 0}
+        self._interval = maintenance_interval_s
+        self._maint_task: asyncio.Task[None] | None = None
+        self._last_maintenance: dict[str, Any] = {}
+
+    def _ensure_maintenance(self) -> None:
+        if self._maint_task is None and self._interval > 0:
+            self._maint_task = asyncio.get_running_loop().create_task(self._maintenance_loop())
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.maintain()
+            except Exception:  # upkeep must never take the cache down; the next round retries
+                log.exception("cache maintenance failed")
+
+    # -- reads -----------------------------------------------------------------------------------------------
+    async def lookup_exact(self, key: str, now: float | None = None) -> dict[str, Any] | None:
+        self._ensure_maintenance()
+        row = self._store.lookup_exact(key, _now(now))
+        return dict(row) if row is not None else None
+
+    async def search(self, vector: Any, scope_id: str, k: int = 5, now: float | None = None
+                     ) -> list[dict[str, Any]]:
+        self._ensure_maintenance()
+        return await asyncio.to_thread(self._store.search, vector, scope_id, k, _now(now))
+
+    # -- writes ----------------------------------------------------------------------------------------------
+    async def put(self, entry: dict[str, Any]) -> None:
+        self._ensure_maintenance()
+        row = self._validate(entry)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, fut))
+        if not self._writing:
+            self._writing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await fut
+
+    async def put_many(self, entries: list[dict[str, Any]]) -> int:
+        """Bulk load (benchmarks, warm-up): one write for the lot."""
+        rows = [self._validate(e) for e in entries]
+        async with self._write_lock:
+            await asyncio.to_thread(self._store.write, rows)
+            self._store.apply(rows)
+        self._counters["puts"] += len(rows)
+        self._counters["writes"] += 1
+        await self._enforce_cap()
+        return len(rows)
+
+    @staticmethod
+    def _validate(entry: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        row = {
+            "key": str(entry["key"]), "scope_id": str(entry["scope_id"]),
+            "tenant": str(entry.get("tenant") or ""), "model": str(entry.get("model") or ""),
+            "kind": str(entry.get("kind") or "factual"), "prompt": str(entry.get("prompt") or ""),
+            "response": entry["response"] if isinstance(entry["response"], str) else json.dumps(
+                entry["response"], default=str),
+            "cost_usd": float(entry.get("cost_usd") or 0.0),
+            "created_at": float(entry.get("created_at") or now),
+            "expires_at": float(entry["expires_at"]),
+            "hits": int(entry.get("hits") or 0),
+        }
+        if not _HEX.match(row["key"]) or not _HEX.match(row["scope_id"]):
+            raise ValueError("key and scope_id must be hex digests (runtime.cache_policy)")
+        vec = np.asarray(entry["vector"], dtype=np.float32).reshape(-1)
+        if vec.shape[0] != DIM:
+            raise ValueError(f"vector must have {DIM} dimensions, got {vec.shape[0]}")
+        row["vector"] = vec
+        return row
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                rows = [r for r, _ in batch]
+                try:
+                    async with self._write_lock:
+                        await asyncio.to_thread(self._store.write, rows)
+                        self._store.apply(rows)
+                except Exception as exc:
+                    for _, f in batch:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                self._counters["puts"] += len(rows)
+                self._counters["writes"] += 1
+                for r, f in batch:
+                    self._wake(r["key"])
+                    if not f.done():
+                        f.set_result(None)
+                await self._enforce_cap()
+        finally:
+            self._writing = False
+
+    async def _enforce_cap(self) -> None:
+        victims = self._store.over_cap_keys()
+        if victims:
+            await self._delete(victims)
+
+    async def _delete(self, keys: list[str]) -> None:
+        async with self._write_lock:
+            self._store.forget(keys)  # forget first: a lookup racing the delete must not serve the row
+            await asyncio.to_thread(self._store.delete, keys)
+        self._counters["evictions"] += len(keys)
+
+    async def evict_expired(self, now: float | None = None) -> int:
+        keys = self._store.expired_keys(_now(now))
+        if keys:
+            await self._delete(keys)
+        return len(keys)
+
+    # -- single flight ---------------------------------------------------------------------------------------
+    async def claim(self, key: str) -> bool:
+        """True: the caller leads (calls the API for this key). False: someone else already does."""
+        c = self._claims.get(key)
+        if c is not None and time.monotonic() - c.since < self._claim_timeout_s:
+            return False
+        if c is not None:
+            c.event.set()  # a stale leader's waiters stop waiting for it
+        self._claims[key] = _Claim(since=time.monotonic())
+        return True
+
+    async def wait(self, key: str, timeout_s: float = 60.0) -> dict[str, Any] | None:
+        """The leader's stored row, or None if it failed, released, or did not finish in time."""
+        row = self._store.lookup_exact(key, time.time())
+        if row is not None:
+            return dict(row)
+        c = self._claims.get(key)
+        if c is None:
+            return None
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(c.event.wait(), timeout=timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._waiting -= 1
+        row = self._store.rows.get(key)
+        return dict(row) if row is not None else None
+
+    async def release(self, key: str) -> None:
+        self._wake(key)
+
+    def _wake(self, key: str) -> None:
+        c = self._claims.pop(key, None)
+        if c is not None:
+            c.event.set()
+
+    # -- accounting ------------------------------------------------------------------------------------------
+    async def record(self, kind: str, saved_usd: float = 0.0, key: str | None = None) -> None:
+        counter = {"exact": "hits_exact", "semantic": "hits_semantic", "miss": "misses",
+                   "bypass": "bypasses"}.get(kind)
+        if counter is None:
+            raise ValueError(f"unknown cache outcome {kind!r}")
+        self._counters[counter] += 1
+        self._counters["saved_usd"] += float(saved_usd)
+        if key and kind in ("exact", "semantic"):
+            row = self._store.rows.get(key)
+            if row is not None:
+                row["hits"] = int(row["hits"]) + 1
+                self._store.dirty_hits.add(key)
+
+    async def stats(self) -> dict[str, Any]:
+        lookups = self._counters["hits_exact"] + self._counters["hits_semantic"] + self._counters["misses"]
+        return {
+            **self._counters,
+            "entries": len(self._store.rows),
+            "scopes": len(self._store.scope_counts),
+            "hit_rate": ((self._counters["hits_exact"] + self._counters["hits_semantic"]) / lookups
+                         if lookups else 0.0),
+            "vector_indexed": self._store.vector_indexed,
+            "claims": len(self._claims),
+            "waiting": self._waiting,
+            "last_maintenance": self._last_maintenance,
+        }
+
+    async def maintain(self, now: float | None = None) -> dict[str, Any]:
+        """One upkeep round (the background loop runs it every maintenance_interval_s)."""
+        evicted = await self.evict_expired(now)
+        async with self._write_lock:
+            flushed = await asyncio.to_thread(self._store.flush_hits)
+            did = await asyncio.to_thread(self._store.maintain)
+        stale = [k for k, c in self._claims.items() if time.monotonic() - c.since >= self._claim_timeout_s]
+        for k in stale:
+            self._wake(k)
+        self._last_maintenance = {"evicted": evicted, "hits_flushed": flushed, **did}
+        return self._last_maintenance
+
+    async def build_index(self) -> float:
+        """Build the ANN index now, whatever the row count (benchmarks); returns seconds taken."""
+        t0 = time.perf_counter()
+        async with self._write_lock:
+            await asyncio.to_thread(self._store.build_vector_index)
+        return time.perf_counter() - t0
+
+    async def disk_bytes(self) -> int:
+        return await asyncio.to_thread(self._store.disk_bytes)
+
+    async def ping(self) -> str:
+        """This actor life's id: it changes when Ray restarts the actor."""
+        return self._life
+
+
+# the Ray actor: CPU-free so it fits beside work; thousands of concurrent calls because waiters park in wait()
+CacheActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)(CacheService)
+
+
+def get_or_create_cache(settings: Any, **kwargs: Any) -> Any:
+    """The cluster's cache singleton; many racing creators get one actor."""
+    return CacheActor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+                                    get_if_exists=True).remote(settings, **kwargs)
+
+
+# -- the caller side -------------------------------------------------------------------------------------------
+
+@dataclass
+class CacheOutcome:
+    kind: str  # "exact" | "semantic" | "miss" | "bypass"
+    message: dict[str, Any] | None
+    saved_usd: float
+    key: str
+    scope_id: str
+    vector: Any
+    leader: bool
+    reason: str | None
+    prompt: str
+    tenant: str = ""
+    max_tokens: int | None = None
+    similarity: float | None = None
+
+    @property
+    def hit(self) -> bool:
+        return self.kind in ("exact", "semantic")
+
+
+class CacheClient:
+    """The only cache surface a caller touches. Holds the embedder (loaded once per caller process)."""
+
+    def __init__(self, actor_handle: Any, settings: Any, embedder: Any = None, *, k: int = 5) -> None:
+        self._actor = actor_handle
+        self._settings = settings
+        self._embedder = embedder
+        self._k = k
+        self.wait_timeout_s = settings.retry.request_timeout_s + settings.limiter.max_wait_s
+
+    @property
+    def embedder(self) -> Any:
+        if self._embedder is None:
+            from runtime.embedding import get_embedder
+
+            self._embedder = get_embedder(self._settings.cache.embedding_model)
+        return self._embedder
+
+    def _record(self, kind: str, saved: float = 0.0, key: str | None = None) -> None:
+        # fire and forget: statistics must not add a round trip to the hit path
+        self._actor.record.remote(kind, saved, key)
+
+    async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True,
+                     now: float | None = None) -> CacheOutcome:
+        try:
+            return await self._lookup(params, model, tenant, cache_enabled, now)
+        except ray.exceptions.RayActorError as exc:
+            # the cache is an optimisation: while its actor restarts, requests go to the API uncached
+            log.warning("cache unavailable, treating as a miss: %s", type(exc).__name__)
+            return CacheOutcome("miss", None, 0.0, "", "", None, False, "cache unavailable",
+                                policy.last_user_text(params), tenant or "", params.get("max_tokens"))
+
+    async def _lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool,
+                      now: float | None) -> CacheOutcome:
+        cs = self._settings.cache
+        max_tokens = params.get("max_tokens")
+        reason = policy.bypass_reason(params, cs, cache_enabled)
+        if reason is not None:
+            self._record("bypass")
+            return CacheOutcome("bypass", None, 0.0, "", "", None, False, reason, "", tenant or "", max_tokens)
+        prompt = policy.last_user_text(params)
+        key = policy.exact_key(params, model, tenant)
+        scope_id = policy.scope_for(params, model, tenant).scope_id()
+        base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens)
+
+        row = await self._actor.lookup_exact.remote(key, now)
+        hit = self._as_hit(row, "exact", max_tokens, base)
+        if hit is not None:
+            return hit
+
+        vector = await self.embedder.embed_async(prompt)
+        rows = await self._actor.search.remote(vector, scope_id, self._k, now)
+        rejected: str | None = None
+        for cand in rows:  # best first
+            if cand["scope_id"] != scope_id:
+                continue
+            if cand["similarity"] < cs.similarity_threshold:
+                rejected = rejected or f"best similarity {cand['similarity']:.3f} below threshold"
+                break
+            why = policy.guard(prompt, cand["prompt"])
+            if why is not None:
+                rejected = rejected or f"guard: {why} (similarity {cand['similarity']:.3f})"
+                continue
+            hit = self._as_hit(cand, "semantic", max_tokens, {**base, "vector": vector})
+            if hit is not None:
+                return hit
+            rejected = rejected or "cached answer longer than max_tokens"
+
+        leader = await self._actor.claim.remote(key)
+        if not leader:
+            waited = await self._actor.wait.remote(key, self.wait_timeout_s)
+            hit = self._as_hit(waited, "exact", max_tokens, {**base, "vector": vector})
+            if hit is not None:
+                return hit
+            # the leader failed or its answer does not fit this request: go ourselves
+            leader = await self._actor.claim.remote(key)
+        self._record("miss")
+        return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, **base)
+
+    def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any]
+                ) -> CacheOutcome | None:
+        if row is None:
+            return None
+        message = json.loads(row["response"])
+        if not policy.answer_fits(message, max_tokens):
+            return None
+        saved = float(row.get("cost_usd") or 0.0)
+        self._record(kind, saved, row["key"])
+        fields = {"vector": None, **base}
+        return CacheOutcome(kind, message, saved, leader=False, reason=None,
+                            similarity=row.get("similarity"), **fields)
+
+    async def store(self, outcome: CacheOutcome, message: dict, model_used: str, cost_usd: float,
+                    now: float | None = None) -> bool:
+        """Put a fresh answer in the cache (and hand it to this key's waiters). False when not stored."""
+        if outcome.kind != "miss" or not outcome.key:
+            return False
+        if not policy.is_storable(message):
+            await self.release(outcome)
+            return False
+        t = _now(now)
+        kind = policy.classify(outcome.prompt)
+        vector = outcome.vector
+        if vector is None:
+            vector = await self.embedder.embed_async(outcome.prompt)
+        entry = {
+            "key": outcome.key, "scope_id": outcome.scope_id, "tenant": outcome.tenant, "model": model_used,
+            "kind": kind, "prompt": outcome.prompt, "vector": np.asarray(vector, dtype=np.float32),
+            "response": json.dumps(message, default=str), "cost_usd": float(cost_usd), "created_at": t,
+            "expires_at": t + policy.ttl_for(kind, self._settings.cache), "hits": 0,
+        }
+        try:
+            await self._actor.put.remote(entry)
+        except ray.exceptions.RayActorError as exc:
+            log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
+            return False
+        return True
+
+    async def release(self, outcome: CacheOutcome) -> None:
+        """The leader failed: wake this key's waiters so each tries for itself."""
+        if outcome.kind == "miss" and outcome.key:
+            try:
+                await self._actor.release.remote(outcome.key)
+            except ray.exceptions.RayActorError:
+                pass  # a restarted actor holds no claims: nobody is waiting on this one any more
