@@ -115,9 +115,8 @@ class CallerActor:
             outcome = await self._cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled)
             if outcome.kind in ("exact", "semantic"):
                 return await self._cache_hit(req, outcome, t0, reason)
-        cache_kind = "bypass" if outcome is not None and outcome.kind == "bypass" else "miss"
-        if outcome is None and not req.cache_enabled:
-            cache_kind = "bypass"
+        # no cache configured, cache=False or a real-time prompt: the answer neither came from nor goes to it
+        cache_kind = "miss" if outcome is not None and outcome.kind == "miss" else "bypass"
 
         try:
             result = await self._call_with_fallback(req, model, reason, cache_kind, t0)
@@ -149,20 +148,24 @@ class CallerActor:
     def _estimate_input(self, req: NormalizedRequest, model: str) -> int:
         return self._estimator.estimate(req.params, self.settings.models[model].tokenizer)
 
-    async def _reserve_budget(self, req: NormalizedRequest, model: str, reason: str) -> tuple[str, str]:
+    async def _begin(self, req: NormalizedRequest, routed: str, reason: str, attempt: int,
+                     first_model: str) -> tuple[str, str]:
+        """Reserve the worst-case cost of the routed model (and write the first attempt's intent). At 80 % of
+        a budget non-critical traffic goes to Haiku; at 100 % Haiku may still fit."""
         s = self.settings
-        est = self._estimate_input(req, model)
-        res = await self._ledger.reserve.remote(req.request_id, req.user_id, req.tenant, req.priority,
-                                                max_cost(model, est, req.max_tokens, s))
-        haiku = s.router.haiku_model
-        if (res.state in ("downgrade", "stop") and req.priority != "critical"
-                and s.models[model].model_class != "haiku"):
-            # at 80 % of a budget non-critical traffic goes to Haiku; at 100 % Haiku may still fit
-            await self._ledger.release.remote(req.request_id)
-            model, reason = haiku, f"budget {res.state}: downgraded to haiku"
+
+        async def begin(model: str, intent_model: str):
             est = self._estimate_input(req, model)
-            res = await self._ledger.reserve.remote(req.request_id, req.user_id, req.tenant, req.priority,
-                                                    max_cost(model, est, req.max_tokens, s))
+            return await self._ledger.begin.remote(req.request_id, attempt, intent_model, req.user_id, req.tenant,
+                                                   req.priority, max_cost(model, est, req.max_tokens, s))
+
+        res = await begin(routed, first_model)
+        model = routed
+        if (res.state in ("downgrade", "stop") and req.priority != "critical"
+                and s.models[routed].model_class != "haiku"):
+            # a second reservation for the same request replaces the first
+            model, reason = s.router.haiku_model, f"budget {res.state}: downgraded to haiku"
+            res = await begin(model, model)
         if not res.granted:
             raise BudgetExceeded(
                 f"budget {res.budget} would be exceeded: spent ${res.spent_usd:.4f} of ${res.limit_usd:.4f}",
@@ -178,9 +181,8 @@ class CallerActor:
         idx = 0
         tries_on_model = 0
         deadline = time.monotonic() + (req.deadline_s if req.deadline_s is not None else s.limiter.max_wait_s)
-        # the budget reservation overlaps the first limiter grant and write-ahead intent: one round trip, not three
         routed = model
-        budget = asyncio.ensure_future(self._reserve_budget(req, routed, reason))
+        first = True
         while True:
             model = chain[idx]
             has_next = idx + 1 < len(chain)
@@ -195,23 +197,29 @@ class CallerActor:
             est = self._estimate_input(req, model)
             estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
                                 priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens)
-            # the write-ahead intent and the admission wait overlap; both finish before the call leaves
-            intent_ref = self._ledger.intent.remote(req.request_id, attempt, model)
+            # the write-ahead intent (with the budget reservation, on the first attempt) and the admission wait
+            # overlap; both finish before the call leaves
             grant_task = asyncio.ensure_future(
                 self._limiter.acquire(estimate, deadline_s=max(0.0, deadline - time.monotonic())))
-            if budget is not None:
+            if first:
+                first = False
                 try:
-                    budget_model, reason = await budget
+                    budget_model, reason = await self._begin(req, routed, reason, attempt, model)
                 except BaseException:
                     self._drop_grant(grant_task)
                     raise
-                budget = None
                 if budget_model != routed:  # downgraded: that grant was for the wrong class
                     self._drop_grant(grant_task)
-                    chain, idx, tries_on_model, attempt = fallback_chain(budget_model, s), 0, 0, attempt - 1
+                    chain, idx, tries_on_model = fallback_chain(budget_model, s), 0, 0
+                    attempt -= 1
                     continue
+            else:
+                try:
+                    await self._ledger.intent.remote(req.request_id, attempt, model)
+                except BaseException:
+                    self._drop_grant(grant_task)
+                    raise
             grant = await grant_task
-            await intent_ref
             try:
                 raw = await self._client.messages.with_raw_response.create(
                     model=model, **req.params,

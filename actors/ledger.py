@@ -251,6 +251,15 @@ class Ledger:
                       max_cost_usd: float) -> Reservation:
         return self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
 
+    async def begin(self, request_id: str, attempt: int, model: str | None, user_id: str | None,
+                    tenant: str | None, priority: str, max_cost_usd: float) -> Reservation:
+        """``reserve`` and, when granted, the write-ahead ``intent`` in one call: a request's first attempt
+        costs the ledger one round trip before the API call, not two."""
+        res = self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
+        if res.granted:
+            await self._enqueue("intent", (request_id, int(attempt), model, time.time()))
+        return res
+
     async def release(self, request_id: str) -> None:
         self.book.release(request_id)
 

@@ -166,6 +166,15 @@ def test_intents_without_outcome_are_pending_across_restart(tmp_path, ledgers):
     assert [(p["request_id"], p["attempt"]) for p in pending] == [("b", 1), ("c", 2)]
 
 
+def test_begin_reserves_and_writes_the_intent_only_when_granted(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    ok = ray.get(h.begin.remote("g", 1, "claude-sonnet-5-5", "u1", "t1", "normal", 0.6))
+    refused = ray.get(h.begin.remote("r", 1, "claude-sonnet-5-5", "u1", "t1", "normal", 0.6))
+    assert ok.granted and not refused.granted and refused.state == "stop"
+    assert [(p["request_id"], p["attempt"]) for p in ray.get(h.pending_intents.remote())] == [("g", 1)]
+
+
 class _Hook(BaseHTTPRequestHandler):
     received: "queue.Queue[dict]" = queue.Queue()
 

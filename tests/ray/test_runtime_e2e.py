@@ -131,3 +131,40 @@ def test_a_killed_caller_still_yields_one_result(rt):
     assert isinstance(res, Result) and res.request_id == "req-kill-1"
     ok_rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1" and r["status"] == "ok"]
     assert any(r["message_id"] == res.message.id for r in ok_rows)
+
+
+def test_a_400_from_the_api_is_surfaced_after_one_try(rt):
+    before = fake_stats(rt)["by_status"].get("400", 0)
+    with pytest.raises(UpstreamError) as exc:  # a tool without a name passes our checks; the API refuses it
+        ray.get(rt.submit(user_msg("Use the tool", 32, tools=[{"description": "nameless"}]), cache=False))
+    assert exc.value.status == 400 and exc.value.error_type == "invalid_request_error"
+    assert len(exc.value.attempts) == 1
+    assert fake_stats(rt)["by_status"].get("400", 0) == before + 1
+    rows = [r for r in rt.ledger_records() if r["request_id"] == exc.value.request_id]
+    assert [r["status"] for r in rows] == ["error"]  # counted for error rates, not billed
+
+
+def test_twenty_concurrent_identical_requests_make_one_api_call(rt):
+    before = fake_stats(rt)["requests"]
+    q = user_msg("Describe the water cycle for a ten year old.", 300)
+    refs = [rt.submit(q, tenant="single-flight") for _ in range(20)]
+    out = ray.get(refs)
+    assert fake_stats(rt)["requests"] == before + 1
+    assert sorted(r.cache for r in out).count("miss") == 1
+    assert {r.message.content[0].text for r in out} == {out[0].message.content[0].text}
+    assert sum(r.cost_usd for r in out) == pytest.approx(max(r.cost_usd for r in out))
+    hits = [r for r in rt.ledger_records() if r["request_id"] in {x.request_id for x in out} and r["cache"] != "miss"]
+    assert len(hits) == 19 and all(h["cost_usd"] in (None, 0) and h["saved_usd"] > 0 for h in hits)
+
+
+def test_cost_report_cli_reads_the_ledger(rt, tmp_path):
+    import subprocess
+    import sys
+
+    png = tmp_path / "report.png"
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "report", "--since", "1d", "--ledger",
+                           str(rt.settings.ledger_path), "--png", str(png)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert png.stat().st_size > 1000
+    assert "claude-haiku-5-5" in proc.stdout
