@@ -244,6 +244,13 @@ class CallerActor:
                     raise self._surface(req, exc, status, history) from None
                 await asyncio.sleep(decision.delay_s)
                 continue
+            except Exception as exc:  # not an API answer (a bug, a malformed response): typed, never retried
+                self._limiter.reconcile(Outcome(lease_id=grant.lease_id, usage=None, status=0, headers={},
+                                                received_at=time.time()))
+                history.append({"model": model, "status": type(exc).__name__})
+                raise UpstreamError(f"unexpected {type(exc).__name__} calling the API: {redact(str(exc))}",
+                                    request_id=req.request_id, status=None, error_type=type(exc).__name__,
+                                    attempts=history) from None
 
             headers = _headers_of(raw)
             usage = Usage.from_api(message.usage)

@@ -105,6 +105,93 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001
             return exc
 
+    def submit_batch(self, requests: Iterable[dict[str, Any]], *, user_id: str | None = None,
+                     tenant: str | None = None, priority: str = "bulk", poll_s: float = 2.0,
+                     progress: bool = True, timeout_s: float = 24 * 3600.0) -> list[Any]:
+        """Run offline work through the Message Batches API at the batch discount and wait for it.
+
+        Every request is validated first (``InvalidRequest`` is raised before anything is sent), routed, and
+        its worst-case batch cost reserved against the budgets; refused ones come back as ``BudgetExceeded``.
+        Returns, in input order, a ``Result`` or a typed error per request; every billed result is in the
+        ledger (``batch`` set) exactly once.
+        """
+        import anthropic
+        from tqdm.auto import tqdm
+
+        from runtime.batch import BatchItem, batch_entry, settle
+        from runtime.errors import BudgetExceeded, RequestLost
+        from runtime.estimate import TokenEstimator
+        from runtime.pricing import max_cost
+        from runtime.router import route
+
+        s = self.settings
+        norms = [validate(r, s, user_id=user_id, tenant=tenant, priority=priority) for r in requests]
+        if not norms:
+            return []
+        estimator = TokenEstimator()
+        items = []
+        for n in norms:
+            chosen = route(n.requested_model, n.params, s)
+            items.append(BatchItem(n, chosen.model, chosen.reason))
+        reservations = ray.get([self.ledger.begin.remote(
+            it.request.request_id, 1, it.model, it.request.user_id, it.request.tenant, it.request.priority,
+            max_cost(it.model, estimator.estimate(it.request.params, s.models[it.model].tokenizer),
+                     it.request.max_tokens, s, batch=True)) for it in items])
+        out: dict[str, Any] = {}
+        to_send = []
+        for it, res in zip(items, reservations):
+            if res.granted:
+                to_send.append(it)
+            else:
+                out[it.request.request_id] = BudgetExceeded(
+                    f"budget {res.budget} would be exceeded: spent ${res.spent_usd:.4f} of ${res.limit_usd:.4f}",
+                    request_id=it.request.request_id, budget=res.budget, spent_usd=res.spent_usd,
+                    limit_usd=res.limit_usd)
+        if to_send:
+            client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=2)
+            started = time.time()
+            batch = client.messages.batches.create(requests=[batch_entry(it) for it in to_send])
+            bar = tqdm(total=len(to_send), disable=not progress, desc=f"batch {batch.id}", unit="req")
+            deadline = time.monotonic() + timeout_s
+            try:
+                while batch.processing_status != "ended":
+                    if time.monotonic() > deadline:
+                        client.messages.batches.cancel(batch.id)
+                    time.sleep(poll_s)
+                    batch = client.messages.batches.retrieve(batch.id)
+                    c = batch.request_counts
+                    bar.n = c.succeeded + c.errored + c.canceled + c.expired
+                    bar.refresh()
+                bar.n = len(to_send)
+                bar.refresh()
+            finally:
+                bar.close()
+            by_id = {it.request.request_id: it for it in to_send}
+            records = []
+            for entry in client.messages.batches.results(batch.id):
+                it = by_id.get(entry.custom_id)
+                if it is None:
+                    continue
+                record, value = settle(it, entry.result, s, started)
+                records.append(record)
+                out[entry.custom_id] = value
+            ray.get(self.ledger.commit_many.remote(records))
+            missing = [rid for rid in by_id if rid not in out]
+            ray.get([self.ledger.release.remote(rid) for rid in missing])
+            for rid in missing:
+                out[rid] = RequestLost("the batch ended without a result for this request", request_id=rid)
+        return [out[n.request_id] for n in norms]
+
+    def _base_url(self) -> str | None:
+        if self.fake_api is not None:
+            return ray.get(self.fake_api.url.remote())
+        return self.settings.base_url
+
+    def _api_key(self) -> str:
+        if self.settings.api_key is not None:
+            return self.settings.api_key.get_secret_value()
+        return FAKE_API_KEY
+
     # -- ledger queries ------------------------------------------------------------------------------------
     def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
         if by not in ("model", "user", "tenant", "day"):
