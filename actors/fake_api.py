@@ -30,7 +30,9 @@ class FakeApiActor:
         self._server.stop()
 
 
-def get_or_create_fake_api(settings: Settings, overrides: dict[str, Any] | None = None):
+def get_or_create_fake_api(settings: Settings, overrides: dict[str, Any] | None = None, *,
+                           scheduling_strategy: Any = None):
     return FakeApiActor.options(
         name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=scheduling_strategy,
     ).remote(settings, overrides)

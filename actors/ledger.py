@@ -363,9 +363,9 @@ class CommitBatcher:
 LedgerActor = ray.remote(num_cpus=0, max_concurrency=256, max_restarts=-1, max_task_retries=-1)(Ledger)
 
 
-def get_or_create_ledger(settings: Settings):
+def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None):
     """The cluster's one ledger: a named detached actor that racing creators all resolve to."""
     return LedgerActor.options(
         name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1, max_task_retries=-1,
-        get_if_exists=True,
+        get_if_exists=True, scheduling_strategy=scheduling_strategy,
     ).remote(settings)

@@ -62,7 +62,8 @@ class LimiterActor:
 
 
 def get_or_create_limiter(settings: Any, *, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
-                          lease_timeout_s: float = 600.0) -> "ray.actor.ActorHandle":
+                          lease_timeout_s: float = 600.0, scheduling_strategy: Any = None
+                          ) -> "ray.actor.ActorHandle":
     """The cluster's limiter singleton; racing creators all get the same actor.
 
     ``settings`` is a ``runtime.Settings`` (its limits, user_limits and limiter sections are used). The
@@ -70,6 +71,7 @@ def get_or_create_limiter(settings: Any, *, name: str = ACTOR_NAME, namespace: s
     """
     return LimiterActor.options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
+        scheduling_strategy=scheduling_strategy,
     ).remote(dict(settings.limits), settings.user_limits, settings.limiter, lease_timeout_s)
 
 

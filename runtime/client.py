@@ -235,15 +235,19 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
     if not ray.is_initialized():
         ray.init()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # the singletons keep their files (ledger, cache table) under data_dir on this node's disk: pin them here,
+    # so a restart finds its files instead of starting empty on another node. Surviving the loss of this node
+    # needs data_dir on shared storage and a soft pin; see README.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     base_url, api_key, fake = settings.base_url, settings.api_key, None
     if settings.uses_fake_api:
         from pydantic import SecretStr
 
-        fake = get_or_create_fake_api(settings, fake_api_overrides)
+        fake = get_or_create_fake_api(settings, fake_api_overrides, scheduling_strategy=here)
         base_url, api_key = ray.get(fake.url.remote()), SecretStr(FAKE_API_KEY)
-    limiter = get_or_create_limiter(settings)
-    ledger = get_or_create_ledger(settings)
-    cache = get_or_create_cache(settings) if settings.cache.enabled else None
+    limiter = get_or_create_limiter(settings, scheduling_strategy=here)
+    ledger = get_or_create_ledger(settings, scheduling_strategy=here)
+    cache = get_or_create_cache(settings, scheduling_strategy=here) if settings.cache.enabled else None
     cs = settings.callers
     # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
