@@ -55,15 +55,8 @@ async def run_committers(h, n_committers: int, seconds: float, tag: str, batcher
             assert await commit(record(next(counter), tag))
             done += 1
 
-    before = await h.stats.remote()
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n_committers)))
-    dt = time.perf_counter() - t0
-    after = await h.stats.remote()
-    flushes = after["flushes"] - before["flushes"]
-    return {"mode": "CommitBatcher" if batcher else "commit", "committers": n_committers, "records": done,
-            "seconds": dt,
-            "records_per_s": done / dt, "fsyncs": flushes, "records_per_fsync": done / max(1, flushes)}
+    dt, flushes = await _timed(h, n_committers, one)
+    return _row("CommitBatcher" if batcher else "commit", n_committers, done, dt, flushes)
 
 
 async def run_batches(h, n_committers: int, batch: int, seconds: float, tag: str) -> dict:
@@ -77,13 +70,22 @@ async def run_batches(h, n_committers: int, batch: int, seconds: float, tag: str
             await h.commit_many.remote([record(next(counter), tag) for _ in range(batch)])
             done += batch
 
+    dt, flushes = await _timed(h, n_committers, one)
+    return _row(f"commit_many({batch})", n_committers, done, dt, flushes)
+
+
+async def _timed(h, n_committers: int, one) -> tuple[float, int]:
+    """Run ``n_committers`` copies of ``one`` at once: (seconds, fsyncs the ledger made meanwhile)."""
     before = await h.stats.remote()
     t0 = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n_committers)))
     dt = time.perf_counter() - t0
     after = await h.stats.remote()
-    flushes = after["flushes"] - before["flushes"]
-    return {"mode": f"commit_many({batch})", "committers": n_committers, "records": done, "seconds": dt,
+    return dt, after["flushes"] - before["flushes"]
+
+
+def _row(mode: str, n_committers: int, done: int, dt: float, flushes: int) -> dict:
+    return {"mode": mode, "committers": n_committers, "records": done, "seconds": dt,
             "records_per_s": done / dt, "fsyncs": flushes, "records_per_fsync": done / max(1, flushes)}
 
 

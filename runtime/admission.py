@@ -210,7 +210,10 @@ class Admission:
             w = b.wait_time(amount, floor)
             if w > wait:
                 wait, reason = w, label
-        horizon = self._settings.schedule_ahead_s
+        # a scheduled grant can run ahead of the server's bucket by up to one horizon of refill (a refund that
+        # lands before its send lets the bucket count refill the server loses to its cap): the safety margin
+        # must cover that, so the horizon never exceeds what the margin absorbs
+        horizon = min(self._settings.schedule_ahead_s, self._settings.safety_margin * _PERIOD)
         if wait > horizon or (wait > 0.0 and cls.paused_until > now):
             self.stats["refused"] += 1
             if not math.isinf(wait):
@@ -222,7 +225,11 @@ class Admission:
         # pipeline stays full without a retry round trip per request.
 
         for _, b, amount, _ in needs:
-            b.take(amount)
+            # a bucket that is not the binding one would refill past its capacity before the send: the server
+            # loses that refill to its cap, so it must not be counted on here either. Taking it now as well
+            # leaves the bucket exactly where taking ``amount`` at the send time would.
+            lost = max(0.0, b.level + b.rate * wait - b.capacity) if wait > 0.0 else 0.0
+            b.take(amount + lost)
         for name in [n for n, h in cls.holds.items() if h.request_id == e.request_id]:
             del cls.holds[name]
         self._seq += 1

@@ -140,7 +140,8 @@ class LimiterSettings(_Strict):
     safety_margin: float = Field(default=0.01, ge=0, lt=0.5)
     # a request whose capacity frees within this many seconds is granted now with a send-at delay, so no
     # capacity idles between a refusal and the retry; it also bounds how long critical traffic can wait
-    # behind already-scheduled normal traffic
+    # behind already-scheduled normal traffic. Capped at 60 x safety_margin: a scheduled grant can run ahead
+    # of the server's bucket by up to one horizon of refill, which the margin must absorb
     schedule_ahead_s: float = Field(default=0.5, ge=0)
     # ceiling on how long a caller waits for admission before RateLimitedPastDeadline
     max_wait_s: float = Field(default=120.0, gt=0)

@@ -6,6 +6,7 @@ import json
 import urllib.request
 from typing import Any
 
+import pytest
 import ray
 
 import runtime
@@ -61,3 +62,12 @@ def read_billing(settings: Settings) -> list[dict[str, Any]]:
 
 def user_msg(text: str, max_tokens: int = 128, model: str = "auto", **extra: Any) -> dict[str, Any]:
     return {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}], **extra}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A bare local Ray for actor tests that start their own actors (namespace claude_runtime)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="claude_runtime",
+             log_to_driver=False)
+    yield
+    ray.shutdown()

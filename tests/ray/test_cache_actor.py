@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import ray
 
+from tests.runtime_fixtures import ray_local  # noqa: F401 - a fixture
 from actors.cache import NAMESPACE, CacheActor, CacheClient, get_or_create_cache
 from runtime import cache_policy as cp
 from runtime.embedding import get_embedder
@@ -20,12 +21,6 @@ pytestmark = pytest.mark.ray
 T0 = 1_800_000_000.0  # injected clock: every call passes now
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=NAMESPACE,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import ray
 
+from tests.runtime_fixtures import ray_local  # noqa: F401 - a fixture
 from actors.ledger import LedgerActor, NAMESPACE, get_or_create_ledger
 from runtime import report
 from runtime.pricing import CostBreakdown, price
@@ -21,12 +22,6 @@ from runtime.usage import Usage
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, namespace=NAMESPACE, include_dashboard=False,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_ledger(tmp_path, **settings_kw):
