@@ -277,7 +277,7 @@ class CacheStore:
     def maintain(self) -> dict[str, Any]:
         """Indexes past their row thresholds, compaction of the small fragments each put leaves, and
         cleanup of old table versions. Slow: run it off the event loop."""
-        from lancedb.index import BTree, IvfPq
+        from lancedb.index import BTree
 
         did: dict[str, Any] = {}
         n = self.table.count_rows()

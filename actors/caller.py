@@ -10,7 +10,6 @@ circuit breaker counts) may be lost on restart without harm: the request is re-r
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -33,8 +32,6 @@ from runtime.result import Result
 from runtime.router import route
 from runtime.settings import Settings
 from runtime.usage import Usage
-
-log = logging.getLogger("claude_runtime.caller")
 
 RUNTIME_REQUEST_ID_HEADER = "x-claude-runtime-request-id"
 

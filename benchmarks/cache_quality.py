@@ -159,7 +159,7 @@ def main() -> None:
 
     print(f"STS-B pairs: train {len(train)} ({int(data['train'][1].sum())} same), dev {len(dev)} "
           f"({int(data['dev'][1].sum())} same); model load {load_s:.1f}s, embedding+guard {embed_s:.1f}s")
-    print(f"\nThreshold sweep on dev (precision / recall / hit rate)")
+    print("\nThreshold sweep on dev (precision / recall / hit rate)")
     print(f"{'thr':>6} | {'plain P':>8} {'plain R':>8} {'plain HR':>8} | {'ours P':>8} {'ours R':>8} {'ours HR':>8}"
           f" | {'adv plain':>9} {'adv ours':>8}")
     for t in THRESHOLDS[::4] + [t_ours]:

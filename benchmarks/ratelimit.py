@@ -186,7 +186,30 @@ def main() -> None:
     console.print(t)
     path = write_json("ratelimit", {"limits": LIMITS, "duration_s": args.duration,
                                     "concurrency_per_worker": args.concurrency, "rows": rows})
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} and {plot(rows, path.with_suffix('.png'))}")
+
+
+def plot(rows: list[dict], png: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["mode"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    panels = [("steady goodput (fraction of binding limit)", [r["steady_goodput"] for r in rows]),
+              ("server 429s", [r["server_429"] for r in rows]),
+              ("requests that failed", [sum(v for k, v in r["outcomes"].items() if k != "ok") for r in rows])]
+    for ax, (title, values) in zip(axes, panels):
+        bars = ax.bar(names, values, color=["#b0b0b0", "#d08770", "#5e81ac"][:len(names)])
+        ax.set_title(title, fontsize=10)
+        ax.bar_label(bars, fmt="%.3f" if "goodput" in title else "%d", fontsize=8)
+    axes[0].set_ylim(0, 1.1)
+    fig.suptitle(f"3 nodes against {LIMITS['rpm']} RPM / {LIMITS['itpm']} ITPM / {LIMITS['otpm']} OTPM")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 if __name__ == "__main__":

@@ -21,16 +21,18 @@ def workload(n: int) -> list[tuple[dict, dict]]:
     hits), a real-time prompt (bypass), over three tenants and ten users."""
     out: list[tuple[dict, dict]] = []
     for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        tenant = ["acme", "globex", "initech"][i % 3]
-        user = f"user-{i % 10}"
+        # six kinds of prompt per topic; a topic belongs to one tenant, so its repeats can hit its cache
+        t = (i // 6) % len(TOPICS)
+        topic = TOPICS[t]
+        tenant = ["acme", "globex", "initech"][t % 3]
+        user = f"user-{t}"
         kind = i % 6
         if kind == 0:
             text, max_tokens = f"Explain {topic} in one paragraph.", 256
         elif kind == 1:
             text, max_tokens = f"Explain {topic} in one paragraph.", 256          # exact repeat
         elif kind == 2:
-            text, max_tokens = f"Please explain {topic} in one paragraph.", 256   # paraphrase
+            text, max_tokens = f"Could you explain {topic} in one paragraph?", 256   # paraphrase
         elif kind == 3:
             text, max_tokens = f"Classify the sentiment of this review of {topic}: 'great'.", 64
         elif kind == 4:
@@ -91,7 +93,6 @@ def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
 
 
 def _summarize(console: Console, rt, results, wall: float) -> dict:
-    import ray
 
     from runtime.result import Result
 
