@@ -418,7 +418,8 @@ class CacheService:
                         await asyncio.to_thread(self._store.write, rows)
                         self._store.apply(rows)
                 except Exception as exc:
-                    for _, f in batch:
+                    for r, f in batch:
+                        self._wake(r["key"])  # waiters find nothing and go to the API themselves
                         if not f.done():
                             f.set_exception(exc)
                     continue
@@ -428,7 +429,10 @@ class CacheService:
                     self._wake(r["key"])
                     if not f.done():
                         f.set_result(None)
-                await self._enforce_cap()
+                try:
+                    await self._enforce_cap()
+                except Exception:  # noqa: BLE001 - a failed eviction must not strand queued puts
+                    log.exception("cache size-cap eviction failed")
         finally:
             self._writing = False
 
@@ -568,6 +572,7 @@ class CacheOutcome:
     tenant: str = ""
     max_tokens: int | None = None
     similarity: float | None = None
+    model: str = ""  # the model the key and scope were built for
 
     @property
     def hit(self) -> bool:
@@ -600,7 +605,7 @@ class CacheClient:
                      now: float | None = None) -> CacheOutcome:
         try:
             return await self._lookup(params, model, tenant, cache_enabled, now)
-        except ray.exceptions.RayActorError as exc:
+        except Exception as exc:  # noqa: BLE001
             # the cache is an optimisation: while its actor restarts, requests go to the API uncached
             log.warning("cache unavailable, treating as a miss: %s", type(exc).__name__)
             return CacheOutcome("miss", None, 0.0, "", "", None, False, "cache unavailable",
@@ -617,7 +622,8 @@ class CacheClient:
         prompt = policy.last_user_text(params)
         key = policy.exact_key(params, model, tenant)
         scope_id = policy.scope_for(params, model, tenant).scope_id()
-        base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens)
+        base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens,
+                    model=model)
 
         row = await self._actor.lookup_exact.remote(key, now)
         hit = self._as_hit(row, "exact", max_tokens, base)
@@ -625,8 +631,12 @@ class CacheClient:
             return hit
 
         vector = await self.embedder.embed_async(prompt)
-        rows = await self._actor.search.remote(vector, scope_id, self._k, now)
         rejected: str | None = None
+        if policy.semantic_eligible(prompt):
+            rows = await self._actor.search.remote(vector, scope_id, self._k, now)
+        else:
+            # past the embedding window two different prompts embed alike: only the exact key may match
+            rows, rejected = [], "too long for a semantic match"
         for cand in rows:  # best first
             if cand["scope_id"] != scope_id:
                 continue
@@ -671,6 +681,10 @@ class CacheClient:
         """Put a fresh answer in the cache (and hand it to this key's waiters). False when not stored."""
         if outcome.kind != "miss" or not outcome.key:
             return False
+        if model_used != outcome.model:
+            # a fallback or budget downgrade answered: that answer must not sit under the routed model's key
+            await self.release(outcome)
+            return False
         if not policy.is_storable(message):
             await self.release(outcome)
             return False
@@ -687,8 +701,9 @@ class CacheClient:
         }
         try:
             await self._actor.put.remote(entry)
-        except ray.exceptions.RayActorError as exc:
+        except Exception as exc:  # noqa: BLE001 - the answer is paid for and goes back to the user regardless
             log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
+            await self.release(outcome)
             return False
         return True
 
@@ -697,5 +712,5 @@ class CacheClient:
         if outcome.kind == "miss" and outcome.key:
             try:
                 await self._actor.release.remote(outcome.key)
-            except ray.exceptions.RayActorError:
+            except Exception:  # noqa: BLE001
                 pass  # a restarted actor holds no claims: nobody is waiting on this one any more

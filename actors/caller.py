@@ -118,11 +118,17 @@ class CallerActor:
         try:
             result = await self._call_with_fallback(req, model, reason, cache_kind, t0)
         except BaseException as exc:
-            if outcome is not None and outcome.leader:
-                await self._cache.release(outcome)
-            await self._ledger.release.remote(req.request_id)
-            if isinstance(exc, ClaudeRuntimeError):
-                await self._commit_failure(req, model, exc, t0)
+            # each clean-up on its own: one failing must not skip the others (a leaked reservation would hold
+            # budget until the ledger restarts)
+            try:
+                if outcome is not None and outcome.leader:
+                    await self._cache.release(outcome)
+            finally:
+                try:
+                    await self._ledger.release.remote(req.request_id)
+                finally:
+                    if isinstance(exc, ClaudeRuntimeError):
+                        await self._commit_failure(req, model, exc, t0)
             raise
         if outcome is not None and outcome.kind == "miss":
             await self._cache.store(outcome, result.message.model_dump(mode="json"), result.model,
@@ -258,7 +264,7 @@ class CallerActor:
             history.append({"model": model, "status": 200})
             cost = price(usage, model, s)
             latency = time.perf_counter() - t0
-            await self._commits.commit(Record(
+            await self._commit_billed(Record(
                 request_id=req.request_id, attempt=attempt, message_id=message.id, ts=time.time(),
                 user_id=req.user_id, tenant=req.tenant, priority=req.priority, model=model, usage=usage,
                 cost=cost, cache=cache_kind, saved_usd=0.0, latency_s=latency, attempts=attempt, status="ok",
@@ -267,6 +273,18 @@ class CallerActor:
             return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                           attempts=attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
                           user_id=req.user_id, tenant=req.tenant, history=history)
+
+    async def _commit_billed(self, record: Record, tries: int = 4) -> None:
+        """A billed response must reach the ledger: Ray retries across a ledger restart by itself; a failed
+        write (disk full, say) is retried here before the request gives up."""
+        for n in range(tries):
+            try:
+                await self._commits.commit(record)
+                return
+            except ray.exceptions.RayTaskError:
+                if n == tries - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** n)
 
     def _drop_grant(self, task: asyncio.Future) -> None:
         """Give back a grant whose request will not be sent (or stop waiting for one)."""

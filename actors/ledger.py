@@ -95,7 +95,8 @@ class LedgerStore:
                 if kind == "record":
                     cur.execute(_INSERT_RECORD, [payload[1][c] for c in ROW_COLUMNS])
                 elif kind == "intent":
-                    cur.execute("INSERT OR IGNORE INTO intents (request_id, attempt, model, ts) "
+                    # the latest intent for an attempt wins (a budget downgrade changes the model before sending)
+                    cur.execute("INSERT OR REPLACE INTO intents (request_id, attempt, model, ts) "
                                 "VALUES (?, ?, ?, ?)", payload)
                 else:  # alert
                     cur.execute("INSERT INTO alerts (ts, kind, body) VALUES (?, ?, ?)",

@@ -1,9 +1,10 @@
 """The cluster's one rate limiter (a detached Ray actor) and the per-process client that batches into it.
 
 One actor serves a few thousand calls a second, so callers never make one call per decision: each caller
-process runs one ``LimiterClient`` that coalesces its concurrent ``acquire``\\ s into one ``acquire_many`` per
-short window and sends reconciles in the background. The actor never blocks: it answers ``Grant`` or
-``RetryAfter`` and the waiting happens in the caller, holding nothing::
+process runs one ``LimiterClient`` that coalesces its concurrent ``acquire``\\ s into one ``acquire_many`` (a
+lone request goes at once; while a batch is on the wire the next one fills) and sends reconciles in the
+background. The actor never blocks: it answers ``Grant`` (possibly with a short send delay) or ``RetryAfter``,
+and the waiting happens in the caller, holding nothing::
 
     handle = get_or_create_limiter(settings)
     client = LimiterClient(handle, max_wait_s=settings.limiter.max_wait_s)

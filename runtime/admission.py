@@ -1,8 +1,9 @@
 """Cluster-wide admission: Anthropic's three buckets per model class, per-user caps, priority floors.
 
 Pure logic with an injected clock; ``actors/limiter.py`` owns one instance for the whole cluster. A decision
-never blocks: it is a ``Grant`` (capacity taken now) or a ``RetryAfter`` (how long until the binding bucket has
-room) that the caller sleeps on without holding anything::
+never blocks: it is a ``Grant`` (capacity taken now; when it frees only within ``schedule_ahead_s``, the grant
+carries a ``delay_s`` to wait before sending, so no capacity idles between a refusal and a retry) or a
+``RetryAfter`` (how long until asking again is worthwhile) that the caller sleeps on without holding anything::
 
     clock = ManualClock()
     adm = Admission({"sonnet": ClassLimits(rpm=50, itpm=30_000, otpm=8_000)}, UserLimits(), LimiterSettings(),

@@ -39,11 +39,9 @@ _IGNORED_PARAMS = frozenset({"metadata", "stream", "max_tokens", "model", "servi
 # parameters hashed into their own Scope field
 _SCOPE_FIELDS = frozenset({"messages", "system", "tools"})
 
-_WS = re.compile(r"\s+")
-
-
 def _norm_ws(text: str) -> str:
-    return _WS.sub(" ", text).strip()
+    # only the ends and line endings: inner whitespace can be meaning (indentation decides what a loop holds)
+    return text.replace("\r\n", "\n").strip()
 
 
 def _sha(obj: Any, n: int = 64) -> str:
@@ -501,7 +499,8 @@ _COMMON_OPENERS = frozenset({
 
 
 def _quoted(text: str) -> list[str]:
-    return sorted(_norm_ws(next(g for g in m.groups() if g is not None)).lower() for m in _QUOTED.finditer(text))
+    # case kept: 'HeLLo' and 'hello' are different strings to count letters in, sort or grep for
+    return sorted(_norm_ws(next(g for g in m.groups() if g is not None)) for m in _QUOTED.finditer(text))
 
 
 def _units(words: list[str], text: str) -> list[str]:
@@ -568,8 +567,11 @@ def _swapped(qw: list[str], cw: list[str], key_terms: set[str]) -> tuple[str, st
 def guard(query: str, candidate: str) -> str | None:
     """A reason to reject ``candidate`` (a cached prompt) as an answer source for ``query`` even though their
     embeddings are close; None to accept. Each check compares one feature an embedding blurs."""
-    if _norm_ws(query).lower() == _norm_ws(candidate).lower():
+    if _norm_ws(query) == _norm_ws(candidate):
         return None
+    if "\n" in _norm_ws(query) or "\n" in _norm_ws(candidate):
+        # code and pasted documents: layout is meaning (indentation) and the embedding blurs both
+        return "multi-line prompts match exactly or not at all"
     qw, cw = _lower_words(query), _lower_words(candidate)
     qset, cset = set(qw), set(cw)
 
@@ -602,3 +604,12 @@ def guard(query: str, candidate: str) -> str | None:
     if swap:
         return f"order swapped ({swap[0]} / {swap[1]})"
     return None
+
+
+# all-MiniLM-L6-v2 reads 256 word pieces and drops the rest; ~3 characters a piece keeps well inside that
+SEMANTIC_MAX_CHARS = 700
+
+
+def semantic_eligible(prompt: str) -> bool:
+    """Whether a prompt is short enough for its embedding to stand for all of it."""
+    return len(prompt) <= SEMANTIC_MAX_CHARS

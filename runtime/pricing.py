@@ -72,8 +72,9 @@ def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Setti
     that tier (a 1 h cache write costs 2x input). The settle step replaces this with the real cost.
     """
     info = settings.model_info(model)
-    est = max(0, int(est_input_tokens))
-    tier = tier_for(info, int(est * 1.3))
+    # the prompt may be up to 30 % larger than estimated: price that many tokens, at the tier it would reach
+    est = int(max(0, int(est_input_tokens)) * 1.3)
+    tier = tier_for(info, est)
     in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
     factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
     return (est * in_rate + max(0, int(max_tokens)) * tier.output) * factor

@@ -168,3 +168,15 @@ def test_cost_report_cli_reads_the_ledger(rt, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert png.stat().st_size > 1000
     assert "claude-haiku-5-5" in proc.stdout
+
+
+def test_a_fallback_answer_is_not_cached_under_the_routed_model(rt):
+    opus = rt.settings.router.opus_model
+    q = user_msg("Summarize: fallback answers stay out of the cache.", 64, model=opus)
+    fake_post(rt, "/_fake/config", {"p529_by_class": {"opus": 1.0}})
+    first = ray.get(rt.submit(q, tenant="fallback-cache"))
+    assert first.model != opus
+    fake_post(rt, "/_fake/config", {"p529_by_class": {}})
+    time.sleep(rt.settings.retry.breaker_cooldown_s + 0.1)  # opus's circuit may have opened: let it half-open
+    again = ray.get(rt.submit(q, tenant="fallback-cache"))
+    assert again.cache == "miss" and again.model == opus

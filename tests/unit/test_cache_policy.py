@@ -16,11 +16,20 @@ def req(text: str = "What is the capital of France?", **kw) -> dict:
 
 # -- keys and scope ----------------------------------------------------------------------------------------------
 
-def test_exact_key_normalises_whitespace_and_content_shape():
-    a = req("What is  the capital\nof France?")
+def test_exact_key_normalises_outer_whitespace_and_content_shape_but_not_inner_whitespace():
+    a = req("What is the capital of France?\r\n")
     b = {"max_tokens": 256, "messages": [{"role": "user", "content": [
         {"type": "text", "text": " What is the capital of France? ", "cache_control": {"type": "ephemeral"}}]}]}
     assert cp.exact_key(a, "m", "t") == cp.exact_key(b, "m", "t")
+    inside = "What does this print?\nfor x in range(3):\n    y = x\n    print(y)"
+    outside = "What does this print?\nfor x in range(3):\n    y = x\nprint(y)"
+    assert cp.exact_key(req(inside), "m", "t") != cp.exact_key(req(outside), "m", "t")
+    assert cp.guard(inside, outside) is not None or inside == outside
+
+
+def test_guard_keeps_case_inside_quotes():
+    assert cp.guard("Count the uppercase letters in 'HeLLo World'",
+                    "Count the uppercase letters in 'hello world'") is not None
 
 
 def test_exact_key_ignores_metadata_and_max_tokens_but_not_content():
