@@ -454,8 +454,11 @@ class CacheService:
         return len(keys)
 
     # -- single flight ---------------------------------------------------------------------------------------
-    async def claim(self, key: str) -> bool:
-        """True: the caller leads (calls the API for this key). False: someone else already does."""
+    async def claim(self, key: str, now: float | None = None) -> bool:
+        """True: the caller leads (calls the API for this key). False: someone else already does, or already
+        did: a leader may have stored its answer between this caller's exact lookup and its claim."""
+        if self._store.lookup_exact(key, _now(now)) is not None:
+            return False
         c = self._claims.get(key)
         if c is not None and time.monotonic() - c.since < self._claim_timeout_s:
             return False
@@ -652,14 +655,14 @@ class CacheClient:
                 return hit
             rejected = rejected or "cached answer longer than max_tokens"
 
-        leader = await self._actor.claim.remote(key)
+        leader = await self._actor.claim.remote(key, now)
         if not leader:
             waited = await self._actor.wait.remote(key, self.wait_timeout_s)
             hit = self._as_hit(waited, "exact", max_tokens, {**base, "vector": vector})
             if hit is not None:
                 return hit
             # the leader failed or its answer does not fit this request: go ourselves
-            leader = await self._actor.claim.remote(key)
+            leader = await self._actor.claim.remote(key, now)
         self._record("miss")
         return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, **base)
 

@@ -95,9 +95,11 @@ class LedgerStore:
                 if kind == "record":
                     cur.execute(_INSERT_RECORD, [payload[1][c] for c in ROW_COLUMNS])
                 elif kind == "intent":
-                    # the latest intent for an attempt wins (a budget downgrade changes the model before sending)
-                    cur.execute("INSERT OR REPLACE INTO intents (request_id, attempt, model, ts) "
-                                "VALUES (?, ?, ?, ?)", payload)
+                    # the latest model for an attempt wins (a budget downgrade changes it before sending); the
+                    # first time stays, so pending intents keep their order
+                    cur.execute("INSERT INTO intents (request_id, attempt, model, ts) VALUES (?, ?, ?, ?) "
+                                "ON CONFLICT(request_id, attempt) DO UPDATE SET model = excluded.model",
+                                payload)
                 else:  # alert
                     cur.execute("INSERT INTO alerts (ts, kind, body) VALUES (?, ?, ?)",
                                 (payload["ts"], payload["kind"], json.dumps(payload)))

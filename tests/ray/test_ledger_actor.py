@@ -168,6 +168,9 @@ def test_begin_reserves_and_writes_the_intent_only_when_granted(tmp_path, ledger
     refused = ray.get(h.begin.remote("r", 1, "claude-sonnet-5-5", "u1", "t1", "normal", 0.6))
     assert ok.granted and not refused.granted and refused.state == "stop"
     assert [(p["request_id"], p["attempt"]) for p in ray.get(h.pending_intents.remote())] == [("g", 1)]
+    # a downgrade re-records the attempt's model before the call leaves
+    ray.get(h.intent.remote("g", 1, "claude-haiku-5-5"))
+    assert [p["model"] for p in ray.get(h.pending_intents.remote())] == ["claude-haiku-5-5"]
 
 
 class _Hook(BaseHTTPRequestHandler):
