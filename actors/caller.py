@@ -21,7 +21,7 @@ from actors.cache import CacheClient
 from actors.ledger import CommitBatcher
 from actors.limiter import LimiterClient
 from runtime.admission import NOT_SENT, Estimate, Outcome
-from runtime.errors import (AuthenticationError, BudgetExceeded, ClaudeRuntimeError, OverloadedAfterFallback,
+from runtime.errors import (AuthenticationError, ClaudeRuntimeError, OverloadedAfterFallback,
                             UpstreamError, redact)
 from runtime.estimate import TokenEstimator
 from runtime.fallback import Action, CircuitBreaker, FallbackPolicy, fallback_chain
@@ -170,9 +170,7 @@ class CallerActor:
             model, reason = s.router.haiku_model, f"budget {res.state}: downgraded to haiku"
             res = await begin(model, model)
         if not res.granted:
-            raise BudgetExceeded(
-                f"budget {res.budget} would be exceeded: spent ${res.spent_usd:.4f} of ${res.limit_usd:.4f}",
-                request_id=req.request_id, budget=res.budget, spent_usd=res.spent_usd, limit_usd=res.limit_usd)
+            raise res.refusal(req.request_id)
         return model, reason
 
     async def _call_with_fallback(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from runtime.errors import BudgetExceeded
 from runtime.settings import BudgetSettings
 
 Clock = Callable[[], float]
@@ -49,6 +50,12 @@ class Reservation:
     spent_usd: float = 0.0
     limit_usd: float | None = None
     amount_usd: float = 0.0
+
+    def refusal(self, request_id: str) -> BudgetExceeded:
+        """The typed error a refused reservation becomes."""
+        return BudgetExceeded(
+            f"budget {self.budget} would be exceeded: spent ${self.spent_usd:.4f} of ${self.limit_usd or 0:.4f}",
+            request_id=request_id, budget=self.budget, spent_usd=self.spent_usd, limit_usd=self.limit_usd)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -119,7 +119,7 @@ class Runtime:
         from tqdm.auto import tqdm
 
         from runtime.batch import BatchItem, batch_entry, settle
-        from runtime.errors import BudgetExceeded, RequestLost
+        from runtime.errors import RequestLost
         from runtime.estimate import TokenEstimator
         from runtime.pricing import max_cost
         from runtime.router import route
@@ -143,10 +143,7 @@ class Runtime:
             if res.granted:
                 to_send.append(it)
             else:
-                out[it.request.request_id] = BudgetExceeded(
-                    f"budget {res.budget} would be exceeded: spent ${res.spent_usd:.4f} of ${res.limit_usd:.4f}",
-                    request_id=it.request.request_id, budget=res.budget, spent_usd=res.spent_usd,
-                    limit_usd=res.limit_usd)
+                out[it.request.request_id] = res.refusal(it.request.request_id)
         if to_send:
             client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=2)
             started = time.time()

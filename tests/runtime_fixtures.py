@@ -10,6 +10,7 @@ import pytest
 import ray
 
 import runtime
+from runtime import fake_api
 from runtime.settings import ClassLimits, Settings, UserLimits
 
 CLASSES = ("haiku", "sonnet", "opus", "fable")
@@ -55,9 +56,7 @@ def fake_stats(rt: runtime.Runtime) -> dict[str, Any]:
 
 def read_billing(settings: Settings) -> list[dict[str, Any]]:
     path = settings.billing_path
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return fake_api.read_billing(path) if path.exists() else []
 
 
 def user_msg(text: str, max_tokens: int = 128, model: str = "auto", **extra: Any) -> dict[str, Any]:

@@ -201,11 +201,15 @@ class Handlers:
         return _json(b.to_json(_base_url(request)), headers)
 
     async def batch_get(self, request: web.Request) -> web.Response:
+        return self._batch_op(request, self.b.get)
+
+    def _batch_op(self, request: web.Request, op) -> web.Response:
+        """One batch by id through ``op`` (get, cancel), answered as the batch object."""
         rid = self.e.ids.make("req")
         headers = {"request-id": rid}
         try:
             self._batch_auth(request)
-            b = self.b.get(request.match_info["batch_id"])
+            b = op(request.match_info["batch_id"])
         except ApiError as err:
             return _error(err, headers, rid)
         return _json(b.to_json(_base_url(request)), headers)
@@ -231,14 +235,7 @@ class Handlers:
                       "last_id": data[-1]["id"] if data else None}, headers)
 
     async def batch_cancel(self, request: web.Request) -> web.Response:
-        rid = self.e.ids.make("req")
-        headers = {"request-id": rid}
-        try:
-            self._batch_auth(request)
-            b = self.b.cancel(request.match_info["batch_id"])
-        except ApiError as err:
-            return _error(err, headers, rid)
-        return _json(b.to_json(_base_url(request)), headers)
+        return self._batch_op(request, self.b.cancel)
 
     async def batch_delete(self, request: web.Request) -> web.Response:
         rid = self.e.ids.make("req")
