@@ -180,27 +180,27 @@ def test_ttl_for_reads_settings():
 @pytest.mark.parametrize("q,c,why", [
     ("Is it safe to eat raw chicken?", "Is it not safe to eat raw chicken?", "negation"),
     ("Why is the sky blue?", "Why isn't the sky blue?", "negation"),
-    ("What is 15% of 80?", "What is 15% of 90?", "numbers"),
-    ("How many calories are in two eggs?", "How many calories are in 3 eggs?", "numbers"),
-    ("What is the 3rd planet from the sun?", "What is the fourth planet from the sun?", "numbers"),
-    ("Who is the president of France?", "Who is the president of Germany?", "names"),
-    ("How do I read a CSV file in python?", "How do I read a CSV file in Rust?", "names"),
-    ("How do I drop a column in pandas?", "How do I drop a column in polars?", "names"),
-    ("Translate 'thank you' into French", "Translate 'thank you' into German", "quoted|names"),
+    ("What is 15% of 80?", "What is 15% of 90?", "how much"),
+    ("How many calories are in two eggs?", "How many calories are in 3 eggs?", "how much"),
+    ("What is the 3rd planet from the sun?", "What is the fourth planet from the sun?", "how much"),
+    ("Who is the president of France?", "Who is the president of Germany?", "where"),
+    ("How do I read a CSV file in python?", "How do I read a CSV file in Rust?", "object"),
+    ("How do I drop a column in pandas?", "How do I drop a column in polars?", "object"),
+    ("Translate 'thank you' into French", "Translate 'thank you' into German", "where"),
     ("What does the error 'connection refused' mean?", "What does the error 'connection reset' mean?", "quoted"),
-    ("What is the height of Everest in meters?", "What is the height of Everest in feet?", "units"),
-    ("How many grams are in a cup of flour?", "How many ounces are in a cup of flour?", "units"),
-    ("How do I turn on Bluetooth?", "How do I turn off Bluetooth?", "opposite"),
-    ("How to enable 2FA on Gmail", "How to disable 2FA on Gmail", "opposite"),
-    ("Sort a list in ascending order", "Sort a list in descending order", "opposite"),
-    ("Is Paris bigger than London?", "Is London bigger than Paris?", "swapped"),
-    ("Convert a list to a string", "Convert a string to a list", "swapped"),
-    ("Convert Celsius to Fahrenheit", "Convert Fahrenheit to Celsius", "swapped"),
+    ("What is the height of Everest in meters?", "What is the height of Everest in feet?", "how much"),
+    ("How many grams are in a cup of flour?", "How many ounces are in a cup of flour?", "how much"),
+    ("How do I turn on Bluetooth?", "How do I turn off Bluetooth?", "which way"),
+    ("How to enable 2FA on Gmail", "How to disable 2FA on Gmail", "which way"),
+    ("Sort a list in ascending order", "Sort a list in descending order", "which way"),
+    ("Is Paris bigger than London?", "Is London bigger than Paris?", "which way"),
+    ("Convert a list to a string", "Convert a string to a list", "which way"),
+    ("Convert Celsius to Fahrenheit", "Convert Fahrenheit to Celsius", "which way"),
 ])
 def test_guard_rejects_near_misses(q, c, why):
     reason = cp.guard(q, c)
     assert reason is not None
-    assert any(w in reason for w in why.split("|")), reason
+    assert reason.startswith(why + ":"), reason
     assert cp.guard(c, q) is not None  # symmetric: the cached side may be either
 
 
