@@ -9,9 +9,41 @@ PARAPHRASES: pairs a user would accept the same answer for; the cache should hit
 which STS-B's captions and headlines do not measure).
 
 Written for this project; not taken from a data set. Each entry: (query, cached prompt, category).
+
+``load_pairs`` reads the larger set in benchmarks/data/cache_pairs.tsv: near misses by category (who, when,
+where, which way, how much, modality, object, negation) and paraphrases written as prompts to an assistant, each
+in a fixed tune or test half.
 """
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import NamedTuple
+
+PAIRS_FILE = Path(__file__).resolve().parent / "data" / "cache_pairs.tsv"
+
+
+class Pair(NamedTuple):
+    query: str
+    cached: str
+    category: str  # "paraphrase" for the same question, else the kind of near miss
+    split: str  # "tune" | "test"
+
+    @property
+    def same(self) -> bool:
+        return self.category == "paraphrase"
+
+
+def load_pairs(split: str | None = None) -> list[Pair]:
+    """The pairs of one half ("tune" or "test"), or all of them."""
+    with open(PAIRS_FILE, newline="", encoding="utf-8") as f:
+        lines = [line for line in f if not line.startswith("#")]
+    rows = [Pair(r["query"], r["cached"], r["category"], r["split"])
+            for r in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    if split is not None and split not in ("tune", "test"):
+        raise ValueError(f"split must be 'tune' or 'test', not {split!r}")
+    return [r for r in rows if split is None or r.split == split]
 
 ADVERSARIAL: list[tuple[str, str, str]] = [
     # negation
