@@ -25,6 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from runtime.embedding_types import Encoded  # noqa: E402
+
 DIM = 384
 
 
@@ -80,6 +82,29 @@ class Embedder:
                     if len(self._lru) > self._lru_size:
                         self._lru.popitem(last=False)
         return out
+
+    def encode(self, texts: list[str], *, tokens: bool = False) -> Encoded:
+        """Sentence vectors and, with ``tokens=True``, each text's word-piece embeddings (unit rows, special
+        tokens and padding removed) from the same forward pass. The interface every embedder implements."""
+        if not tokens:
+            return Encoded(self.embed(texts))
+        if not texts:
+            return Encoded(np.zeros((0, self.dim), dtype=np.float32), [])
+        with self._lock:
+            # output_value=None: every output of one forward pass (token and sentence embeddings together)
+            outs = self._model.encode(list(texts), batch_size=self.max_batch, output_value=None,
+                                      show_progress_bar=False)
+            self.batches += 1
+        vecs = np.empty((len(texts), self.dim), dtype=np.float32)
+        toks = []
+        for i, o in enumerate(outs):
+            v = o["sentence_embedding"].float().cpu().numpy()
+            vecs[i] = v / (np.linalg.norm(v) or 1.0)
+            n = int(o["attention_mask"].sum())  # padding sits after the last real token
+            t = o["token_embeddings"][1:max(1, n - 1)].float().cpu().numpy()  # drop [CLS] ... [SEP]
+            t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+            toks.append(np.ascontiguousarray(t, dtype=np.float32))
+        return Encoded(vecs, toks)
 
     async def embed_async(self, text: str) -> np.ndarray:
         """One text's (dim,) vector; concurrent callers on this event loop are encoded together."""
