@@ -156,6 +156,16 @@ class BudgetBook:
                     self._reserved.pop(name, None)
         return held
 
+    def restore(self, request_id: str, user_id: str | None, tenant: str | None, amount_usd: float) -> None:
+        """Hold a reservation again without checking limits: one that was granted before a restart and whose
+        call may still be in flight (the ledger replays these from its open intents)."""
+        self._unhold(request_id)
+        self._hold(request_id, _Held(max(0.0, amount_usd), tuple(b[0] for b in self._budgets(user_id, tenant)),
+                                     user_id, tenant))
+
+    def held(self, request_id: str) -> _Held | None:
+        return self._held.get(request_id)
+
     def release(self, request_id: str) -> bool:
         """Give back a reservation that will not be billed (the call failed before the API, or was refused).
         Returns whether there was one."""
@@ -171,6 +181,17 @@ class BudgetBook:
             user_id, tenant = held.user_id, held.tenant
         self.add_spend(user_id, tenant, actual_usd, self.clock() if ts is None else ts)
         return held is not None
+
+    def adjust_spend(self, user_id: str | None, tenant: str | None, delta_usd: float, ts: float) -> None:
+        """Correct booked spend by ``delta_usd``, which may be negative: a row priced at its reservation
+        (unreconciled) is later replaced by the real bill."""
+        if delta_usd == 0:
+            return
+        self._prune(self.clock())
+        for name, period, _limit in self._budgets(user_id, tenant):
+            key = (name, self._period(period, ts))
+            left = self._committed.get(key, 0.0) + delta_usd
+            self._committed[key] = left if left > _EPS else 0.0
 
     def add_spend(self, user_id: str | None, tenant: str | None, amount: float, ts: float) -> None:
         """Book spend at time ``ts`` (used directly when replaying the ledger)."""

@@ -20,6 +20,22 @@ Priority = Literal["critical", "normal", "bulk"]
 PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
 
 
+def redact_url(url: str | None) -> str | None:
+    """A URL without user:password and without its query string (either may carry a secret)."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "[unparseable url]"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -145,6 +161,11 @@ class LimiterSettings(_Strict):
     schedule_ahead_s: float = Field(default=0.5, ge=0)
     # ceiling on how long a caller waits for admission before RateLimitedPastDeadline
     max_wait_s: float = Field(default=120.0, gt=0)
+    # response headers may lower a configured limit (the key is shared with another service, say) but only
+    # raise it when this is set: a deliberately lower configured limit is the user's decision
+    learn_upward: bool = False
+    # messages.count_tokens has its own rate limit; the runtime asks it when its own estimate is unsure
+    count_tokens_rpm: int = Field(default=100, gt=0)
 
 
 class RouterSettings(_Strict):
@@ -168,7 +189,15 @@ class RetrySettings(_Strict):
     attempts_per_model: int = Field(default=3, ge=1)
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=8.0, gt=0)
+    # the time a call gets before its answer starts to count: a call may run this plus max_tokens at
+    # min_output_tokens_per_s, so a long answer is never cut by a fixed timeout
     request_timeout_s: float = Field(default=120.0, gt=0)
+    min_output_tokens_per_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # requests allowed more output than this are streamed internally (the API expects long requests streamed);
+    # a streamed call fails only after stream_idle_timeout_s without an event
+    stream_above_max_tokens: int = Field(default=4_096, ge=1)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     # open a model's circuit after this many consecutive overloads; half-open after cooldown
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
@@ -207,6 +236,19 @@ class CacheSettings(_Strict):
 
 class LedgerSettings(_Strict):
     path: Path | None = None  # default: <data_dir>/ledger.sqlite3
+    # a write-ahead intent with no outcome after this long (its caller died and the request was not re-run)
+    # becomes an unreconciled row priced at its reservation; a billed record that arrives later replaces it
+    unreconciled_after_s: float = Field(default=900.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+
+
+class EstimateSettings(_Strict):
+    """How a request's input is sized before the call. The budget reservation must be an upper bound of the
+    bill, so when the local estimate is unsure (non-Latin scripts, images, documents, text that is not prose)
+    the runtime asks ``messages.count_tokens``: "auto" does so only then, "always" for every request,
+    "never" falls back to a structural upper bound priced at the dearest tier."""
+
+    count_tokens: Literal["auto", "always", "never"] = "auto"
 
 
 class AlertSettings(_Strict):
@@ -215,7 +257,7 @@ class AlertSettings(_Strict):
     error_rate: float = Field(default=0.05, gt=0, le=1)
     error_window_s: float = Field(default=600.0, gt=0)
     error_min_requests: int = Field(default=20, ge=1)
-    webhook_url: str | None = None
+    webhook_url: SecretStr | None = None  # often carries a token (Slack-style): never shown or logged
     webhook_timeout_s: float = Field(default=2.0, gt=0)
 
 
@@ -252,6 +294,7 @@ class Settings(BaseSettings):
     )
     base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("base_url", "ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
+        repr=False,  # shown redacted by __repr_args__: a URL may carry credentials
     )
     environment: str = "dev"  # keys per environment: the ledger and logs record it
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CLAUDE_RUNTIME_DATA_DIR",
@@ -260,6 +303,7 @@ class Settings(BaseSettings):
     limits: dict[str, ClassLimits] = Field(default_factory=default_limits)
     user_limits: UserLimits = UserLimits()
     limiter: LimiterSettings = LimiterSettings()
+    estimate: EstimateSettings = EstimateSettings()
     router: RouterSettings = RouterSettings()
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
@@ -303,6 +347,18 @@ class Settings(BaseSettings):
             if cls_name not in self.limits:
                 raise ValueError(f"retry.fallback_order: unknown model class {cls_name!r}")
         return self
+
+    def __repr_args__(self):
+        yield from super().__repr_args__()
+        yield "base_url", redact_url(self.base_url)
+
+    def without_secrets(self, *, keep_webhook: bool = False) -> "Settings":
+        """A copy for actors and handles that never call the API: no key, no credentials in the base URL and,
+        unless kept (the ledger posts alerts), no webhook URL."""
+        update: dict[str, Any] = {"api_key": None, "base_url": redact_url(self.base_url)}
+        if not keep_webhook and self.alerts.webhook_url is not None:
+            update["alerts"] = self.alerts.model_copy(update={"webhook_url": None})
+        return self.model_copy(update=update)
 
     # -- derived views, so no caller re-implements them ---------------------------------------------------
     def model_info(self, model: str) -> ModelInfo:

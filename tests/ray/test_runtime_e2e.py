@@ -135,8 +135,11 @@ def test_a_killed_caller_still_yields_one_result(rt):
 
 def test_a_400_from_the_api_is_surfaced_after_one_try(rt):
     before = fake_stats(rt)["by_status"].get("400", 0)
-    with pytest.raises(UpstreamError) as exc:  # a tool without a name passes our checks; the API refuses it
-        ray.get(rt.submit(user_msg("Use the tool", 32, tools=[{"description": "nameless"}]), cache=False))
+    # a cache_control of a type the API does not know passes our checks; the API refuses it
+    bad = {"model": "auto", "max_tokens": 32, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Use the tool", "cache_control": {"type": "forever"}}]}]}
+    with pytest.raises(UpstreamError) as exc:
+        ray.get(rt.submit(bad, cache=False))
     assert exc.value.status == 400 and exc.value.error_type == "invalid_request_error"
     assert len(exc.value.attempts) == 1
     assert fake_stats(rt)["by_status"].get("400", 0) == before + 1
