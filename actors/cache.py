@@ -33,6 +33,7 @@ import os
 import re
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -43,6 +44,7 @@ import pyarrow as pa
 import ray
 
 from runtime import cache_policy as policy
+from runtime import cache_verifier
 from runtime.groupsubmit import GroupSubmitter
 
 log = logging.getLogger(__name__)
@@ -65,8 +67,16 @@ SCHEMA = pa.schema([
     pa.field("created_at", pa.float64()),
     pa.field("expires_at", pa.float64()),
     pa.field("hits", pa.int64()),
+    # the prompt's word-piece embeddings (float16, n x 384, row-major) for the verifier; null in old rows
+    pa.field("tokens", pa.binary()),
+    pa.field("min_score", pa.float64()),  # per-entry verifier threshold, raised by wrong-answer feedback
 ])
-_META_COLS = [f.name for f in SCHEMA if f.name != "vector"]
+_PAYLOAD_COLS = ["prompt", "response", "tokens"]  # held in memory only while the byte cap allows
+_INDEX_COLS = [f.name for f in SCHEMA if f.name != "vector" and f.name not in _PAYLOAD_COLS]
+_TABLE_COLS = _INDEX_COLS + _PAYLOAD_COLS
+# what the mirror costs per row, estimated for the byte cap: an index row's dict, a vector with its array
+_ROW_BYTES = 700
+_VEC_BYTES = DIM * 4 + 112
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 
 
@@ -75,14 +85,19 @@ def _now(now: float | None) -> float:
 
 
 class CacheStore:
-    """The table (the durable truth) plus an in-memory mirror of every live row: metadata by key for the
-    exact path, and vectors by scope. A scope of at most ``flat_scope_max`` rows is searched exactly in
-    memory (a matmul over the scope: no approximation, no query overhead); a bigger scope is searched in
-    LanceDB, through the IVF-PQ index once the table has one, with exact re-scoring. Synchronous; the actor
-    serialises writes. Memory: ~1.6 KB per entry plus the response text (1M entries ~ 2 GB)."""
+    """The table (the durable truth) plus an in-memory mirror capped by bytes (``mirror_max_bytes``).
+
+    The mirror always holds every live row's index fields (key, scope, times, hits, per-entry threshold: the
+    exact path, TTL and eviction need them). Within the cap it also holds, per scope, the rows' vectors: a
+    scope of at most ``flat_scope_max`` rows is searched exactly in memory (a matmul over the scope: no
+    approximation, no query overhead); a bigger scope, or one whose vectors did not fit, is searched in
+    LanceDB (through the IVF-PQ index once the table has one, with exact re-scoring). Prompts, answers and
+    token embeddings are held in a least-recently-used cache within what is left of the cap, and read from
+    the table by key when needed. Synchronous; the actor serialises writes."""
 
     def __init__(self, path: str | Path, *, max_entries: int = 1_000_000, index_min_rows: int = 100_000,
-                 flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000) -> None:
+                 flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000,
+                 mirror_max_bytes: int = 2 << 30) -> None:
         import lancedb
 
         self.path = Path(path)
@@ -93,62 +108,172 @@ class CacheStore:
         # index); an IVF index would probe partitions that may hold none of a small scope's rows
         self.flat_scope_max = flat_scope_max
         self.scalar_index_min_rows = scalar_index_min_rows
+        self.mirror_max_bytes = mirror_max_bytes
         self._db = lancedb.connect(str(self.path))
         self.table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
-        self.rows: dict[str, dict[str, Any]] = {}
+        self._migrate()
+        self.rows: dict[str, dict[str, Any]] = {}  # index fields only (_INDEX_COLS)
         self.scope_counts: dict[str, int] = {}
-        # vectors of every live row, per scope, for exact in-memory search of scopes up to flat_scope_max
+        # vectors of live rows, per warm scope, for exact in-memory search of scopes up to flat_scope_max
         # rows (a LanceDB query costs ~20 ms of fixed overhead here; a 2k x 384 matmul well under 1 ms)
         self._scope_vecs: dict[str, dict[str, np.ndarray]] = {}
         self._scope_mats: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._scope_use: OrderedDict[str, None] = OrderedDict()  # warm scopes, least recently searched first
+        self._cold: set[str] = set()  # scopes whose vectors the cap left on disk
+        self._vec_count = 0
+        self._payload: OrderedDict[str, dict[str, Any]] = OrderedDict()  # prompt/response/tokens, LRU
+        self._payload_bytes = 0
         self.dirty_hits: set[str] = set()
         self.vector_indexed = False
         self.scope_indexed = False
+        self.key_indexed = False
         self._load()
 
     # -- startup ---------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        """Tables written before token embeddings and per-entry thresholds get the columns, empty: their rows
+        are judged by cosine alone until they are replaced."""
+        have = set(self.table.schema.names)
+        missing = [f for f in SCHEMA if f.name not in have]
+        if missing:
+            self.table.add_columns(missing)
+
     def _load(self) -> None:
         names = {getattr(ix, "name", "") for ix in self.table.list_indices()}
         cols = {tuple(getattr(ix, "columns", ()) or ()) for ix in self.table.list_indices()}
         self.vector_indexed = any("vector" in c for c in cols) or any("vector" in n for n in names)
         self.scope_indexed = any("scope_id" in c for c in cols) or any("scope_id" in n for n in names)
+        self.key_indexed = any(c == ("key",) for c in cols) or any(n.startswith("key_") for n in names)
         if self.table.count_rows() == 0:
             return
-        data = self.table.search().select(_META_COLS + ["vector"]).limit(None).to_arrow()
+        # index fields and vectors only: payloads are read back on demand
+        data = self.table.search().select(_INDEX_COLS + ["vector"]).limit(None).to_arrow()
         vecs = data.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         vecs = np.asarray(vecs, dtype=np.float32).reshape(-1, DIM)
-        meta = data.drop_columns(["vector"]).to_pylist()
-        rows = []
-        for row, vec in zip(meta, vecs):
-            prev = self.rows.get(row["key"])
-            if prev is None or row["created_at"] >= prev["created_at"]:
-                self.rows[row["key"]] = row
-                row["vector"] = vec
-                rows.append(row)
-        self.rows.clear()
-        self.apply(rows)
+        latest: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+        for row, vec in zip(data.drop_columns(["vector"]).to_pylist(), vecs):
+            prev = latest.get(row["key"])
+            if prev is None or row["created_at"] >= prev[0]["created_at"]:
+                latest[row["key"]] = (row, vec)
+        self.apply([{**row, "vector": vec} for row, vec in latest.values()])
+
+    # -- memory ----------------------------------------------------------------------------------------------
+    def mirror_bytes(self) -> int:
+        """What the mirror holds, estimated: index rows, vectors of warm scopes, cached payloads."""
+        return len(self.rows) * _ROW_BYTES + self._vec_count * _VEC_BYTES + self._payload_bytes
+
+    def _trim(self) -> None:
+        """Down to the cap: least recently used payloads first, then the vectors of the least recently
+        searched scopes (those scopes are then searched in LanceDB)."""
+        while self.mirror_bytes() > self.mirror_max_bytes and self._payload:
+            _, p = self._payload.popitem(last=False)
+            self._payload_bytes -= p["_bytes"]
+        while self.mirror_bytes() > self.mirror_max_bytes and self._scope_use:
+            sid, _ = self._scope_use.popitem(last=False)
+            self._vec_count -= len(self._scope_vecs.pop(sid, {}))
+            self._scope_mats.pop(sid, None)
+            self._cold.add(sid)
+
+    def _keep_payload(self, key: str, row: dict[str, Any]) -> None:
+        old = self._payload.pop(key, None)
+        if old is not None:
+            self._payload_bytes -= old["_bytes"]
+        tokens = row.get("tokens")
+        size = 200 + len(row.get("prompt") or "") + len(row.get("response") or "") + len(tokens or b"")
+        self._payload[key] = {"prompt": row.get("prompt") or "", "response": row.get("response") or "",
+                              "tokens": tokens, "created_at": row["created_at"], "_bytes": size}
+        self._payload_bytes += size
+
+    def _payloads(self, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """Prompt, response and tokens of live ``keys``: from the mirror, else from the table (I/O)."""
+        out: dict[str, dict[str, Any]] = {}
+        missing = []
+        for k in keys:
+            p = self._payload.get(k)
+            if p is not None:
+                self._payload.move_to_end(k)
+                out[k] = p
+            elif k in self.rows:
+                missing.append(k)
+        for i in range(0, len(missing), 500):
+            chunk = missing[i:i + 500]
+            if any(not _HEX.match(k) for k in chunk):
+                raise ValueError("cache keys must be hex digests")
+            found = (self.table.search().where("key IN (" + ",".join(f"'{k}'" for k in chunk) + ")")
+                     .select(["key", "created_at", *_PAYLOAD_COLS]).limit(None).to_list())
+            for row in found:
+                live = self.rows.get(row["key"])
+                if live is None or live["created_at"] != row["created_at"]:
+                    continue  # an older version of a replaced row, or evicted since
+                self._keep_payload(row["key"], row)
+                out[row["key"]] = self._payload[row["key"]]
+        if missing:
+            self._trim()
+        return out
+
+    def has_payload(self, key: str) -> bool:
+        return key in self._payload
 
     def _dec_scope(self, scope_id: str, key: str) -> None:
         n = self.scope_counts.get(scope_id, 0) - 1
         if n <= 0:
             self.scope_counts.pop(scope_id, None)
+            self._cold.discard(scope_id)
+            self._scope_use.pop(scope_id, None)
         else:
             self.scope_counts[scope_id] = n
         vecs = self._scope_vecs.get(scope_id)
         if vecs is not None:
-            vecs.pop(key, None)
+            if vecs.pop(key, None) is not None:
+                self._vec_count -= 1
             if not vecs:
                 self._scope_vecs.pop(scope_id, None)
         self._scope_mats.pop(scope_id, None)
 
     # -- reads -------------------------------------------------------------------------------------------------
-    def lookup_exact(self, key: str, now: float) -> dict[str, Any] | None:
+    def live(self, key: str, now: float) -> dict[str, Any] | None:
+        """The index row of a live entry (no payload, no I/O)."""
         row = self.rows.get(key)
         if row is None or row["expires_at"] <= now:
             return None
         return row
 
-    def search(self, vector: Any, scope_id: str, k: int, now: float) -> list[dict[str, Any]]:
+    def row(self, key: str, *, tokens: bool = False) -> dict[str, Any] | None:
+        """The whole row of ``key`` whatever its expiry (payload read back from the table if the mirror let it
+        go); tokens only when asked for."""
+        if key not in self.rows:
+            return None
+        p = self._payloads([key]).get(key)
+        if p is None:
+            return None
+        out = {**self.rows[key], "prompt": p["prompt"], "response": p["response"]}
+        if tokens:
+            out["tokens"] = p["tokens"]
+        return out
+
+    def lookup_exact(self, key: str, now: float) -> dict[str, Any] | None:
+        return self.row(key) if self.live(key, now) is not None else None
+
+    def vector(self, key: str) -> np.ndarray | None:
+        """The entry's unit vector: from a warm scope, else from the table (I/O)."""
+        row = self.rows.get(key)
+        if row is None:
+            return None
+        held = self._scope_vecs.get(row["scope_id"], {}).get(key)
+        if held is not None:
+            return held
+        found = (self.table.search().where(f"key = '{key}'").select(["created_at", "vector"]).limit(None)
+                 .to_list()) if _HEX.match(key) else []
+        for r in found:
+            if r["created_at"] == row["created_at"]:
+                v = np.asarray(r["vector"], dtype=np.float32)
+                return v / (np.linalg.norm(v) or 1.0)
+        return None
+
+    def search(self, vector: Any, scope_id: str, k: int, now: float, min_similarity: float = -1.0
+               ) -> list[dict[str, Any]]:
+        """Up to ``k`` live rows of ``scope_id`` most similar to ``vector`` with similarity >=
+        ``min_similarity``, best first, each with its prompt, response, tokens and ``similarity``."""
         if not _HEX.match(scope_id or ""):
             raise ValueError("scope_id must be a hex digest")  # it is spliced into a filter expression
         if self.scope_counts.get(scope_id, 0) == 0:
@@ -159,10 +284,14 @@ class CacheStore:
             return []
         q = q / norm
         if scope_id in self._scope_vecs and self.scope_counts.get(scope_id, 0) <= self.flat_scope_max:
-            return self._search_memory(q, scope_id, k, now)
+            self._scope_use.move_to_end(scope_id)
+            found = self._search_memory(q, scope_id, k, now, min_similarity)
+            payloads = self._payloads([r["key"] for r in found])
+            return [{**r, **{c: payloads[r["key"]][c] for c in _PAYLOAD_COLS}} for r in found
+                    if r["key"] in payloads]
         query = (self.table.search(q).distance_type("cosine")
                  .where(f"scope_id = '{scope_id}' AND expires_at > {float(now)!r}", prefilter=True)
-                 .select(_META_COLS + ["vector", "_distance"]).limit(k))
+                 .select(_TABLE_COLS + ["vector", "_distance"]).limit(k))
         if self.vector_indexed and self.scope_counts.get(scope_id, 0) > self.flat_scope_max:
             query = query.nprobes(32).refine_factor(4)
         else:
@@ -176,13 +305,16 @@ class CacheStore:
             # exact cosine from the stored vector, whatever approximation the index used to find it
             row["similarity"] = float(np.dot(q, vec) / (np.linalg.norm(vec) or 1.0))
             live = self.rows.get(row["key"])
-            if live is None or live["created_at"] != row["created_at"]:
-                continue  # evicted or replaced since the table version we read
-            out.append(row)
+            if live is None or live["created_at"] != row["created_at"] or row["similarity"] < min_similarity:
+                continue  # evicted or replaced since the table version we read, or not similar enough
+            self._keep_payload(row["key"], row)
+            out.append({**row, **live})  # the mirror's hits and threshold are newer than the table's
+        self._trim()
         out.sort(key=lambda r: -r["similarity"])
         return out
 
-    def _search_memory(self, q: np.ndarray, scope_id: str, k: int, now: float) -> list[dict[str, Any]]:
+    def _search_memory(self, q: np.ndarray, scope_id: str, k: int, now: float, min_similarity: float
+                       ) -> list[dict[str, Any]]:
         mat = self._scope_mats.get(scope_id)
         if mat is None:
             vecs = self._scope_vecs[scope_id]
@@ -192,6 +324,8 @@ class CacheStore:
         order = np.argsort(-sims)
         out = []
         for i in order:
+            if sims[i] < min_similarity:
+                break
             row = self.rows.get(keys[i])
             if row is None or row["scope_id"] != scope_id or row["expires_at"] <= now:
                 continue
@@ -213,22 +347,33 @@ class CacheStore:
         if replaced:
             self._delete_keys(replaced)
         vectors = np.asarray([r["vector"] for r in rows], dtype=np.float32).reshape(len(rows), DIM)
-        cols = {name: [r[name] for r in rows] for name in _META_COLS}
-        arrays = {name: pa.array(cols[name], type=SCHEMA.field(name).type) for name in _META_COLS}
+        arrays = {name: pa.array([r.get(name) for r in rows], type=SCHEMA.field(name).type) for name in _TABLE_COLS}
         arrays["vector"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), DIM)
         self.table.add(pa.table({f.name: arrays[f.name] for f in SCHEMA}, schema=SCHEMA))
 
     def apply(self, entries: list[dict[str, Any]]) -> None:
         for e in entries:
-            prev = self.rows.get(e["key"])
+            key, sid = e["key"], e["scope_id"]
+            prev = self.rows.get(key)
             if prev is not None:
-                self._dec_scope(prev["scope_id"], e["key"])
-            self.rows[e["key"]] = {name: e[name] for name in _META_COLS}
-            sid = e["scope_id"]
+                self._dec_scope(prev["scope_id"], key)
+            self.rows[key] = {name: e.get(name) for name in _INDEX_COLS}
+            self.rows[key]["min_score"] = float(e.get("min_score") or 0.0)
             self.scope_counts[sid] = self.scope_counts.get(sid, 0) + 1
-            vec = np.asarray(e["vector"], dtype=np.float32).reshape(-1)
-            self._scope_vecs.setdefault(sid, {})[e["key"]] = vec / (np.linalg.norm(vec) or 1.0)
-            self._scope_mats.pop(sid, None)
+            if sid not in self._cold:
+                vec = np.asarray(e["vector"], dtype=np.float32).reshape(-1)
+                vecs = self._scope_vecs.setdefault(sid, {})
+                vecs[key] = vec / (np.linalg.norm(vec) or 1.0)
+                self._vec_count += 1
+                self._scope_use[sid] = None
+                self._scope_mats.pop(sid, None)
+            if "response" in e:
+                self._keep_payload(key, e)  # a fresh answer: the likeliest to be asked for next
+            else:
+                old = self._payload.pop(key, None)
+                if old is not None:
+                    self._payload_bytes -= old["_bytes"]
+        self._trim()
 
     def _delete_keys(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 500):
@@ -242,6 +387,9 @@ class CacheStore:
             row = self.rows.pop(k, None)
             if row is not None:
                 self._dec_scope(row["scope_id"], k)
+            p = self._payload.pop(k, None)
+            if p is not None:
+                self._payload_bytes -= p["_bytes"]
             self.dirty_hits.discard(k)
 
     def expired_keys(self, now: float) -> list[str]:
@@ -261,20 +409,28 @@ class CacheStore:
         if keys:
             self._delete_keys(keys)
 
-    def flush_hits(self) -> int:
-        """Persist hit counts, one update per distinct count (counts cluster, so few updates)."""
-        by_count: dict[int, list[str]] = {}
-        for k in list(self.dirty_hits):
-            row = self.rows.get(k)
-            if row is not None:
-                by_count.setdefault(int(row["hits"]), []).append(k)
-        self.dirty_hits.clear()
-        for hits, keys in by_count.items():
+    def _update_by_value(self, column: str, values: dict[str, Any]) -> None:
+        by_value: dict[Any, list[str]] = {}
+        for k, v in values.items():
+            by_value.setdefault(v, []).append(k)
+        for v, keys in by_value.items():
             for i in range(0, len(keys), 500):
                 chunk = keys[i:i + 500]
-                self.table.update(where="key IN (" + ",".join(f"'{k}'" for k in chunk) + ")",
-                                  values={"hits": hits})
-        return sum(len(v) for v in by_count.values())
+                self.table.update(where="key IN (" + ",".join(f"'{k}'" for k in chunk) + ")", values={column: v})
+
+    def flush_hits(self) -> int:
+        """Persist hit counts, one update per distinct count (counts cluster, so few updates)."""
+        counts = {k: int(self.rows[k]["hits"]) for k in list(self.dirty_hits) if k in self.rows}
+        self.dirty_hits.clear()
+        self._update_by_value("hits", counts)
+        return len(counts)
+
+    def set_min_scores(self, scores: dict[str, float]) -> None:
+        """Raise per-entry verifier thresholds (feedback), in the mirror and durably in the table."""
+        live = {k: float(v) for k, v in scores.items() if k in self.rows}
+        for k, v in live.items():
+            self.rows[k]["min_score"] = v
+        self._update_by_value("min_score", live)
 
     # -- upkeep ------------------------------------------------------------------------------------------------
     def maintain(self) -> dict[str, Any]:
@@ -288,6 +444,11 @@ class CacheStore:
             self.table.create_index("scope_id", config=BTree())
             self.scope_indexed = True
             did["scope_index"] = True
+        if not self.key_indexed and n >= self.scalar_index_min_rows:
+            # payloads the mirror let go are read back by key
+            self.table.create_index("key", config=BTree())
+            self.key_indexed = True
+            did["key_index"] = True
         if not self.vector_indexed and n >= self.index_min_rows:
             t0 = time.perf_counter()
             self.build_vector_index(n)
@@ -308,6 +469,11 @@ class CacheStore:
                                                        num_partitions=max(1, int(math.sqrt(n))),
                                                        num_sub_vectors=48))
         self.vector_indexed = True
+
+    def memory(self) -> dict[str, Any]:
+        return {"mirror_bytes": self.mirror_bytes(), "mirror_max_bytes": self.mirror_max_bytes,
+                "payloads_held": len(self._payload), "payload_bytes": self._payload_bytes,
+                "vectors_held": self._vec_count, "cold_scopes": len(self._cold)}
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
@@ -332,7 +498,11 @@ class CacheService:
                  claim_lease_s: float = 15.0) -> None:
         self._settings = settings
         self._store = CacheStore(settings.cache_path, max_entries=settings.cache.max_entries,
-                                 index_min_rows=index_min_rows)
+                                 index_min_rows=index_min_rows, mirror_max_bytes=settings.cache.mirror_max_bytes)
+        # request id -> what answered it (key, scope; for a semantic hit the query and its score), so a user's
+        # "that answer was wrong" can evict the entry and tighten its neighbourhood; the newest few thousand
+        self._served: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._verifier: Any = None  # built on first feedback: the actor never judges a lookup
         # a leader that stops renewing (its caller died) frees its key after this long
         self._claim_lease_s = claim_lease_s
         self._life = f"{os.getpid()}-{time.time_ns()}"
@@ -343,7 +513,8 @@ class CacheService:
             self._write_puts, max_batch=2_048, max_inflight=1, name="cache-puts")
         self._write_lock = asyncio.Lock()  # writes, deletes and compaction never overlap
         self._counters = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypasses": 0, "evictions": 0,
-                          "saved_usd": 0.0, "puts": 0, "writes": 0}
+                          "saved_usd": 0.0, "puts": 0, "writes": 0, "feedback_wrong": 0, "feedback_ok": 0,
+                          "tightened": 0}
         self._interval = maintenance_interval_s
         self._maint_task: asyncio.Task[None] | None = None
         self._last_maintenance: dict[str, Any] = {}
@@ -363,18 +534,26 @@ class CacheService:
     # -- reads -----------------------------------------------------------------------------------------------
     async def lookup_exact(self, key: str, now: float | None = None) -> dict[str, Any] | None:
         self._ensure_maintenance()
-        row = self._store.lookup_exact(key, _now(now))
-        return dict(row) if row is not None else None
+        if self._store.live(key, _now(now)) is None:
+            return None
+        if self._store.has_payload(key):
+            return self._store.row(key)
+        return await asyncio.to_thread(self._store.row, key)  # the mirror let it go: read it back
 
-    async def search(self, vector: Any, scope_id: str, k: int = 5, now: float | None = None
-                     ) -> list[dict[str, Any]]:
+    async def search(self, vector: Any, scope_id: str, k: int = 5, now: float | None = None,
+                     min_similarity: float = -1.0) -> list[dict[str, Any]]:
+        """Candidates (prompt, response, tokens, similarity, min_score) of at least ``min_similarity``."""
         self._ensure_maintenance()
-        return await asyncio.to_thread(self._store.search, vector, scope_id, k, _now(now))
+        return await asyncio.to_thread(self._store.search, vector, scope_id, k, _now(now), min_similarity)
 
     # -- writes ----------------------------------------------------------------------------------------------
     async def put(self, entry: dict[str, Any]) -> None:
         self._ensure_maintenance()
-        await self._puts.submit(self._validate(entry))
+        row = self._validate(entry)
+        if entry.get("request_id"):
+            self._remember(str(entry["request_id"]), {"key": row["key"], "scope_id": row["scope_id"],
+                                                      "kind": "stored"})
+        await self._puts.submit(row)
 
     async def put_many(self, entries: list[dict[str, Any]]) -> int:
         """Bulk load (benchmarks, warm-up): one write for the lot."""
@@ -400,9 +579,13 @@ class CacheService:
             "created_at": float(entry.get("created_at") or now),
             "expires_at": float(entry["expires_at"]),
             "hits": int(entry.get("hits") or 0),
+            "tokens": entry.get("tokens"), "min_score": float(entry.get("min_score") or 0.0),
         }
         if not _HEX.match(row["key"]) or not _HEX.match(row["scope_id"]):
             raise ValueError("key and scope_id must be hex digests (runtime.cache_policy)")
+        if row["tokens"] is not None and (not isinstance(row["tokens"], bytes)
+                                          or len(row["tokens"]) % (2 * DIM)):
+            raise ValueError(f"tokens must be float16 bytes of an n x {DIM} matrix (cache_verifier.pack_tokens)")
         vec = np.asarray(entry["vector"], dtype=np.float32).reshape(-1)
         if vec.shape[0] != DIM:
             raise ValueError(f"vector must have {DIM} dimensions, got {vec.shape[0]}")
@@ -448,7 +631,7 @@ class CacheService:
                     ) -> bool:
         """True: the caller leads (calls the API for this key). False: someone else already does, or already
         did: a leader may have stored its answer between this caller's exact lookup and its claim."""
-        if self._store.lookup_exact(key, _now(now)) is not None:
+        if self._store.live(key, _now(now)) is not None:
             return False
         c = self._claims.get(key)
         mono = time.monotonic()
@@ -490,8 +673,7 @@ class CacheService:
                     continue
         finally:
             self._waiting -= 1
-        row = self._store.rows.get(key)
-        return dict(row) if row is not None else None
+        return await asyncio.to_thread(self._store.row, key)
 
     async def release(self, key: str, owner: str | None = None) -> None:
         c = self._claims.get(key)
@@ -505,7 +687,10 @@ class CacheService:
             c.event.set()
 
     # -- accounting ------------------------------------------------------------------------------------------
-    async def record(self, kind: str, saved_usd: float = 0.0, key: str | None = None) -> None:
+    async def record(self, kind: str, saved_usd: float = 0.0, key: str | None = None,
+                     request_id: str | None = None, query: dict[str, Any] | None = None) -> None:
+        """Count an outcome. For a hit, ``request_id`` remembers which entry answered that request, and a
+        semantic hit's ``query`` (prompt, vector, tokens, score) what it was asked, for ``feedback``."""
         counter = {"exact": "hits_exact", "semantic": "hits_semantic", "miss": "misses",
                    "bypass": "bypasses"}.get(kind)
         if counter is None:
@@ -517,6 +702,59 @@ class CacheService:
             if row is not None:
                 row["hits"] = int(row["hits"]) + 1
                 self._store.dirty_hits.add(key)
+                if request_id:
+                    self._remember(request_id, {"key": key, "scope_id": row["scope_id"], "kind": kind,
+                                                **(query or {})})
+
+    def _remember(self, request_id: str, served: dict[str, Any]) -> None:
+        self._served[request_id] = served
+        self._served.move_to_end(request_id)
+        while len(self._served) > self._settings.cache.feedback_window:
+            self._served.popitem(last=False)
+
+    async def feedback(self, request_id: str, wrong: bool = True, now: float | None = None) -> dict[str, Any]:
+        """A user's verdict on the answer ``request_id`` got from (or stored into) the cache. Wrong: the entry
+        is evicted, and each neighbour that the same question would reach (same scope, above the loose
+        cosine) gets a per-entry threshold above the score that question gets against it, and above the
+        wrong match's own score: a neighbourhood that produced a wrong answer at some score must beat it."""
+        served = self._served.get(request_id)
+        out: dict[str, Any] = {"request_id": request_id, "found": served is not None, "evicted": None,
+                               "tightened": 0}
+        if served is None:
+            return out
+        if not wrong:
+            self._counters["feedback_ok"] += 1
+            return out
+        self._counters["feedback_wrong"] += 1
+        self._served.pop(request_id, None)
+        key, scope_id = served["key"], served["scope_id"]
+        entry = await asyncio.to_thread(self._store.row, key, tokens=True)
+        vector = self._store.vector(key)
+        # what was asked: a semantic hit's query, else the entry's own prompt (an exact hit, or the answer
+        # this request stored)
+        prompt, tokens, q_vec = served.get("prompt"), served.get("tokens"), served.get("vector")
+        if prompt is None and entry is not None:
+            prompt, tokens, q_vec = entry["prompt"], entry.get("tokens"), vector
+        if entry is not None:
+            await self._delete([key])
+            out["evicted"] = key
+        if prompt and q_vec is not None:
+            cs = self._settings.cache
+            neighbours = await asyncio.to_thread(self._store.search, cache_verifier.unpack_vector(q_vec), scope_id, 50,
+                                                 _now(now), cs.verify_min_similarity)
+            raised = cache_verifier.tightened(self._get_verifier(), prompt, cache_verifier.unpack_tokens(tokens), neighbours,
+                                        floor=served.get("score"), margin=cs.feedback_margin)
+            if raised:
+                async with self._write_lock:
+                    await asyncio.to_thread(self._store.set_min_scores, raised)
+            out["tightened"] = len(raised)
+            self._counters["tightened"] += len(raised)
+        return out
+
+    def _get_verifier(self) -> Any:
+        if self._verifier is None:
+            self._verifier = cache_verifier.for_settings(self._settings.cache)
+        return self._verifier
 
     async def stats(self) -> dict[str, Any]:
         lookups = self._counters["hits_exact"] + self._counters["hits_semantic"] + self._counters["misses"]
@@ -527,6 +765,8 @@ class CacheService:
             "hit_rate": ((self._counters["hits_exact"] + self._counters["hits_semantic"]) / lookups
                          if lookups else 0.0),
             "vector_indexed": self._store.vector_indexed,
+            "memory": self._store.memory(),
+            "feedback_window": len(self._served),
             "claims": len(self._claims),
             "waiting": self._waiting,
             "last_maintenance": self._last_maintenance,
@@ -587,6 +827,9 @@ class CacheOutcome:
     tenant: str = ""
     max_tokens: int | None = None
     similarity: float | None = None
+    score: float | None = None  # the verifier's, for a semantic hit
+    tokens: Any = None  # the prompt's token embeddings, stored with its answer
+    request_id: str | None = None
     model: str = ""  # the model the key and scope were built for
 
     @property
@@ -604,6 +847,7 @@ class CacheClient:
         self._k = k
         self.wait_timeout_s = settings.retry.request_timeout_s + settings.limiter.max_wait_s
         self.claim_lease_s = 15.0
+        self._verifier: Any = None
 
     @property
     def embedder(self) -> Any:
@@ -613,61 +857,86 @@ class CacheClient:
             self._embedder = get_embedder(self._settings.cache.embedding_model)
         return self._embedder
 
-    def _record(self, kind: str, saved: float = 0.0, key: str | None = None) -> None:
+    @property
+    def verifier(self) -> cache_verifier.Verifier | None:
+        """The semantic-hit judge (model file loaded once per caller); None when settings turn it off."""
+        if self._verifier is None and self._settings.cache.verifier:
+            self._verifier = cache_verifier.for_settings(self._settings.cache)
+        return self._verifier
+
+    def _record(self, kind: str, saved: float = 0.0, key: str | None = None, request_id: str | None = None,
+                query: dict[str, Any] | None = None) -> None:
         # fire and forget: statistics must not add a round trip to the hit path
-        self._actor.record.remote(kind, saved, key)
+        self._actor.record.remote(kind, saved, key, request_id, query)
+
+    async def _encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
+        enc = await asyncio.to_thread(self.embedder.encode, [prompt], tokens=True)
+        return enc.vectors[0], (enc.tokens[0] if enc.tokens else None)
 
     async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True,
-                     now: float | None = None, *, owner: str | None = None, wait_s: float | None = None
-                     ) -> CacheOutcome:
+                     now: float | None = None, *, owner: str | None = None, wait_s: float | None = None,
+                     request_id: str | None = None) -> CacheOutcome:
         """``owner`` names the single-flight claim if this lookup leads; ``wait_s`` caps how long it waits for
-        another leader's answer (the request's own deadline)."""
+        another leader's answer (the request's own deadline); ``request_id`` lets ``Runtime.cache_feedback``
+        find the entry that answered (or that this request's answer becomes)."""
         try:
             return await self._lookup(params, model, tenant, cache_enabled, now, owner or uuid.uuid4().hex,
-                                      self.wait_timeout_s if wait_s is None else min(wait_s, self.wait_timeout_s))
+                                      self.wait_timeout_s if wait_s is None else min(wait_s, self.wait_timeout_s),
+                                      request_id)
         except Exception as exc:  # noqa: BLE001
             # the cache is an optimisation: while its actor restarts, requests go to the API uncached
             log.warning("cache unavailable, treating as a miss: %s", type(exc).__name__)
             return CacheOutcome("miss", None, 0.0, "", "", None, False, "cache unavailable",
-                                policy.last_user_text(params), tenant or "", params.get("max_tokens"))
+                                policy.last_user_text(params), tenant=tenant or "",
+                                max_tokens=params.get("max_tokens"))
 
     async def _lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool,
-                      now: float | None, owner: str, wait_s: float) -> CacheOutcome:
+                      now: float | None, owner: str, wait_s: float, request_id: str | None) -> CacheOutcome:
         cs = self._settings.cache
         max_tokens = params.get("max_tokens")
         reason = policy.bypass_reason(params, cs, cache_enabled)
         if reason is not None:
             self._record("bypass")
-            return CacheOutcome("bypass", None, 0.0, "", "", None, False, reason, "", tenant or "", max_tokens)
+            return CacheOutcome("bypass", None, 0.0, "", "", None, False, reason, "", tenant=tenant or "",
+                                max_tokens=max_tokens)
         prompt = policy.last_user_text(params)
         key = policy.exact_key(params, model, tenant)
         scope_id = policy.scope_for(params, model, tenant).scope_id()
         base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens,
-                    model=model)
+                    model=model, request_id=request_id)
 
         row = await self._actor.lookup_exact.remote(key, now)
         hit = self._as_hit(row, "exact", max_tokens, base)
         if hit is not None:
             return hit
 
-        vector = await self.embedder.embed_async(prompt)
+        vector, q_tokens = await self._encode(prompt)
+        judge = self.verifier
+        # with the verifier, every candidate from the loose cosine up is judged; without it, the cosine decides
+        floor = cs.verify_min_similarity if judge is not None else cs.similarity_threshold
         rejected: str | None = None
         if policy.semantic_eligible(prompt):
-            rows = await self._actor.search.remote(vector, scope_id, self._k, now)
+            rows = await self._actor.search.remote(vector, scope_id, self._k, now, floor)
         else:
             # past the embedding window two different prompts embed alike: only the exact key may match
             rows, rejected = [], "too long for a semantic match"
         for cand in rows:  # best first
             if cand["scope_id"] != scope_id:
                 continue
-            if cand["similarity"] < cs.similarity_threshold:
+            if cand["similarity"] < floor:
                 rejected = rejected or f"best similarity {cand['similarity']:.3f} below threshold"
                 break
             why = policy.guard(prompt, cand["prompt"])
             if why is not None:
                 rejected = rejected or f"guard: {why} (similarity {cand['similarity']:.3f})"
                 continue
-            hit = self._as_hit(cand, "semantic", max_tokens, {**base, "vector": vector})
+            ok, score = cache_verifier.judge(judge, prompt, q_tokens, cand, cs.similarity_threshold)
+            if not ok:
+                rejected = rejected or f"verifier: {score:.3f} (similarity {cand['similarity']:.3f})"
+                continue
+            query = {"prompt": prompt, "vector": cache_verifier.pack_vector(vector),
+                     "tokens": cache_verifier.pack_tokens(q_tokens), "score": score} if request_id else None
+            hit = self._as_hit(cand, "semantic", max_tokens, {**base, "vector": vector}, score, query)
             if hit is not None:
                 return hit
             rejected = rejected or "cached answer longer than max_tokens"
@@ -682,20 +951,20 @@ class CacheClient:
             leader = await self._actor.claim.remote(key, now, owner, self.claim_lease_s)
         self._record("miss")
         return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, owner=owner,
-                            **base)
+                            tokens=q_tokens, **base)
 
-    def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any]
-                ) -> CacheOutcome | None:
+    def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any],
+                score: float | None = None, query: dict[str, Any] | None = None) -> CacheOutcome | None:
         if row is None:
             return None
         message = json.loads(row["response"])
         if not policy.answer_fits(message, max_tokens):
             return None
         saved = float(row.get("cost_usd") or 0.0)
-        self._record(kind, saved, row["key"])
+        self._record(kind, saved, row["key"], base.get("request_id"), query)
         fields = {"vector": None, **base}
         return CacheOutcome(kind, message, saved, leader=False, reason=None,
-                            similarity=row.get("similarity"), **fields)
+                            similarity=row.get("similarity"), score=score, **fields)
 
     async def store(self, outcome: CacheOutcome, message: dict, model_used: str, cost_usd: float,
                     now: float | None = None) -> bool:
@@ -711,14 +980,15 @@ class CacheClient:
             return False
         t = _now(now)
         kind = policy.classify(outcome.prompt)
-        vector = outcome.vector
+        vector, tokens = outcome.vector, outcome.tokens
         if vector is None:
-            vector = await self.embedder.embed_async(outcome.prompt)
+            vector, tokens = await self._encode(outcome.prompt)
         entry = {
             "key": outcome.key, "scope_id": outcome.scope_id, "tenant": outcome.tenant, "model": model_used,
             "kind": kind, "prompt": outcome.prompt, "vector": np.asarray(vector, dtype=np.float32),
             "response": json.dumps(message, default=str), "cost_usd": float(cost_usd), "created_at": t,
             "expires_at": t + policy.ttl_for(kind, self._settings.cache), "hits": 0,
+            "tokens": cache_verifier.pack_tokens(tokens), "request_id": outcome.request_id,
         }
         try:
             await self._actor.put.remote(entry)

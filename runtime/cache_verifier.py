@@ -227,3 +227,66 @@ class Verifier:
         s = self.score(query, q_tokens, candidate, c_tokens, cosine)
         need = max(self.threshold, min_score or 0.0)
         return s >= need, s
+
+
+# -- storage and feedback helpers (pure) --------------------------------------------------------------------------
+
+def pack_tokens(tokens: Any) -> bytes | None:
+    """A prompt's token matrix as compact float16 bytes (n x dim, row-major) for the cache table."""
+    if tokens is None:
+        return None
+    return np.ascontiguousarray(np.asarray(tokens, dtype=np.float16)).tobytes()
+
+
+def unpack_tokens(blob: Any, dim: int = 384) -> np.ndarray | None:
+    """``pack_tokens``' bytes back to an (n, dim) float32 matrix; arrays pass through; None stays None."""
+    if blob is None:
+        return None
+    if isinstance(blob, np.ndarray):
+        return blob.astype(np.float32, copy=False)
+    return np.frombuffer(blob, dtype=np.float16).reshape(-1, dim).astype(np.float32)
+
+
+def pack_vector(vector: Any) -> bytes:
+    return np.asarray(vector, dtype=np.float16).reshape(-1).tobytes()
+
+
+def unpack_vector(blob: Any) -> np.ndarray:
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+    return np.asarray(blob, dtype=np.float32).reshape(-1)
+
+
+def for_settings(cache_settings: Any) -> Verifier:
+    """The verifier a cache configuration asks for: its model file (default: the packaged one) and its
+    threshold override, if any."""
+    path = getattr(cache_settings, "verifier_model", None)
+    return Verifier(load_model(str(path) if path else None), getattr(cache_settings, "verifier_threshold", None))
+
+
+def judge(verifier: Verifier | None, query: str, q_tokens: Any, candidate: dict[str, Any],
+          similarity_threshold: float) -> tuple[bool, float]:
+    """(accepted, score) for one candidate row (prompt, tokens, similarity, min_score) that the guard let
+    through. Rows stored without token embeddings, or no verifier: the cosine alone against
+    ``similarity_threshold`` (the rule before the verifier), raised by the row's own threshold."""
+    sim = float(candidate["similarity"])
+    c_tokens = unpack_tokens(candidate.get("tokens"))
+    own = float(candidate.get("min_score") or 0.0)
+    if verifier is None or c_tokens is None or q_tokens is None:
+        return sim >= max(similarity_threshold, own), sim
+    return verifier.accepts(query, q_tokens, candidate["prompt"], c_tokens, sim, own)
+
+
+def tightened(verifier: Verifier, query: str, q_tokens: Any, neighbours: list[dict[str, Any]], *,
+              floor: float | None, margin: float) -> dict[str, float]:
+    """Per-entry thresholds after a wrong answer to ``query``: each neighbour's rises above the score the
+    query gets against it (so the same question no longer reaches it) and above ``floor``, the wrong
+    match's own score (this neighbourhood showed that such a score can be wrong). Only raises; capped at
+    1.0, which leaves a neighbour to exact matches. {key: new threshold} for the neighbours that change."""
+    out: dict[str, float] = {}
+    for n in neighbours:
+        _, score = judge(verifier, query, q_tokens, n, 0.0)
+        need = min(1.0, max(score, floor or 0.0) + margin)
+        if need > float(n.get("min_score") or 0.0):
+            out[n["key"]] = round(need, 6)
+    return out

@@ -291,6 +291,16 @@ class Runtime:
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
+    def cache_feedback(self, request_id: str, *, wrong: bool = True) -> dict[str, Any]:
+        """Tell the cache that the answer request ``request_id`` got was wrong (or, ``wrong=False``, right).
+        Wrong: the cache entry that answered it (or that its answer became) is evicted, and its neighbours'
+        own thresholds rise so the same question no longer reaches them. Returns {"request_id", "found",
+        "evicted", "tightened"}; found is False once the request is older than the cache remembers
+        (``CacheSettings.feedback_window`` requests)."""
+        if self.cache is None:
+            raise ConfigurationError("the cache is disabled (Settings.cache.enabled=False)")
+        return ray.get(self.cache.feedback.remote(str(request_id), bool(wrong)))
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
                                "limiter": ray.get(self.limiter.snapshot.remote())}

@@ -78,7 +78,8 @@ class LedgerPort(Protocol):
 
 class CachePort(Protocol):
     async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True, *,
-                     owner: str | None = None, wait_s: float | None = None) -> Any: ...
+                     owner: str | None = None, wait_s: float | None = None, request_id: str | None = None
+                     ) -> Any: ...
 
     async def store(self, outcome: Any, message: dict, model_used: str, cost_usd: float) -> bool: ...
 
@@ -153,7 +154,8 @@ class Pipeline:
         outcome = None
         if cache is not None:
             outcome = await cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled,
-                                         owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()))
+                                         owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()),
+                                         request_id=req.request_id)
             if outcome.kind in ("exact", "semantic"):
                 return await self._cache_hit(req, outcome, t0, reason)
         # no cache configured, cache=False or a real-time prompt: the answer neither came from nor goes to it

@@ -222,11 +222,26 @@ class BudgetSettings(_Strict):
 class CacheSettings(_Strict):
     enabled: bool = True
     path: Path | None = None  # default: <data_dir>/cache
-    similarity_threshold: float = Field(default=0.945, gt=0, le=1)  # benchmarks/cache_quality.py
+    # semantic hits: a candidate at or above verify_min_similarity (cosine) that the guard lets through is
+    # judged by the learned verifier (runtime/cache_verifier.py) against its model file's threshold, or
+    # verifier_threshold when set; with verifier=False, or for rows stored without token embeddings, by
+    # cosine >= similarity_threshold instead (benchmarks/cache_quality.py compares both)
+    verifier: bool = True
+    verify_min_similarity: float = Field(default=0.70, gt=0, le=1)
+    verifier_threshold: float | None = Field(default=None, gt=0, le=1)
+    verifier_model: Path | None = None  # default: runtime/data/verifier_v1.json in the package
+    similarity_threshold: float = Field(default=0.945, gt=0, le=1)
+    # wrong-answer feedback (Runtime.cache_feedback): how many recent request ids the cache remembers, and how
+    # far above a wrong match's score the neighbours' own thresholds are raised
+    feedback_window: int = Field(default=10_000, ge=0)
+    feedback_margin: float = Field(default=0.02, ge=0, le=1)
     ttl_factual_s: float = Field(default=3_600, gt=0)
     ttl_code_s: float = Field(default=86_400, gt=0)
     ttl_analysis_s: float = Field(default=21_600, gt=0)
-    max_entries: int = Field(default=1_000_000, gt=0)
+    max_entries: int = Field(default=1_000_000, gt=0)  # rows in the table (on disk)
+    # the cache actor's in-memory mirror: index fields of every row always; vectors, prompts, answers and
+    # token embeddings while they fit (the rest is read back from the table)
+    mirror_max_bytes: int = Field(default=2 << 30, gt=0)
     bypass_words: tuple[str, ...] = (
         "current", "currently", "today", "tonight", "latest", "live", "now", "right now", "price", "prices",
         "stock", "weather", "breaking", "this week", "yesterday", "tomorrow",
