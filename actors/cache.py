@@ -13,9 +13,12 @@
     await client.store(out, msg, model_used, cost_usd)
 
 Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
-claims, TTL, size cap, ANN index); it never judges whether a neighbour is the same question. The client, in
-the caller's process, embeds the prompt and applies runtime.cache_policy (bypass, threshold, guard): the
-embedding model loads once per caller, and the actor stays a fast state owner.
+claims, TTL, size cap, ANN index, a byte-capped in-memory mirror); it never judges whether a neighbour is the
+same question. The client, in the caller's process, encodes the prompt (sentence vector and token embeddings,
+one forward pass) and applies runtime.cache_policy (bypass, guard) and runtime.cache_verifier (the learned
+judge, on every candidate from the loose cosine up): the model loads once per caller, and the actor stays a
+fast state owner. The one judgement the actor makes is after a user's "that answer was wrong"
+(``feedback``): it evicts the entry and raises its neighbours' own thresholds, with the same pure verifier.
 
 Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
 (max_restarts=-1, no state carried by Ray) rebuilds its exact-key dict from the table and serves the entry.
@@ -110,7 +113,10 @@ class CacheStore:
         self.scalar_index_min_rows = scalar_index_min_rows
         self.mirror_max_bytes = mirror_max_bytes
         self._db = lancedb.connect(str(self.path))
-        self.table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
+        try:
+            self.table = self._db.open_table(TABLE)  # a table from an older schema opens as it is, then migrates
+        except ValueError:  # not found
+            self.table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
         self._migrate()
         self.rows: dict[str, dict[str, Any]] = {}  # index fields only (_INDEX_COLS)
         self.scope_counts: dict[str, int] = {}
@@ -740,10 +746,10 @@ class CacheService:
             out["evicted"] = key
         if prompt and q_vec is not None:
             cs = self._settings.cache
-            neighbours = await asyncio.to_thread(self._store.search, cache_verifier.unpack_vector(q_vec), scope_id, 50,
-                                                 _now(now), cs.verify_min_similarity)
-            raised = cache_verifier.tightened(self._get_verifier(), prompt, cache_verifier.unpack_tokens(tokens), neighbours,
-                                        floor=served.get("score"), margin=cs.feedback_margin)
+            neighbours = await asyncio.to_thread(self._store.search, cache_verifier.unpack_vector(q_vec), scope_id,
+                                                 50, _now(now), cs.verify_min_similarity)
+            raised = cache_verifier.tightened(self._get_verifier(), prompt, cache_verifier.unpack_tokens(tokens),
+                                              neighbours, floor=served.get("score"), margin=cs.feedback_margin)
             if raised:
                 async with self._write_lock:
                     await asyncio.to_thread(self._store.set_min_scores, raised)

@@ -3,8 +3,9 @@
 Fills the table with synthetic unit vectors (spread over --scopes scopes, with --hot-fraction of them in the
 scope the queries use), stores the benchmark's real paraphrase prompts with real embeddings in that scope, then
 measures through CacheClient.lookup:
-  exact hit (actor round trip + dict), semantic hit (embedding with a cold LRU + scope-filtered vector search +
-  guard), miss; plus insert throughput (bulk put_many and coalesced concurrent put), and table size on disk.
+  exact hit (actor round trip + dict), semantic hit (encoding the prompt with its token embeddings + scope-filtered
+  vector search + guard + verifier), side by side with the same lookups judged by cosine alone (verifier off),
+  miss; plus insert throughput (bulk put_many and coalesced concurrent put), and table size on disk.
 
     .venv/bin/python benchmarks/cache_latency.py                    # 20k entries (~1 min)
     .venv/bin/python benchmarks/cache_latency.py --entries 100000   # the 100k target
@@ -123,28 +124,40 @@ async def run(args) -> dict:
         assert o.kind == "exact", o
     res["exact_hit"] = summary(lat[5:])
 
-    # -- semantic hits (cold embedding: the LRU is cleared before every query) --------------------------------
-    lat, emb_lat, search_lat, kinds = [], [], [], {}
+    # -- semantic lookups, with the verifier (ours) and without it (the cosine rule), interleaved -------------
+    # cold embedding: every lookup encodes its prompt (with token embeddings, one forward pass)
+    plain = CacheClient(actor, Settings(data_dir=data_dir, cache={"verifier": False}), emb)
+    lat: dict[str, list[float]] = {"ours": [], "plain": []}
+    hit_lat: dict[str, list[float]] = {"ours": [], "plain": []}
+    kinds: dict[str, dict[str, int]] = {"ours": {}, "plain": {}}
+    emb_lat, search_lat = [], []
     queries = [q for q, _, _ in PARAPHRASES]
     for i in range(args.queries):
         q = queries[i % len(queries)]
-        emb._lru.clear()
-        t0 = time.perf_counter()
-        o = await client.lookup(req(q), MODEL, TENANT)
-        lat.append(time.perf_counter() - t0)
-        kinds[o.kind] = kinds.get(o.kind, 0) + 1
-        if o.kind == "miss" and o.leader:
-            await client.release(o)
+        for name, c in (("ours", client), ("plain", plain)):
+            emb._lru.clear()
+            t0 = time.perf_counter()
+            o = await c.lookup(req(q), MODEL, TENANT)
+            dt = time.perf_counter() - t0
+            lat[name].append(dt)
+            if o.kind == "semantic":
+                hit_lat[name].append(dt)
+            kinds[name][o.kind] = kinds[name].get(o.kind, 0) + 1
+            if o.kind == "miss" and o.leader:
+                await c.release(o)
         # the parts, for the breakdown
-        emb._lru.clear()
         t1 = time.perf_counter()
-        v = await emb.embed_async(q)
+        enc = await asyncio.to_thread(emb.encode, [q], tokens=True)
         emb_lat.append(time.perf_counter() - t1)
         t1 = time.perf_counter()
-        await actor.search.remote(v, hot_scope, 5)
+        await actor.search.remote(enc.vectors[0], hot_scope, 5, None, 0.70)
         search_lat.append(time.perf_counter() - t1)
-    res["semantic_lookup"] = summary(lat[5:])
-    res["semantic_outcomes"] = kinds
+    res["semantic_lookup"] = summary(lat["ours"][5:])
+    res["semantic_hit"] = summary(hit_lat["ours"][5:])
+    res["semantic_lookup_cosine_only"] = summary(lat["plain"][5:])
+    res["semantic_hit_cosine_only"] = summary(hit_lat["plain"][5:])
+    res["semantic_outcomes"] = kinds["ours"]
+    res["semantic_outcomes_cosine_only"] = kinds["plain"]
     res["embed_only"] = summary(emb_lat[5:])
     res["search_only"] = summary(search_lat[5:])
 
@@ -194,10 +207,12 @@ def main() -> None:
     print(f"\nentries {res['entries']:,}  scopes {res['scopes']}  rows in the queried scope "
           f"~{int(res['entries'] * res['hot_fraction']):,}  ANN index: {res['stats']['vector_indexed']}")
     print(f"{'path':28s} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
-    for k in ("exact_hit", "semantic_lookup", "embed_only", "search_only", "miss"):
+    for k in ("exact_hit", "semantic_hit", "semantic_lookup", "semantic_hit_cosine_only",
+              "semantic_lookup_cosine_only", "embed_only", "search_only", "miss"):
         s = res[k]
         print(f"{k:28s} {s['p50_ms']:8.2f} {s['p90_ms']:8.2f} {s['p99_ms']:8.2f}")
-    print(f"semantic outcomes: {res['semantic_outcomes']}")
+    print(f"semantic outcomes: guard + verifier {res['semantic_outcomes']}, cosine + guard "
+          f"{res['semantic_outcomes_cosine_only']}; mirror {res['stats']['memory']}")
     print(f"bulk insert {res['bulk_insert_rows_per_s']:,.0f} rows/s; coalesced put() "
           f"{res['put_coalesced_per_s']:,.0f}/s in {res['put_coalesced_writes']} writes; "
           f"disk {res['disk_bytes'] / 1e6:.1f} MB ({res['disk_bytes_per_entry']:.0f} B/entry)")

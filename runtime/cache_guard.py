@@ -398,6 +398,22 @@ def _direction(q: _Text, c: _Text) -> str | None:
 _ENTITY_KINDS = frozenset({"names", "object", "where"})  # proper nouns, whichever list knows them
 
 
+_NEGATING_PREFIXES = ("un", "dis", "non")
+
+
+def _prefixed_opposite(q: _Text, c: _Text) -> str | None:
+    """A word on one side whose negated form is on the other ("mute" / "unmute", "like" / "dislike"): the
+    lists cannot name every such pair."""
+    qs, cs = set(q.words), set(c.words)
+    for a, b in ((qs, cs), (cs, qs)):
+        for w in a - b:
+            for p in _NEGATING_PREFIXES:
+                base = w[len(p):]
+                if w.startswith(p) and len(base) >= 3 and base in b and base not in a and w not in b:
+                    return f"{base} vs {w}"
+    return None
+
+
 def _key_kinds(t: _Text, i: int) -> frozenset[str]:
     """What kind of key term a word is (a category that claimed it, a name, a number), if any."""
     if i in t.claimed:
@@ -449,7 +465,7 @@ def check(query: str, candidate: str) -> Veto | None:
     where = _where(q, c)
     if where:
         return Veto("where", where)
-    way = _direction(q, c)
+    way = _direction(q, c) or _prefixed_opposite(q, c)
     if way:
         return Veto("which way", way)
     q_only, c_only = q.names - set(c.words), c.names - set(q.words)

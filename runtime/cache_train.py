@@ -207,7 +207,7 @@ def pair_features(pairs: list[tuple[str, str, int]], encode: Any, min_cosine: fl
 
 
 def train(pairs: list[tuple[str, str, int]], encode: Any, *, loose: float = DEFAULT_LOOSE,
-          precision: float = DEFAULT_PRECISION, folds: int = 5, repeats: int = 3, calib_fraction: float = 0.2,
+          precision: float = DEFAULT_PRECISION, folds: int = 5, repeats: int = 5, calib_fraction: float = 0.2,
           seed: int = 0, log: Any = print, **gbt: Any) -> cv.VerifierModel:
     """Fit, choose the threshold and calibrate (see the module docstring). ``encode(texts)`` returns an
     ``Encoded`` with tokens; ``gbt`` overrides ``fit_gbt``'s defaults."""

@@ -64,6 +64,26 @@ def test_exact_then_semantic_hit_but_never_across_tenants(rt):
     assert other.cache == "miss" and other.attempts == 1
 
 
+def test_wrong_answer_feedback_evicts_the_cached_answer(rt):
+    q = "Explain how a refrigerator keeps food cold."
+    first = ray.get(rt.submit(user_msg(q, 200), tenant="feedback"))
+    assert first.cache == "miss"
+    before = rt.stats()["cache"]["hits_semantic"]
+    near = ray.get(rt.submit(user_msg(q.lower().rstrip("."), 200), tenant="feedback"))
+    assert near.cache == "semantic"
+    # the caller records a hit fire-and-forget: wait until the cache has counted it
+    for _ in range(500):
+        if rt.stats()["cache"]["hits_semantic"] > before:
+            break
+        time.sleep(0.01)
+    out = rt.cache_feedback(near.request_id, wrong=True)
+    assert out["found"] and out["evicted"]
+    again = ray.get(rt.submit(user_msg(q.lower().rstrip("."), 200), tenant="feedback"))
+    assert again.cache == "miss" and again.attempts == 1
+    assert rt.cache_feedback("no-such-request") == {"request_id": "no-such-request", "found": False,
+                                                     "evicted": None, "tightened": 0}
+
+
 def test_real_time_prompts_bypass_the_cache(rt):
     q = "What is the latest price of copper today?"
     a = ray.get(rt.submit(user_msg(q, 64), tenant="acme"))

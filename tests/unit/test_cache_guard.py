@@ -116,7 +116,7 @@ def test_vocabulary_ships_in_the_package_and_covers_every_category():
     summary = cg.vocabulary_summary()
     for category in ("who", "when", "where", "which way", "how much", "modality", "object"):
         assert sum(summary[category].values()) > 0, category
-    assert {"age groups", "species", "roles", "organisation size"} <= set(summary["who"])
+    assert {"age groups", "species", "people", "organisation size"} <= set(summary["who"])
     assert summary["where"]["places"] > 200
 
 
