@@ -313,6 +313,13 @@ class CacheStore:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
+def _same_caller_restarted(old: str, new: str) -> bool:
+    """Owners are "caller|life|execution": the same caller in a new life means the old process is gone (Ray
+    restarted the actor), so its claim can be taken over at once instead of lapsing."""
+    a, b = old.split("|"), new.split("|")
+    return len(a) == 3 and len(b) == 3 and a[0] == b[0] and a[1] != b[1]
+
+
 @dataclass
 class _Claim:
     """A single-flight leader's claim on a key: held by ``owner`` until ``expires`` (monotonic) unless the
@@ -452,7 +459,7 @@ class CacheService:
             return False
         c = self._claims.get(key)
         mono = time.monotonic()
-        if c is not None and c.expires > mono and c.owner != owner:
+        if c is not None and c.expires > mono and c.owner != owner and not _same_caller_restarted(c.owner, owner):
             return False
         if c is not None and c.owner != owner:
             c.event.set()  # a lapsed leader's waiters stop waiting for it

@@ -446,16 +446,24 @@ class Ledger:
                                                 self.settings.ledger.unreconciled_after_s)
             if conflict is not None:
                 return Begun(None, 0, duplicate_of=conflict.owner)
+            mine = [a for a, it in self._open.get(rid, {}).items() if it.owner == b.owner]
+            if mine:
+                # the same execution asking again (Ray retried this call across a ledger restart): answer
+                # with the intent it already has rather than open a second one that nothing will close
+                attempt = max(mine)
+                dead = []
             self._beginning[rid] = b.owner
             try:
-                if dead:
+                if attempt is None and dead:
                     env = self.settings.environment
                     await asyncio.gather(*(self._write("record", self._item(unreconciled_record(it, env)))
                                            for it in dead))
                     unreconciled = len(dead)
-                known = max(self._open.get(rid, {}) or [0])
-                stored = await asyncio.get_running_loop().run_in_executor(self._exec, self.store.max_attempt, rid)
-                attempt = max(known, stored) + 1
+                if attempt is None:
+                    known = max(self._open.get(rid, {}) or [0])
+                    stored = await asyncio.get_running_loop().run_in_executor(self._exec, self.store.max_attempt,
+                                                                              rid)
+                    attempt = max(known, stored) + 1
             finally:
                 self._beginning.pop(rid, None)
         else:

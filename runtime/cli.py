@@ -67,6 +67,22 @@ def report(since: str = typer.Option("7d", help="span to report, e.g. 24h, 7d, 4
 
 
 @app.command()
+def reconcile(billing: Optional[Path] = typer.Option(None, help="a billing log (the local API's) to settle against"),
+              admin_key: Optional[str] = typer.Option(None, "--admin-key", envvar="ANTHROPIC_ADMIN_KEY",
+                                                      help="an Admin API key: settle against the usage report"),
+              min_age_s: float = typer.Option(60.0, help="leave placeholders younger than this (their call may "
+                                                          "still be running)")) -> None:
+    """Settle the ledger's unreconciled rows (calls whose answer was lost) against what the API billed."""
+    import json
+
+    import runtime
+
+    rt = runtime.connect()
+    out = rt.reconcile(billing=billing, admin_key=admin_key, min_age_s=min_age_s)
+    typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
 def status() -> None:
     """Attach to a running runtime (RAY_ADDRESS or auto) and print its state."""
     import json

@@ -215,7 +215,8 @@ class FallbackRun:
         if d.action is Action.SURFACE:
             return Step(Move.SURFACE, model, why=f"{status} is not retried" if status not in
                         RETRY_SAME_STATUSES and status != 429 else "fallback chain exhausted")
-        if d.action is Action.NEXT_MODEL:
+        if d.action is Action.NEXT_MODEL or (self.breaker.is_open(model) and self._has_next()):
+            # a retry of a model whose circuit this failure opened would hit the storm again: move on
             return self._enter(self.idx + 1, why=f"fallback after {status} on {model}")
         if self.clock() + d.delay_s > self.deadline_at:
             return Step(Move.SURFACE, model, why="deadline before the next retry")

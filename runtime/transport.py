@@ -203,9 +203,16 @@ class SdkTransport:
             nonlocal started
             async with self.client.messages.stream(model=model, **params, extra_headers=headers,
                                                    timeout=t.httpx()) as stream:
+                stopped = False
                 async for event in stream:
                     if event.type == "message_start":
                         started = True
+                    elif event.type == "message_stop":
+                        stopped = True
+                if not stopped:
+                    # the SDK hands back whatever arrived when a stream ends early: a cut answer is not an answer
+                    raise CallFailed(0, "maybe", error_type="stream_cut",
+                                     message="the stream ended before message_stop")
                 message = await stream.get_final_message()
                 return Response(message, ratelimit_headers(stream.response.headers))
 

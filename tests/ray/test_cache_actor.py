@@ -297,3 +297,32 @@ def test_get_or_create_cache_is_one_singleton(ray_local, tmp_path):
         assert ray.get_actor("cache", namespace=NAMESPACE)._actor_id == a._actor_id
     finally:
         ray.kill(a, no_restart=True)
+
+
+async def test_waiters_never_outwait_a_leader_that_stopped_renewing_nor_their_own_deadline(tmp_path):
+    from actors.cache import CacheService
+
+    svc = CacheService(make_settings(tmp_path), maintenance_interval_s=0, claim_lease_s=0.5)
+    key = "ab" * 16
+    assert await svc.claim(key, owner="caller-0|life-1|e1")
+    # a waiter with a short deadline gives up at its deadline, though the leader is alive
+    t0 = time.monotonic()
+    assert await svc.wait(key, timeout_s=0.1) is None
+    assert time.monotonic() - t0 < 0.45
+    # the leader's caller died: no renewals, so its claim lapses and waiters go to the API themselves
+    t0 = time.monotonic()
+    assert await svc.wait(key, timeout_s=240) is None
+    assert time.monotonic() - t0 < 5
+    assert await svc.claim(key, owner="caller-1|life-9|e2")
+
+
+async def test_a_restarted_caller_takes_over_its_dead_life_claim_at_once(tmp_path):
+    from actors.cache import CacheService
+
+    svc = CacheService(make_settings(tmp_path), maintenance_interval_s=0, claim_lease_s=60)
+    key = "cd" * 16
+    assert await svc.claim(key, owner="caller-0|life-1|e1")
+    assert not await svc.claim(key, owner="caller-1|life-3|e7")   # another live caller waits
+    assert await svc.claim(key, owner="caller-0|life-2|e1")       # the same caller, restarted: its old self is gone
+    assert await svc.renew(key, owner="caller-0|life-2|e1")
+    assert not await svc.renew(key, owner="caller-0|life-1|e1")
