@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import string
@@ -57,3 +58,9 @@ class IdMaker:
 
     def make(self, kind: str) -> str:
         return f"{kind}_01{self._p}{next(self._n):012d}"
+
+
+def key_id(api_key: str) -> str:
+    """A stable, non-reversible name for a key (``apikey_`` + 12 hex of its SHA-256): what billing lines and
+    admin reports show instead of the key."""
+    return "apikey_" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
