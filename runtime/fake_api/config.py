@@ -67,6 +67,8 @@ class FakeApiConfig:
             billing_path=settings.billing_path,
             host=fa.host,
             port=fa.port,
+            # not (yet) a field of FakeApiSettings everywhere: taken when the settings have it
+            output_tokens_per_s=getattr(fa, "output_tokens_per_s", None),
         )
         for k, v in overrides.items():
             if k not in _FIELD_NAMES:
