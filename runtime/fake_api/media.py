@@ -7,7 +7,7 @@ first SOF segment) and WebP (VP8, VP8L, VP8X).
 
 PDFs: every page is sent to the model as its extracted text plus an image of the page, so a PDF costs its text
 tokens plus, per page, the tokens of the page rendered at ``PDF_RENDER_DPI`` (then scaled like any image: a
-Letter or A4 page comes to ``MAX_IMAGE_TOKENS``). Pages are counted from the page objects (also inside
+Letter or A4 page comes to about ``MAX_IMAGE_TOKENS``). Pages are counted from the page objects (also inside
 compressed object streams); text is read from the literal and hex strings shown between BT/ET in the content
 streams (Flate-compressed or plain). Glyph codes that are not plain text (CID fonts) are charged as if every
 ``GLYPHS_PER_TOKEN`` glyphs were one token.
