@@ -22,6 +22,10 @@ def fake_api(
     p529: float = typer.Option(0.0, help="probability of a 529 overloaded_error"),
     p500: float = typer.Option(0.0, help="probability of a 500 api_error"),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="added latency per request"),
+    output_tokens_per_s: Optional[float] = typer.Option(
+        None, "--output-tokens-per-s", min=0.001,
+        help="generation speed: a response of N output tokens takes N/rate s, streams spread over it "
+             "(default: instant)"),
     seed: int = typer.Option(0, help="seed for fault injection and reply text"),
     billing: Optional[Path] = typer.Option(None, help="append one JSON line per billed response here"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FAKE_API_KEY",
@@ -32,7 +36,8 @@ def fake_api(
     from runtime.settings import Settings
 
     cfg = FakeApiConfig.from_settings(Settings(), p529=p529, p500=p500, latency_ms=latency_ms, seed=seed,
-                                      billing_path=billing, api_key=api_key)
+                                      billing_path=billing, api_key=api_key,
+                                      output_tokens_per_s=output_tokens_per_s)
     if rpm is not None or itpm is not None or otpm is not None:
         cfg = cfg.with_uniform_limits(rpm or 10**9, itpm or 10**12, otpm or 10**12)
     typer.echo(f"fake Anthropic API on http://{host}:{port} (ANTHROPIC_BASE_URL=http://{host}:{port})")
