@@ -277,7 +277,8 @@ def test_alerts_reach_log_store_and_webhook_and_survive_restart(tmp_path, ledger
         wait_ready(h)
         # after the restart the day's episode is remembered: more spend raises nothing new
         ray.get(h.commit.remote(billed(4, cost=0.05)))
-        time.sleep(0.5)
+        # an alert is written with the batch after the record that raised it: one more commit is the barrier
+        ray.get(h.commit.remote(billed(5, cost=0.0)))
         assert [a["kind"] for a in ray.get(h.alerts.remote())] == ["request_cost", "daily_spend"]
         assert _Hook.received.empty()
     finally:
