@@ -48,7 +48,8 @@ def _fail(msg: str, field_name: str, request_id: str) -> InvalidRequest:
     return InvalidRequest(msg, request_id=request_id, field=field_name)
 
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
+# the Message Batches API's custom_id pattern, so any request id can also travel through a batch
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # what a request is allowed to be made of: JSON, and not absurdly deep (a hostile argument must not recurse us
 # into a crash)
 _MAX_DEPTH = 64
@@ -129,11 +130,11 @@ def _check_content(content: Any, where: str, rid: str) -> None:
 
 
 def check_request_id(request_id: Any) -> str:
-    """A caller-supplied request id: a short string of letters, digits and ``_-.:`` (it is also the batch
-    custom_id and a ledger key)."""
+    """A caller-supplied request id: 1-64 letters, digits, ``_`` or ``-`` (it is also the batch custom_id and a
+    ledger key)."""
     if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
         shown = request_id if isinstance(request_id, (str, int, float)) else type(request_id).__name__
-        raise InvalidRequest(f"request_id must be 1-128 characters of letters, digits and _-.: , not {shown!r}",
+        raise InvalidRequest(f"request_id must be 1-64 letters, digits, _ or -, not {shown!r}",
                              request_id=None, field="request_id")
     return request_id
 
