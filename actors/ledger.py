@@ -283,7 +283,8 @@ class Ledger:
         for rid, by_attempt in self._open.items():
             last = by_attempt[max(by_attempt)]
             if last.reserved_usd > 0:
-                self.book.restore(rid, last.user_id, last.tenant, last.reserved_usd)
+                self.book.restore(rid, last.user_id, last.tenant, last.reserved_usd, owner=last.owner,
+                                  priority=last.priority)
                 if last.owner:
                     self._holders[rid] = last.owner
         # alerts: the day's spend, what was already raised, and the error window (which decides the episode)

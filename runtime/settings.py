@@ -217,6 +217,13 @@ class BudgetSettings(_Strict):
     downgrade_at: float = Field(default=0.80, gt=0, le=1)
     # critical traffic may go past a budget up to this multiple of it (1.0 = no extra)
     critical_hard_cap: float = Field(default=1.0, ge=1.0)
+    # a request whose worst case fits the settled spend but not the in-flight reservations waits for them to
+    # settle; past this many waiting requests new ones are refused (0: never wait, refuse as soon as it is full)
+    max_queued: int = Field(default=10_000, ge=0)
+    # the learned actual / worst-case cost ratio (per model and route) that turns reservations into expected
+    # spend for the downgrade threshold: EMA weight, and the lowest ratio ever assumed
+    cost_ratio_alpha: float = Field(default=0.05, gt=0, le=1)
+    cost_ratio_floor: float = Field(default=0.10, gt=0, le=1)
 
 
 class CacheSettings(_Strict):
