@@ -78,3 +78,8 @@ def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Setti
     in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
     factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
     return (est * in_rate + max(0, int(max_tokens)) * tier.output) * factor
+
+
+def token_factor(batch: bool = False) -> float:
+    """Dollars per token for a rate quoted per million tokens, with the batch discount when ``batch``."""
+    return _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
