@@ -83,3 +83,8 @@ def bound_cost(model: str, input_tokens_bound: int, max_tokens: int, settings: S
         in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
         cost = max(cost, n * in_rate + max(0, int(max_tokens)) * tier.output)
     return cost * _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+
+
+def token_factor(batch: bool = False) -> float:
+    """Dollars per token for a rate quoted per million tokens, with the batch discount when ``batch``."""
+    return _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)

