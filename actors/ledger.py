@@ -134,8 +134,8 @@ class LedgerStore:
                         "INSERT INTO intents (request_id, attempt, model, ts, owner, reserved_usd, user_id, tenant, "
                         "priority, state) VALUES (:request_id, :attempt, :model, :ts, :owner, :reserved_usd, "
                         ":user_id, :tenant, :priority, 'open') ON CONFLICT(request_id, attempt) DO UPDATE SET "
-                        "model = excluded.model, owner = excluded.owner, reserved_usd = excluded.reserved_usd, "
-                        "state = 'open'", payload)
+                        "model = excluded.model, owner = excluded.owner, reserved_usd = excluded.reserved_usd",
+                        payload)
                     out.append(Written(True))
                 elif kind == "reconcile":
                     out.append(self._reconcile(cur, payload))
@@ -254,6 +254,9 @@ class Ledger:
         self._beginning: dict[str, str] = {}  # request id -> owner, while its first begin is in progress
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._budget_leases: dict[str, float] = {}
+        self._lease_seq = 0
+        self._closed_recently: dict[str, set[int]] = {}
         self._http = None
         self._counter = None
         self.flushes = 0
@@ -374,6 +377,12 @@ class Ledger:
             done.add(rec.attempt)
         for a in done:
             by_attempt.pop(a, None)
+        if done:
+            closed = self._closed_recently.setdefault(rec.request_id, set())
+            closed.update(done)
+            if len(self._closed_recently) > 100_000:  # a bounded memory of what was closed
+                for rid in list(self._closed_recently)[:50_000]:
+                    del self._closed_recently[rid]
         if not by_attempt:
             self._open.pop(rec.request_id, None)
 
@@ -639,6 +648,78 @@ class Ledger:
 
     async def ping(self) -> bool:
         return True
+
+    # -- what callers journal locally (actors/journal.py) -------------------------------------------------------
+    async def apply_journal(self, entries: list[dict[str, Any]]) -> int:
+        """A caller's journal, in order: intents, then records (with the budget-lease part each consumes).
+        Idempotent: entries sent again after a crash change nothing."""
+        writes = []
+        consumed: list[tuple[str, float]] = []
+        for e in entries:
+            if e["k"] == "intent":
+                it = OpenIntent(e["request_id"], int(e["attempt"]), e.get("model"), float(e["ts"]), e.get("owner"),
+                                float(e.get("reserved_usd") or 0.0), e.get("user_id"), e.get("tenant"),
+                                e.get("priority") or "normal")
+                if self._already_closed(it):
+                    continue
+                self._open.setdefault(it.request_id, {})[it.attempt] = it
+                writes.append(self._write("intent", {k: getattr(it, k) for k in (
+                    "request_id", "attempt", "model", "ts", "owner", "reserved_usd", "user_id", "tenant",
+                    "priority")}))
+            else:
+                rec = Record.from_row(e["row"])
+                rec.void_attempts = tuple(e.get("void") or ())
+                writes.append(self._write("record", self._item(rec)))
+                if e.get("lease"):
+                    consumed.append((e["lease"], float(e.get("reserved") or 0.0)))
+        await asyncio.gather(*writes)
+        for lease_id, amount in consumed:
+            self.book.consume_lease(lease_id, amount)
+        return len(entries)
+
+    def _already_closed(self, it: OpenIntent) -> bool:
+        # a journal sent twice must not reopen an intent the first copy's record closed
+        return it.request_id in self._closed_recently and it.attempt in self._closed_recently[it.request_id]
+
+    async def caller_restarted(self, caller: str, life: str) -> dict[str, int]:
+        """A caller process came back (a new life of the same actor name): the open intents of its earlier
+        lives were sent by a process that is gone. They become unreconciled rows now; the answer maps each
+        such request to its highest attempt, so a re-run numbers its attempts after them."""
+        dead = [it for by in list(self._open.values()) for it in by.values()
+                if (o := Owner.parse(it.owner)) is not None and o.caller == caller and o.life != life]
+        env = self.settings.environment
+        await asyncio.gather(*(self._write("record", self._item(unreconciled_record(it, env))) for it in dead))
+        out: dict[str, int] = {}
+        for it in dead:
+            out[it.request_id] = max(out.get(it.request_id, 0), it.attempt)
+        return out
+
+    async def budget_lease(self, owner: str, wanted_usd: float) -> tuple[str | None, float]:
+        """A slice of the account-wide budgets for a caller to reserve on by itself (see BudgetBook.lease)."""
+        self._lease_seq += 1
+        lease_id = f"budget-lease-{os.getpid()}-{self._lease_seq}"
+        size = self.book.lease(lease_id, wanted_usd, owner=owner)
+        if size <= 0:
+            return None, 0.0
+        self._budget_leases[lease_id] = time.time()
+        return lease_id, size
+
+    async def budget_lease_consume(self, lease_id: str, amount_usd: float) -> None:
+        """Part of a lease's hold that ended without a record (a request released before it was billed)."""
+        self.book.consume_lease(lease_id, amount_usd)
+        if self.book.held(lease_id) is None:
+            self._budget_leases.pop(lease_id, None)
+
+    async def budget_lease_return(self, lease_id: str, keep_usd: float) -> None:
+        """The caller is done with a lease except ``keep_usd``, reserved by its calls still running (their
+        records will consume that part)."""
+        held = self.book.held(lease_id)
+        if held is None:
+            return
+        self.book.consume_lease(lease_id, max(0.0, held.amount - keep_usd))
+        if keep_usd <= 0:
+            self.book.release(lease_id)
+            self._budget_leases.pop(lease_id, None)
 
     async def reconfigure(self, settings: Settings) -> None:
         """New budgets and alert thresholds, live (``runtime.start(..., reconfigure=True)``); what is spent and

@@ -419,7 +419,7 @@ class Pipeline:
         amount = await self._reservation(req, model, deadline_at)
         begun = await self.ports.ledger.begin(Begin(
             request_id=req.request_id, owner=str(run.owner), attempt=attempt, model=model, user_id=req.user_id,
-            tenant=req.tenant, priority=req.priority, reserve_usd=amount))
+            tenant=req.tenant, priority=req.priority, reserve_usd=amount, unique=not req.id_given))
         if begun.duplicate_of is not None:
             raise InvalidRequest(f"request_id {req.request_id!r} is already in flight; request ids must be "
                                  "unique per request", request_id=req.request_id, field="request_id")
