@@ -69,7 +69,12 @@ class Begin:
     """A caller's request to reserve budget for an attempt and write its intent, in one ledger call.
 
     ``attempt=None``: the first attempt of this execution; the ledger assigns the number (after every attempt
-    it knows for the request) and first settles any intents a dead earlier run left open."""
+    it knows for the request) and first settles any intents a dead earlier run left open.
+
+    ``deadline_at`` (wall-clock ``time.time()``): when there is no room for ``reserve_usd`` now but it fits
+    beside the settled spend, the ledger waits for in-flight reservations to settle, up to this time, before
+    answering (runtime/budget.py's queue). None: never wait, refuse at once (the batch path). ``route`` and
+    ``max_tokens`` key what the settle teaches the book (learned cost and output ratios)."""
 
     request_id: str
     owner: str
@@ -79,6 +84,9 @@ class Begin:
     tenant: str | None
     priority: str
     reserve_usd: float
+    deadline_at: float | None = None
+    route: str | None = None
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
