@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS batches (
 _INSERT_RECORD = (f"INSERT OR IGNORE INTO records ({', '.join(ROW_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in ROW_COLUMNS)})")
 _BY = {"model": "model", "user": "user_id", "tenant": "tenant",
-       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment", "status": "status"}
+       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment", "status": "status",
+       "upstream": "upstream"}
 
 
 @dataclass
@@ -112,6 +113,10 @@ class LedgerStore:
             if col not in have:
                 self.conn.execute(f"ALTER TABLE intents ADD COLUMN {col} {decl}")
         self.conn.execute("CREATE INDEX IF NOT EXISTS intents_open ON intents(state, ts)")
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(records)")}
+        for col in ROW_COLUMNS:
+            if col not in have:
+                self.conn.execute(f"ALTER TABLE records ADD COLUMN {col} {_COLUMN_TYPES.get(col, 'TEXT')}")
 
     def write(self, items: list[tuple[str, Any]]) -> list[Written]:
         """One durable transaction for a batch; per item, what it did. A record item's payload is
@@ -677,6 +682,13 @@ class Ledger:
     async def ping(self) -> bool:
         return True
 
+    async def reconfigure(self, settings: Settings) -> None:
+        """New budgets and alert thresholds, live (``runtime.start(..., reconfigure=True)``); what is spent and
+        reserved stays."""
+        self.settings = settings.without_secrets(keep_webhook=True)
+        self.book.cfg = settings.budgets
+        self.monitor.cfg = settings.alerts
+
 
 def _intent_of(row: dict[str, Any]) -> OpenIntent:
     return OpenIntent(row["request_id"], int(row["attempt"]), row.get("model"), float(row["ts"]), row.get("owner"),
@@ -742,10 +754,10 @@ LedgerActor = ray.remote(num_cpus=0, max_concurrency=max_concurrency(BudgetSetti
                          max_task_retries=-1)(Ledger)
 
 
-def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None):
+def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None, namespace: str = NAMESPACE):
     """The cluster's one ledger: a named detached actor that racing creators all resolve to."""
     return LedgerActor.options(
-        name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1, max_task_retries=-1,
+        name=LEDGER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_task_retries=-1,
         get_if_exists=True, scheduling_strategy=scheduling_strategy,
         max_concurrency=max_concurrency(settings.budgets),
     ).remote(settings)
