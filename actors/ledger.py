@@ -13,6 +13,11 @@ alerts) is in the file before it is acknowledged; on start the actor replays the
 its alert monitor and its counters. Budget *reservations* are not persisted (an fsync per reserve would halve
 throughput): after a restart, requests already in flight are settled as plain spend when they commit.
 
+A ``begin`` that finds no room in a budget but fits beside its settled spend waits here for room (``BudgetGate``,
+runtime/budget_wait.py): a coroutine parked on the event loop per waiting request, woken after each write batch
+and release, or by the deadline timer. Waiters are not persisted either: after a restart Ray retries their
+``begin`` calls, which queue again.
+
 SQLite work runs on one dedicated thread (the connection's only user), never on the event loop.
 """
 

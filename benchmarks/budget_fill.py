@@ -126,7 +126,7 @@ def main() -> None:
     print(f"${args.limit:.2f} daily budget, {args.n} Sonnet requests (~1,000-token prompts, max_tokens 200), "
           f"API latency {args.latency_ms:.0f} ms; billed = the API's billing log")
     print("| in flight | mode | budget used | overshoot | answered (Sonnet / Haiku) | refused | refused that "
-          "could have fit | waited | wall s | p50 s |")
+          "could have fit | waits | wall s | p50 s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c in cells:
         print(f"| {c['in_flight']} | {c['mode']} | {c['used']:.1%} (${c['billed_usd']:.4f}) | "
