@@ -339,13 +339,19 @@ class Runtime:
             raise ValueError("by must be one of model, user, tenant, day, upstream")
         return ray.get(self.ledger.spend.remote(_since_ts(since), by))
 
+    def budgets(self) -> dict[str, Any]:
+        """Where every budget stands now: per budget its limit, settled spend, worst cases reserved in flight,
+        their expected cost (from learned actual/worst-case ratios), requests waiting for room (count and
+        worst-case USD) and state (normal / downgrade / stop); then the learned ratios per model and route."""
+        return ray.get(self.ledger.budgets.remote())
+
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
         self.flush()
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
     def stats(self) -> dict[str, Any]:
         self.flush()
-        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
+        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()), "budgets": self.budgets(),
                                "limiter": ray.get(self.limiter.snapshot.remote())}
         if self.cache is not None:
             out["cache"] = ray.get(self.cache.stats.remote())
