@@ -485,6 +485,13 @@ class CacheStore:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
+def _same_caller_restarted(old: str, new: str) -> bool:
+    """Owners are "caller|life|execution": the same caller in a new life means the old process is gone (Ray
+    restarted the actor), so its claim can be taken over at once instead of lapsing."""
+    a, b = old.split("|"), new.split("|")
+    return len(a) == 3 and len(b) == 3 and a[0] == b[0] and a[1] != b[1]
+
+
 @dataclass
 class _Claim:
     """A single-flight leader's claim on a key: held by ``owner`` until ``expires`` (monotonic) unless the
@@ -641,7 +648,7 @@ class CacheService:
             return False
         c = self._claims.get(key)
         mono = time.monotonic()
-        if c is not None and c.expires > mono and c.owner != owner:
+        if c is not None and c.expires > mono and c.owner != owner and not _same_caller_restarted(c.owner, owner):
             return False
         if c is not None and c.owner != owner:
             c.event.set()  # a lapsed leader's waiters stop waiting for it
@@ -809,9 +816,10 @@ class CacheService:
 CacheActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)(CacheService)
 
 
-def get_or_create_cache(settings: Any, *, scheduling_strategy: Any = None, **kwargs: Any) -> Any:
+def get_or_create_cache(settings: Any, *, scheduling_strategy: Any = None, namespace: str = NAMESPACE,
+                        **kwargs: Any) -> Any:
     """The cluster's cache singleton; many racing creators get one actor."""
-    return CacheActor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+    return CacheActor.options(name=ACTOR_NAME, namespace=namespace, lifetime="detached",
                               get_if_exists=True, scheduling_strategy=scheduling_strategy
                               ).remote(settings, **kwargs)
 

@@ -42,13 +42,15 @@ class NormalizedRequest:
     cache_enabled: bool = True
     deadline_s: float | None = None   # how long the caller may wait for admission
     meta: dict[str, Any] = field(default_factory=dict)
+    id_given: bool = False            # the caller chose the request id (it may collide with a running one)
 
 
 def _fail(msg: str, field_name: str, request_id: str) -> InvalidRequest:
     return InvalidRequest(msg, request_id=request_id, field=field_name)
 
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_\-.:]{1,128}")
+# the Message Batches API's custom_id pattern, so any request id can also travel through a batch
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # what a request is allowed to be made of: JSON, and not absurdly deep (a hostile argument must not recurse us
 # into a crash)
 _MAX_DEPTH = 64
@@ -129,11 +131,11 @@ def _check_content(content: Any, where: str, rid: str) -> None:
 
 
 def check_request_id(request_id: Any) -> str:
-    """A caller-supplied request id: a short string of letters, digits and ``_-.:`` (it is also the batch
-    custom_id and a ledger key)."""
+    """A caller-supplied request id: 1-64 letters, digits, ``_`` or ``-`` (it is also the batch custom_id and a
+    ledger key)."""
     if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
         shown = request_id if isinstance(request_id, (str, int, float)) else type(request_id).__name__
-        raise InvalidRequest(f"request_id must be 1-128 characters of letters, digits and _-.: , not {shown!r}",
+        raise InvalidRequest(f"request_id must be 1-64 letters, digits, _ or -, not {shown!r}",
                              request_id=None, field="request_id")
     return request_id
 
@@ -148,7 +150,9 @@ def validate(
     cache: bool = True,
     request_id: str | None = None,
     deadline_s: float | None = None,
+    streaming: bool = False,
 ) -> NormalizedRequest:
+    """``streaming``: the request is for ``rt.stream`` (``stream=True`` in it is then allowed, and implied)."""
     rid = check_request_id(request_id) if request_id is not None else f"req_{uuid.uuid4().hex}"
     if not isinstance(request, dict):
         raise _fail(f"a request is a dict like messages.create takes, not {type(request).__name__}", "request", rid)
@@ -169,9 +173,10 @@ def validate(
     if removed:
         raise _fail(f"{', '.join(removed)}: removed in the current API version (the API answers 400); "
                     "use 'effort' / thinking settings instead", removed[0], rid)
-    if request.get("stream"):
-        raise _fail("stream: submit() returns whole messages; streaming is not supported through submit()",
-                    "stream", rid)
+    if request.get("stream") and not streaming:
+        raise _fail("stream: submit() returns whole messages; use rt.stream(...) for events", "stream", rid)
+    if "stream" in request and not isinstance(request["stream"], bool):
+        raise _fail("stream must be true or false", "stream", rid)
     unknown = sorted(set(request) - ALLOWED_PARAMS - {"stream"})
     if unknown:
         raise _fail(f"{', '.join(unknown)}: extra inputs are not permitted", unknown[0], rid)
@@ -249,6 +254,7 @@ def validate(
     return NormalizedRequest(
         request_id=rid, requested_model=model, params=params, max_tokens=max_tokens, user_id=user_id,
         tenant=tenant, priority=priority, cache_enabled=bool(cache), deadline_s=deadline_s,
+        id_given=request_id is not None,
     )
 
 

