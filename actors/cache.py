@@ -14,8 +14,10 @@
 
 Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
 claims, TTL, size cap, ANN index); it never judges whether a neighbour is the same question. The client, in
-the caller's process, embeds the prompt and applies runtime.cache_policy (bypass, threshold, guard): the
-embedding model loads once per caller, and the actor stays a fast state owner.
+the caller's process, has the prompt embedded by the shared embedding pool (actors/embedder.py: the model is
+never loaded in a caller) and applies runtime.cache_policy (bypass, threshold, guard), and the actor stays a
+fast state owner. No embedding within the pool's deadline: the lookup goes on as ``bypass`` after its exact
+part (an exact hit is still served), and the answer is not stored.
 
 Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
 (max_restarts=-1, no state carried by Ray) rebuilds its exact-key dict from the table and serves the entry.
@@ -41,6 +43,7 @@ import pyarrow as pa
 import ray
 
 from runtime import cache_policy as policy
+from runtime.embedding_types import EmbeddingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +586,8 @@ class CacheOutcome:
 
 
 class CacheClient:
-    """The only cache surface a caller touches. Holds the embedder (loaded once per caller process)."""
+    """The only cache surface a caller touches. ``embedder``: anything with ``async embed_async(text)`` returning
+    a (384,) unit vector; by default a client of the shared embedding pool."""
 
     def __init__(self, actor_handle: Any, settings: Any, embedder: Any = None, *, k: int = 5) -> None:
         self._actor = actor_handle
@@ -595,10 +599,20 @@ class CacheClient:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from runtime.embedding import get_embedder
+            from actors.embedder import EmbeddingPoolClient
 
-            self._embedder = get_embedder(self._settings.cache.embedding_model)
+            self._embedder = EmbeddingPoolClient(self._settings)
         return self._embedder
+
+    async def _embed(self, text: str) -> Any:
+        """The text's vector, or None when embedding failed or missed its deadline (the pool client counts and
+        logs why): no request fails because embedding failed."""
+        try:
+            return await self.embedder.embed_async(text)
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, EmbeddingUnavailable):
+                log.warning("embedding failed, semantic lookup bypassed: %s", type(exc).__name__)
+            return None
 
     def _record(self, kind: str, saved: float = 0.0, key: str | None = None) -> None:
         # fire and forget: statistics must not add a round trip to the hit path
@@ -633,7 +647,11 @@ class CacheClient:
         if hit is not None:
             return hit
 
-        vector = await self.embedder.embed_async(prompt)
+        vector = await self._embed(prompt)
+        if vector is None:  # the exact part ran; without a vector neither search nor a storable row
+            self._record("bypass")
+            return CacheOutcome("bypass", None, 0.0, "", "", None, False, "embedding unavailable", prompt,
+                                tenant or "", max_tokens, model=model)
         rejected: str | None = None
         if policy.semantic_eligible(prompt):
             rows = await self._actor.search.remote(vector, scope_id, self._k, now)
@@ -695,7 +713,10 @@ class CacheClient:
         kind = policy.classify(outcome.prompt)
         vector = outcome.vector
         if vector is None:
-            vector = await self.embedder.embed_async(outcome.prompt)
+            vector = await self._embed(outcome.prompt)
+            if vector is None:
+                await self.release(outcome)
+                return False
         entry = {
             "key": outcome.key, "scope_id": outcome.scope_id, "tenant": outcome.tenant, "model": model_used,
             "kind": kind, "prompt": outcome.prompt, "vector": np.asarray(vector, dtype=np.float32),

@@ -86,11 +86,24 @@ class CallerActor:
         self._breaker = CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s)
         self._node_id = ray.get_runtime_context().get_node_id()
         if self._cache is not None:
-            # load the embedding model before the first request, not during it (seconds on a cold process)
-            self._cache.embedder.embed(["warm up"])
+            # find the embedding pool before the first request; the model lives there, never in a caller
+            self._cache.embedder.discover()
 
     def ready(self) -> str:
         return self._node_id
+
+    def loaded_modules(self) -> list[str]:
+        """Debugging and tests: what this process has imported (a caller must never hold torch)."""
+        import sys
+
+        return sorted(sys.modules)
+
+    def rss_bytes(self) -> int:
+        """Debugging and benchmarks: this process's resident memory."""
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def get_settings(self) -> Settings:
         return self.settings

@@ -39,7 +39,8 @@ def _since_ts(since: float | str | datetime | None) -> float | None:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None) -> None:
+    def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None,
+                 embedders: list | None = None) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
         self.settings = settings
@@ -48,10 +49,12 @@ class Runtime:
         self.ledger = ledger
         self.cache = cache
         self.fake_api = fake_api
+        self.embedders = list(embedders or [])  # the pool's floor at start; it may grow (actors/embedder.py)
         self._rr = itertools.count()
 
     def __reduce__(self):  # the round-robin counter is per process
-        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api))
+        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api,
+                          self.embedders))
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
@@ -205,6 +208,10 @@ class Runtime:
             out["cache"] = ray.get(self.cache.stats.remote())
         if self.fake_api is not None:
             out["fake_api"] = ray.get(self.fake_api.stats.remote())
+        if self.cache is not None:
+            from actors.embedder import find_replicas
+
+            out["embedding"] = ray.get([h.stats.remote() for h in find_replicas(self.settings).values()])
         return out
 
     def shutdown(self) -> None:
@@ -217,6 +224,10 @@ class Runtime:
         for actor in [*self.callers, self.limiter, self.ledger, self.cache, self.fake_api]:
             if actor is not None:
                 ray.kill(actor, no_restart=True)
+        # by name, after the callers: replicas they started when scaling up are in no list here
+        from actors.embedder import stop_pool
+
+        stop_pool(self.settings)
 
 
 def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any] | None = None) -> Runtime:
@@ -224,6 +235,7 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
     local API is started and used, so nothing is spent."""
     from actors.cache import get_or_create_cache
     from actors.caller import CallerActor
+    from actors.embedder import start_pool
     from actors.fake_api import get_or_create_fake_api
     from actors.ledger import get_or_create_ledger
     from actors.limiter import get_or_create_limiter
@@ -245,6 +257,9 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
     limiter = get_or_create_limiter(settings, scheduling_strategy=here)
     ledger = get_or_create_ledger(settings, scheduling_strategy=here)
     cache = get_or_create_cache(settings, scheduling_strategy=here) if settings.cache.enabled else None
+    # the embedding pool owns the model (callers never load it); stateless, so not pinned: Ray places it
+    # where its num_cpus / num_gpus fit
+    embedders = start_pool(settings) if settings.cache.enabled else []
     cs = settings.callers
     # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
@@ -257,7 +272,7 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
         for i in range(cs.num_callers)
     ]
     ray.get([c.ready.remote() for c in callers])
-    return Runtime(settings, callers, limiter, ledger, cache, fake)
+    return Runtime(settings, callers, limiter, ledger, cache, fake, embedders)
 
 
 def connect() -> Runtime:
@@ -280,4 +295,7 @@ def connect() -> Runtime:
         except ValueError:
             return None
 
-    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"))
+    from actors.embedder import find_replicas
+
+    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"),
+                   list(find_replicas(settings).values()))

