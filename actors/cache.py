@@ -642,12 +642,20 @@ class CacheClient:
         base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens,
                     model=model)
 
-        row = await self._actor.lookup_exact.remote(key, now)
-        hit = self._as_hit(row, "exact", max_tokens, base)
+        # the embedding overlaps the exact lookup; on an exact hit it is cancelled (never sent, if the pool
+        # client was still filling a batch)
+        embedding = asyncio.ensure_future(self._embed(prompt))
+        try:
+            row = await self._actor.lookup_exact.remote(key, now)
+            hit = self._as_hit(row, "exact", max_tokens, base)
+        except BaseException:
+            embedding.cancel()
+            raise
         if hit is not None:
+            embedding.cancel()
             return hit
 
-        vector = await self._embed(prompt)
+        vector = await embedding
         if vector is None:  # the exact part ran; without a vector neither search nor a storable row
             self._record("bypass")
             return CacheOutcome("bypass", None, 0.0, "", "", None, False, "embedding unavailable", prompt,
