@@ -39,6 +39,7 @@ NAMESPACE = "claude_runtime"
 PREFIX = "embedder-"
 DISCOVER_EVERY_S = 10.0  # look for replicas other callers started
 PROBE_RETRY_S = 0.5
+CHECK_TIMEOUT_S = 0.5  # a live replica answers ready() in milliseconds, even while its model is busy
 
 
 def replica_name(index: int) -> str:
@@ -266,9 +267,17 @@ class EmbeddingPoolClient:
             try:
                 vectors, tokens, backlog = await asyncio.wait_for(r.handle.encode_batch.remote(texts, flags),
                                                                   None if math.isinf(left) else left + 0.05)
-            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            except ray.exceptions.RayActorError as exc:
                 last = exc
                 self._take_down(idx, r, exc)
+                continue
+            except asyncio.TimeoutError as exc:
+                # slow is not down: an overloaded replica stays in rotation (its waiters bypassed at their
+                # deadline); one that does not even answer ready() soon is restarting or stuck
+                last = exc
+                self.stats["replica_errors"] += 1
+                if r.probe is None or r.probe.done():
+                    r.probe = asyncio.get_running_loop().create_task(self._check(idx, r))
                 continue
             finally:
                 r.inflight -= len(items)
@@ -285,6 +294,16 @@ class EmbeddingPoolClient:
         r.up = False
         log.warning("%s out of rotation after %s; probing it", replica_name(idx), type(exc).__name__)
         r.probe = asyncio.get_running_loop().create_task(self._probe(idx, r))
+
+    async def _check(self, idx: int, r: _Replica) -> None:
+        try:
+            await asyncio.wait_for(r.handle.ready.remote(), max(CHECK_TIMEOUT_S, self._s.deadline_s))
+        except (ray.exceptions.RayActorError, asyncio.TimeoutError) as exc:
+            if r.up:
+                r.up = False
+                log.warning("%s out of rotation: ready() failed after a send timed out (%s); probing it",
+                            replica_name(idx), type(exc).__name__)
+                await self._probe(idx, r)
 
     async def _probe(self, idx: int, r: _Replica) -> None:
         """Back in rotation once ``ready`` answers (a restarted replica answers after loading the model);

@@ -28,6 +28,8 @@ def fast_settings(data_dir, **over: Any) -> Settings:
         user_limits=UserLimits(rpm=0, tpm=0),
         retry={"backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_cooldown_s": 1.0},
         callers={"num_callers": 2},
+        # a semantic hit must not turn into a bypass because a loaded test machine was slow to embed
+        embedding={"deadline_s": 30.0},
     )
     kw.update(over)
     return Settings(**kw)

@@ -48,9 +48,10 @@ def local_model():
 
 @pytest.fixture(scope="module")
 def pool(ray_local, tmp_path_factory):
-    # a second replica may start (scaling test) and leaves after 2 s idle
+    # a second replica may start (scaling test) and leaves after 2 s idle; a deadline no busy test machine
+    # misses (the deadline's own test sets its own)
     settings = Settings(data_dir=tmp_path_factory.mktemp("pool"),
-                        embedding={"min_replicas": 1, "max_replicas": 2, "idle_exit_s": 2.0})
+                        embedding={"min_replicas": 1, "max_replicas": 2, "idle_exit_s": 2.0, "deadline_s": 30.0})
     handles = start_pool(settings)
     yield settings, handles
     stop_pool(settings)
@@ -119,9 +120,7 @@ async def test_cache_hits_through_the_pool_are_the_models_hits(pool, local_model
     """Every adversarial and paraphrase pair of benchmarks/cache_quality.py through the real cache path (pool
     embedding, vector search, guard): the same hits the model in-process decides."""
     settings, _ = pool
-    # a generous deadline: this test is about which answers hit, not about how fast 120 lookups at once are
-    settings = settings.model_copy(update={"data_dir": tmp_path, "embedding": settings.embedding.model_copy(
-        update={"deadline_s": 60.0})})
+    settings = settings.model_copy(update={"data_dir": tmp_path})
     actor = CacheActor.options(name=f"cache-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE,
                                lifetime="detached").remote(settings, maintenance_interval_s=0)
     try:
@@ -177,3 +176,33 @@ async def test_pool_grows_under_backlog_and_the_extra_replica_leaves_when_idle(p
     client.discover()  # what the client does every few seconds by itself
     assert set(client.replicas()) == {0} and set(find_replicas(settings)) == {0}
     assert client.stats["unavailable"] == 0
+
+
+async def test_an_embedding_past_its_deadline_is_a_bypass_and_exact_hits_still_serve(pool, tmp_path):
+    settings, _ = pool
+    settings = settings.model_copy(update={"data_dir": tmp_path})
+    hurried = settings.model_copy(update={"embedding": settings.embedding.model_copy(
+        update={"deadline_s": 0.0005})})  # no embedding comes back this fast
+    actor = CacheActor.options(name=f"cache-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE,
+                               lifetime="detached").remote(settings, maintenance_interval_s=0)
+    try:
+        normal = CacheClient(actor, settings, EmbeddingPoolClient(settings))
+        q = f"How do I reverse a list in Python? ({uuid.uuid4().hex[:6]})"
+        out = await normal.lookup(_req(q), MODEL, "A")
+        assert await normal.store(out, _answer("reversed()"), MODEL, 0.01)
+
+        slow_pool = EmbeddingPoolClient(hurried)
+        slow = CacheClient(actor, hurried, slow_pool)
+        assert (await slow.lookup(_req(q), MODEL, "A")).kind == "exact"
+        para = await slow.lookup(_req(q.replace("do I", "can I")), MODEL, "A")
+        assert para.kind == "bypass" and para.reason == "embedding unavailable" and para.message is None
+        assert not await slow.store(para, _answer("x"), MODEL, 0.01)  # nothing stored without a vector
+        assert slow_pool.stats["unavailable"] >= 1
+        # slow is not down: the replica answers ready() at once and stays in rotation
+        probe = slow_pool._replicas[0].probe
+        if probe is not None:
+            await asyncio.wait_for(probe, 30)
+        assert slow_pool.replicas()[0]["up"]
+        assert (await normal.lookup(_req(q.replace("do I", "can I")), MODEL, "A")).kind == "semantic"
+    finally:
+        ray.kill(actor, no_restart=True)

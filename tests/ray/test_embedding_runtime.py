@@ -22,7 +22,8 @@ MODEL_MODULES = ("torch", "sentence_transformers", "transformers", "tokenizers",
 
 @pytest.fixture(scope="module")
 def rt(tmp_path_factory):
-    rt = start_local(fast_settings(tmp_path_factory.mktemp("embedding_rt")))
+    # a deadline a busy test machine does not miss, yet far shorter than a replica's restart (model load)
+    rt = start_local(fast_settings(tmp_path_factory.mktemp("embedding_rt"), embedding={"deadline_s": 3.0}))
     yield rt
     rt.shutdown()
     ray.shutdown()
