@@ -27,12 +27,14 @@ Hit counters in the stats are per actor life; the ledger, not the cache, is the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -44,6 +46,7 @@ import ray
 
 from runtime import cache_policy as policy
 from runtime.embedding_types import EmbeddingUnavailable
+from runtime.groupsubmit import GroupSubmitter
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +316,20 @@ class CacheStore:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
+def _same_caller_restarted(old: str, new: str) -> bool:
+    """Owners are "caller|life|execution": the same caller in a new life means the old process is gone (Ray
+    restarted the actor), so its claim can be taken over at once instead of lapsing."""
+    a, b = old.split("|"), new.split("|")
+    return len(a) == 3 and len(b) == 3 and a[0] == b[0] and a[1] != b[1]
+
+
 @dataclass
 class _Claim:
-    since: float
+    """A single-flight leader's claim on a key: held by ``owner`` until ``expires`` (monotonic) unless the
+    leader renews it, so waiters never wait on a leader whose caller died."""
+
+    owner: str
+    expires: float
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -325,18 +339,18 @@ class CacheService:
     throughput grows with load while each put still returns only once its row is durable."""
 
     def __init__(self, settings: Any, *, index_min_rows: int = 100_000, maintenance_interval_s: float = 30.0,
-                 claim_timeout_s: float | None = None) -> None:
+                 claim_lease_s: float = 15.0) -> None:
         self._settings = settings
         self._store = CacheStore(settings.cache_path, max_entries=settings.cache.max_entries,
                                  index_min_rows=index_min_rows)
-        # a leader that died without releasing frees its key after this long
-        self._claim_timeout_s = claim_timeout_s or (settings.retry.request_timeout_s
-                                                    + settings.limiter.max_wait_s)
+        # a leader that stops renewing (its caller died) frees its key after this long
+        self._claim_lease_s = claim_lease_s
         self._life = f"{os.getpid()}-{time.time_ns()}"
         self._claims: dict[str, _Claim] = {}
         self._waiting = 0
-        self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._writing = False
+        # puts that arrive while a write is on disk go out together in the next one
+        self._puts: GroupSubmitter[dict[str, Any], None] = GroupSubmitter(
+            self._write_puts, max_batch=2_048, max_inflight=1, name="cache-puts")
         self._write_lock = asyncio.Lock()  # writes, deletes and compaction never overlap
         self._counters = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypasses": 0, "evictions": 0,
                           "saved_usd": 0.0, "puts": 0, "writes": 0}
@@ -370,13 +384,7 @@ class CacheService:
     # -- writes ----------------------------------------------------------------------------------------------
     async def put(self, entry: dict[str, Any]) -> None:
         self._ensure_maintenance()
-        row = self._validate(entry)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((row, fut))
-        if not self._writing:
-            self._writing = True
-            asyncio.get_running_loop().create_task(self._flush())
-        await fut
+        await self._puts.submit(self._validate(entry))
 
     async def put_many(self, entries: list[dict[str, Any]]) -> int:
         """Bulk load (benchmarks, warm-up): one write for the lot."""
@@ -411,33 +419,22 @@ class CacheService:
         row["vector"] = vec
         return row
 
-    async def _flush(self) -> None:
+    async def _write_puts(self, rows: list[dict[str, Any]]) -> list[None]:
         try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                rows = [r for r, _ in batch]
-                try:
-                    async with self._write_lock:
-                        await asyncio.to_thread(self._store.write, rows)
-                        self._store.apply(rows)
-                except Exception as exc:
-                    for r, f in batch:
-                        self._wake(r["key"])  # waiters find nothing and go to the API themselves
-                        if not f.done():
-                            f.set_exception(exc)
-                    continue
-                self._counters["puts"] += len(rows)
-                self._counters["writes"] += 1
-                for r, f in batch:
-                    self._wake(r["key"])
-                    if not f.done():
-                        f.set_result(None)
-                try:
-                    await self._enforce_cap()
-                except Exception:  # noqa: BLE001 - a failed eviction must not strand queued puts
-                    log.exception("cache size-cap eviction failed")
+            async with self._write_lock:
+                await asyncio.to_thread(self._store.write, rows)
+                self._store.apply(rows)
         finally:
-            self._writing = False
+            # stored or not, this key's waiters wake: they find the row, or go to the API themselves
+            for r in rows:
+                self._wake(r["key"])
+        self._counters["puts"] += len(rows)
+        self._counters["writes"] += 1
+        try:
+            await self._enforce_cap()
+        except Exception:  # noqa: BLE001 - a failed eviction must not fail the puts that are stored
+            log.exception("cache size-cap eviction failed")
+        return [None] * len(rows)
 
     async def _enforce_cap(self) -> None:
         victims = self._store.over_cap_keys()
@@ -457,38 +454,59 @@ class CacheService:
         return len(keys)
 
     # -- single flight ---------------------------------------------------------------------------------------
-    async def claim(self, key: str, now: float | None = None) -> bool:
+    async def claim(self, key: str, now: float | None = None, owner: str = "", lease_s: float | None = None
+                    ) -> bool:
         """True: the caller leads (calls the API for this key). False: someone else already does, or already
         did: a leader may have stored its answer between this caller's exact lookup and its claim."""
         if self._store.lookup_exact(key, _now(now)) is not None:
             return False
         c = self._claims.get(key)
-        if c is not None and time.monotonic() - c.since < self._claim_timeout_s:
+        mono = time.monotonic()
+        if c is not None and c.expires > mono and c.owner != owner and not _same_caller_restarted(c.owner, owner):
             return False
-        if c is not None:
-            c.event.set()  # a stale leader's waiters stop waiting for it
-        self._claims[key] = _Claim(since=time.monotonic())
+        if c is not None and c.owner != owner:
+            c.event.set()  # a lapsed leader's waiters stop waiting for it
+        self._claims[key] = _Claim(owner, mono + (lease_s or self._claim_lease_s))
+        return True
+
+    async def renew(self, key: str, owner: str = "", lease_s: float | None = None) -> bool:
+        """The leader is still working: keep its claim. False if the claim lapsed or was taken over."""
+        c = self._claims.get(key)
+        if c is None or c.owner != owner:
+            return False
+        c.expires = time.monotonic() + (lease_s or self._claim_lease_s)
         return True
 
     async def wait(self, key: str, timeout_s: float = 60.0) -> dict[str, Any] | None:
-        """The leader's stored row, or None if it failed, released, or did not finish in time."""
+        """The leader's stored row, or None if it failed, released, let its claim lapse, or did not finish
+        within ``timeout_s`` (the waiter's own deadline)."""
         row = self._store.lookup_exact(key, time.time())
         if row is not None:
             return dict(row)
         c = self._claims.get(key)
         if c is None:
             return None
+        give_up = time.monotonic() + max(0.0, timeout_s)
         self._waiting += 1
         try:
-            await asyncio.wait_for(c.event.wait(), timeout=timeout_s)
-        except asyncio.TimeoutError:
-            return None
+            while not c.event.is_set():
+                mono = time.monotonic()
+                left = min(give_up, c.expires) - mono
+                if left <= 0:
+                    return None  # the waiter's deadline, or a leader that stopped renewing (died)
+                try:
+                    await asyncio.wait_for(c.event.wait(), timeout=left)
+                except asyncio.TimeoutError:
+                    continue
         finally:
             self._waiting -= 1
         row = self._store.rows.get(key)
         return dict(row) if row is not None else None
 
-    async def release(self, key: str) -> None:
+    async def release(self, key: str, owner: str | None = None) -> None:
+        c = self._claims.get(key)
+        if c is not None and owner is not None and c.owner != owner:
+            return  # not ours to release: a newer leader holds it
         self._wake(key)
 
     def _wake(self, key: str) -> None:
@@ -530,7 +548,7 @@ class CacheService:
         async with self._write_lock:
             flushed = await asyncio.to_thread(self._store.flush_hits)
             did = await asyncio.to_thread(self._store.maintain)
-        stale = [k for k, c in self._claims.items() if time.monotonic() - c.since >= self._claim_timeout_s]
+        stale = [k for k, c in self._claims.items() if c.expires <= time.monotonic()]
         for k in stale:
             self._wake(k)
         self._last_maintenance = {"evicted": evicted, "hits_flushed": flushed, **did}
@@ -575,6 +593,7 @@ class CacheOutcome:
     leader: bool
     reason: str | None
     prompt: str
+    owner: str = ""  # the single-flight claim's owner, when leading
     tenant: str = ""
     max_tokens: int | None = None
     similarity: float | None = None
@@ -595,6 +614,7 @@ class CacheClient:
         self._embedder = embedder
         self._k = k
         self.wait_timeout_s = settings.retry.request_timeout_s + settings.limiter.max_wait_s
+        self.claim_lease_s = 15.0
 
     @property
     def embedder(self) -> Any:
@@ -619,9 +639,13 @@ class CacheClient:
         self._actor.record.remote(kind, saved, key)
 
     async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True,
-                     now: float | None = None) -> CacheOutcome:
+                     now: float | None = None, *, owner: str | None = None, wait_s: float | None = None
+                     ) -> CacheOutcome:
+        """``owner`` names the single-flight claim if this lookup leads; ``wait_s`` caps how long it waits for
+        another leader's answer (the request's own deadline)."""
         try:
-            return await self._lookup(params, model, tenant, cache_enabled, now)
+            return await self._lookup(params, model, tenant, cache_enabled, now, owner or uuid.uuid4().hex,
+                                      self.wait_timeout_s if wait_s is None else min(wait_s, self.wait_timeout_s))
         except Exception as exc:  # noqa: BLE001
             # the cache is an optimisation: while its actor restarts, requests go to the API uncached
             log.warning("cache unavailable, treating as a miss: %s", type(exc).__name__)
@@ -629,7 +653,7 @@ class CacheClient:
                                 policy.last_user_text(params), tenant or "", params.get("max_tokens"))
 
     async def _lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool,
-                      now: float | None) -> CacheOutcome:
+                      now: float | None, owner: str, wait_s: float) -> CacheOutcome:
         cs = self._settings.cache
         max_tokens = params.get("max_tokens")
         reason = policy.bypass_reason(params, cs, cache_enabled)
@@ -681,16 +705,17 @@ class CacheClient:
                 return hit
             rejected = rejected or "cached answer longer than max_tokens"
 
-        leader = await self._actor.claim.remote(key, now)
+        leader = await self._actor.claim.remote(key, now, owner, self.claim_lease_s)
         if not leader:
-            waited = await self._actor.wait.remote(key, self.wait_timeout_s)
+            waited = await self._actor.wait.remote(key, wait_s)
             hit = self._as_hit(waited, "exact", max_tokens, {**base, "vector": vector})
             if hit is not None:
                 return hit
-            # the leader failed or its answer does not fit this request: go ourselves
-            leader = await self._actor.claim.remote(key, now)
+            # the leader failed, lapsed or its answer does not fit this request: go ourselves
+            leader = await self._actor.claim.remote(key, now, owner, self.claim_lease_s)
         self._record("miss")
-        return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, **base)
+        return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, owner=owner,
+                            **base)
 
     def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any]
                 ) -> CacheOutcome | None:
@@ -743,6 +768,28 @@ class CacheClient:
         """The leader failed: wake this key's waiters so each tries for itself."""
         if outcome.kind == "miss" and outcome.key:
             try:
-                await self._actor.release.remote(outcome.key)
+                await self._actor.release.remote(outcome.key, outcome.owner)
             except Exception:  # noqa: BLE001
                 pass  # a restarted actor holds no claims: nobody is waiting on this one any more
+
+    @contextlib.asynccontextmanager
+    async def holding(self, outcome: CacheOutcome):
+        """Keep a leader's claim alive while its request runs (admission waits and long answers included);
+        if this process dies the renewals stop and the claim lapses within ``claim_lease_s``."""
+        if not (outcome.kind == "miss" and outcome.leader and outcome.key):
+            yield
+            return
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.claim_lease_s / 3)
+                try:
+                    await self._actor.renew.remote(outcome.key, outcome.owner, self.claim_lease_s)
+                except Exception:  # noqa: BLE001 - a restarted cache holds no claims; nothing to keep
+                    return
+
+        task = asyncio.ensure_future(renew())
+        try:
+            yield
+        finally:
+            task.cancel()

@@ -3,11 +3,13 @@ buckets and one billing log (the way one real account behaves)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from runtime.fake_api import FakeApiConfig, FakeApiServer
+from runtime.fake_api.billing import read_billing
 from runtime.settings import Settings
 
 NAMESPACE = "claude_runtime"
@@ -25,6 +27,13 @@ class FakeApiActor:
 
     def stats(self) -> dict:
         return self._server.stats()
+
+    def billing_lines(self) -> list[dict[str, Any]]:
+        """Every complete line of this server's billing log (what ``rt.reconcile()`` settles against)."""
+        path = self._server.cfg.billing_path
+        if path is None or not Path(path).exists():
+            return []
+        return read_billing(Path(path))
 
     def stop(self) -> None:
         self._server.stop()

@@ -19,12 +19,14 @@ SQLite work runs on one dedicated thread (the connection's only user), never on 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ import ray
 
 from runtime.alerts import Alert, AlertMonitor
 from runtime.budget import BudgetBook, Reservation, day_key
+from runtime.groupsubmit import GroupSubmitter
+from runtime.intents import (Begin, Begun, OpenIntent, Owner, judge_open_intents, stale,
+                             unreconciled_record)
 from runtime.records import ROW_COLUMNS, Record
 from runtime.settings import Settings
 
@@ -48,6 +53,10 @@ _COLUMN_TYPES = {
     **{c: "INTEGER" for c in ROW_COLUMNS if c.endswith("_tokens")},
     **{c: "REAL" for c in ROW_COLUMNS if c.endswith("_usd") or c == "latency_s"},
 }
+# an intent's state: open (sent or about to be, no outcome yet), billed, void (certainly not billed) or
+# unreconciled (turned into a placeholder row)
+_INTENT_COLUMNS = {"owner": "TEXT", "reserved_usd": "REAL", "user_id": "TEXT", "tenant": "TEXT",
+                   "priority": "TEXT", "state": "TEXT NOT NULL DEFAULT 'open'"}
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -64,11 +73,24 @@ CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_ts ON alerts(ts);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY, ts REAL NOT NULL, owner TEXT, request_ids TEXT NOT NULL
+);
 """
 _INSERT_RECORD = (f"INSERT OR IGNORE INTO records ({', '.join(ROW_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in ROW_COLUMNS)})")
 _BY = {"model": "model", "user": "user_id", "tenant": "tenant",
-       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment"}
+       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment", "status": "status"}
+
+
+@dataclass
+class Written:
+    """What one write item did: whether it was new, and the cost of placeholder rows it replaced (a late
+    answer or a void mark supersedes an unreconciled row; that row's price leaves spend)."""
+
+    new: bool
+    superseded_usd: float = 0.0
+    superseded_rows: int = 0
 
 
 class LedgerStore:
@@ -83,32 +105,111 @@ class LedgerStore:
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA busy_timeout=10000")
         self.conn.executescript(SCHEMA)
+        # files written by an earlier version lack the intent columns: add them in place
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(intents)")}
+        for col, decl in _INTENT_COLUMNS.items():
+            if col not in have:
+                self.conn.execute(f"ALTER TABLE intents ADD COLUMN {col} {decl}")
+        self.conn.execute("CREATE INDEX IF NOT EXISTS intents_open ON intents(state, ts)")
 
-    def write(self, items: list[tuple[str, Any]]) -> list[bool]:
-        """One durable transaction for a batch; per item, whether it was new (not a duplicate). A record
-        item's payload is (Record, its row)."""
+    def write(self, items: list[tuple[str, Any]]) -> list[Written]:
+        """One durable transaction for a batch; per item, what it did. A record item's payload is
+        (Record, its row); an intent's is a dict of the intent columns; an alert's its body."""
         cur = self.conn.cursor()
-        new: list[bool] = []
+        out: list[Written] = []
         cur.execute("BEGIN IMMEDIATE")
         try:
             for kind, payload in items:
                 if kind == "record":
-                    cur.execute(_INSERT_RECORD, [payload[1][c] for c in ROW_COLUMNS])
+                    out.append(self._record(cur, payload[0], payload[1]))
                 elif kind == "intent":
-                    # the latest model for an attempt wins (a budget downgrade changes it before sending); the
-                    # first time stays, so pending intents keep their order
-                    cur.execute("INSERT INTO intents (request_id, attempt, model, ts) VALUES (?, ?, ?, ?) "
-                                "ON CONFLICT(request_id, attempt) DO UPDATE SET model = excluded.model",
-                                payload)
+                    # the latest model and reservation for an attempt win (a budget downgrade changes them
+                    # before sending); the first time stays, so pending intents keep their order
+                    cur.execute(
+                        "INSERT INTO intents (request_id, attempt, model, ts, owner, reserved_usd, user_id, tenant, "
+                        "priority, state) VALUES (:request_id, :attempt, :model, :ts, :owner, :reserved_usd, "
+                        ":user_id, :tenant, :priority, 'open') ON CONFLICT(request_id, attempt) DO UPDATE SET "
+                        "model = excluded.model, owner = excluded.owner, reserved_usd = excluded.reserved_usd, "
+                        "state = 'open'", payload)
+                    out.append(Written(True))
+                elif kind == "reconcile":
+                    out.append(self._reconcile(cur, payload))
+                elif kind == "batch":
+                    cur.execute("INSERT OR IGNORE INTO batches (batch_id, ts, owner, request_ids) VALUES (?, ?, ?, ?)",
+                                (payload["batch_id"], payload["ts"], payload["owner"],
+                                 json.dumps(payload["request_ids"])))
+                    out.append(Written(cur.rowcount == 1))
                 else:  # alert
                     cur.execute("INSERT INTO alerts (ts, kind, body) VALUES (?, ?, ?)",
                                 (payload["ts"], payload["kind"], json.dumps(payload)))
-                new.append(cur.rowcount == 1)
+                    out.append(Written(True))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
-        return new
+        return out
+
+    @staticmethod
+    def _drop_placeholder(cur: sqlite3.Cursor, request_id: str, attempt: int, only_unreconciled: bool
+                          ) -> tuple[float, int]:
+        ident = f"u|{request_id}|{int(attempt)}"
+        sql = "SELECT COALESCE(cost_usd, 0.0) AS usd FROM records WHERE ident = ?"
+        if only_unreconciled:
+            sql += " AND status = 'unreconciled'"
+        row = cur.execute(sql, (ident,)).fetchone()
+        if row is None:
+            return 0.0, 0
+        cur.execute("DELETE FROM records WHERE ident = ?", (ident,))
+        return float(row["usd"]), 1
+
+    def _record(self, cur: sqlite3.Cursor, rec: Record, row: dict[str, Any]) -> Written:
+        cur.execute(_INSERT_RECORD, [row[c] for c in ROW_COLUMNS])
+        w = Written(cur.rowcount == 1)
+        rid = rec.request_id
+        if w.new and rec.billed and rec.attempt > 0:
+            # the answer of an attempt that was booked as unreconciled (timed out, or its caller was presumed
+            # dead) arrived after all: the real row replaces the placeholder
+            usd, n = self._drop_placeholder(cur, rid, rec.attempt, only_unreconciled=False)
+            w.superseded_usd += usd
+            w.superseded_rows += n
+            cur.execute("UPDATE intents SET state = 'billed' WHERE request_id = ? AND attempt = ?",
+                        (rid, rec.attempt))
+        elif w.new and rec.status == "unreconciled":
+            cur.execute("UPDATE intents SET state = 'unreconciled' WHERE request_id = ? AND attempt = ? "
+                        "AND state = 'open'", (rid, rec.attempt))
+        for a in rec.void_attempts:
+            usd, n = self._drop_placeholder(cur, rid, a, only_unreconciled=True)
+            w.superseded_usd += usd
+            w.superseded_rows += n
+            cur.execute("UPDATE intents SET state = 'void' WHERE request_id = ? AND attempt = ? "
+                        "AND state IN ('open', 'unreconciled')", (rid, int(a)))
+        return w
+
+    @staticmethod
+    def _reconcile(cur: sqlite3.Cursor, change: dict[str, Any]) -> Written:
+        """Replace one placeholder row by what reconciliation learned (or insert a recovered billed row)."""
+        old_ident, row = change.get("old_ident"), change["row"]
+        old_usd = 0.0
+        if old_ident is not None:
+            prev = cur.execute("SELECT COALESCE(cost_usd, 0.0) AS usd FROM records WHERE ident = ? AND status IN "
+                               "('unreconciled', 'estimated')", (old_ident,)).fetchone()
+            if prev is None:
+                return Written(False)  # settled meanwhile (its answer arrived): nothing to do
+            old_usd = float(prev["usd"])
+            cur.execute("DELETE FROM records WHERE ident = ?", (old_ident,))
+        if row is None:  # the placeholder was a double of a row already in the ledger: only delete it
+            return Written(False, old_usd, 1 if old_ident is not None else 0)
+        # not inserted: the bill's message is already in the ledger under its own row, so the placeholder was
+        # a double and only its deletion counts
+        cur.execute(_INSERT_RECORD, [row[c] for c in ROW_COLUMNS])
+        return Written(cur.rowcount == 1, old_usd, 1 if old_ident is not None else 0)
+
+    def max_attempt(self, request_id: str) -> int:
+        row = self.conn.execute(
+            "SELECT MAX(a) AS a FROM (SELECT MAX(attempt) AS a FROM intents WHERE request_id = ? "
+            "UNION ALL SELECT MAX(attempt) AS a FROM records WHERE request_id = ?)",
+            (request_id, request_id)).fetchone()
+        return int(row["a"] or 0)
 
     def query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
@@ -127,15 +228,27 @@ class Ledger:
     runs on one event loop and concurrent commits can share a transaction."""
 
     def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+        # the ledger posts alerts (so it keeps the webhook) but never calls the API: it never holds the key
+        self.settings = settings.without_secrets(keep_webhook=True)
         self.path = Path(settings.ledger_path)
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self.store = self._exec.submit(LedgerStore, self.path).result()
         self.book = BudgetBook(settings.budgets)
         self.monitor = AlertMonitor(settings.alerts)
-        self._queue: list[tuple[str, Any, asyncio.Future | None]] = []
-        self._flusher: asyncio.Task | None = None
+        # concurrent writes share one transaction: whatever arrives while a transaction is on disk goes in the
+        # next one (group commit); each writer is answered once its own item is durable
+        self._writes: GroupSubmitter[tuple[str, Any], Written] = GroupSubmitter(
+            self._write_batch, max_batch=4_096, max_inflight=1, name="ledger-writes",
+            on_error=lambda exc, items: log.error(json.dumps({"event": "ledger_write_failed",
+                                                              "error": type(exc).__name__,
+                                                              "items": len(items)})))
+        # intents without an outcome, by request id then attempt (mirrors the file's state='open' rows)
+        self._open: dict[str, dict[int, OpenIntent]] = {}
+        # who holds each request's budget reservation, so a duplicate request id cannot release another's
+        self._holders: dict[str, str] = {}
+        self._beginning: dict[str, str] = {}  # request id -> owner, while its first begin is in progress
         self._background: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
         self._http = None
         self._counter = None
         self.flushes = 0
@@ -150,15 +263,30 @@ class Ledger:
         now = time.time()
         s = self._q("SELECT COUNT(*) AS rows, COALESCE(SUM(message_id IS NOT NULL), 0) AS billed, "
                     "COALESCE(SUM(status = 'error'), 0) AS errors, "
+                    "COALESCE(SUM(status = 'unreconciled'), 0) AS unreconciled, "
                     "COALESCE(SUM(cache IN ('exact', 'semantic')), 0) AS hits, "
                     "COALESCE(SUM(saved_usd), 0.0) AS saved_usd, COALESCE(SUM(cost_usd), 0.0) AS total_usd "
                     "FROM records")[0]
-        self._stats = {k: s[k] for k in ("rows", "billed", "errors", "hits", "saved_usd", "total_usd")}
+        self._stats = {k: s[k] for k in ("rows", "billed", "errors", "unreconciled", "hits", "saved_usd",
+                                         "total_usd")}
+        self._stats["reservation_exceeded"] = 0
         # budgets only look at the current day and month: replay this month's spend, summed per UTC day
         for r in self._q("SELECT user_id, tenant, CAST(ts / 86400 AS INTEGER) AS d, SUM(cost_usd) AS usd "
                          "FROM records WHERE ts >= ? AND cost_usd > 0 GROUP BY user_id, tenant, d",
                          (_month_start(now),)):
             self.book.add_spend(r["user_id"], r["tenant"], r["usd"], r["d"] * 86400 + 1)
+        # intents still open: their calls may be in flight. Their reservations come back (held until the
+        # answer, a void mark or the sweep settles them), so a restart does not free budget that is in use.
+        for r in self._q("SELECT * FROM intents WHERE state = 'open' ORDER BY ts"):
+            it = _intent_of(r)
+            self._open.setdefault(it.request_id, {})[it.attempt] = it
+        for rid, by_attempt in self._open.items():
+            last = by_attempt[max(by_attempt)]
+            if last.reserved_usd > 0:
+                self.book.restore(rid, last.user_id, last.tenant, last.reserved_usd, owner=last.owner,
+                                  priority=last.priority)
+                if last.owner:
+                    self._holders[rid] = last.owner
         # alerts: the day's spend, what was already raised, and the error window (which decides the episode)
         today = day_key(now)
         fired = {r["kind"]: r["ts"] for r in self._q("SELECT kind, MAX(ts) AS ts FROM alerts GROUP BY kind")}
@@ -174,54 +302,98 @@ class Ledger:
                            (now - self.settings.alerts.error_window_s,)):
             self.monitor.observe(Record.from_row(row), replay=True, count_spend=False)
         log.info(json.dumps({"event": "ledger_replayed", "rows": self._stats["rows"],
+                             "open_intents": sum(len(v) for v in self._open.values()),
                              "seconds": round(time.perf_counter() - t0, 3)}))
 
     # -- the write queue (group commit) --------------------------------------------------------------------
-    def _enqueue(self, kind: str, payload: Any, wait: bool = True) -> asyncio.Future | None:
-        fut = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append((kind, payload, fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-        return fut
-
-    async def _flush_loop(self) -> None:
+    async def _write_batch(self, items: list[tuple[str, Any]]) -> list[Written | BaseException]:
         loop = asyncio.get_running_loop()
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                new = await loop.run_in_executor(self._exec, self.store.write, [(k, p) for k, p, _ in batch])
-            except Exception as exc:  # the disk refused: every caller of this batch hears it, nothing applied
-                log.error(json.dumps({"event": "ledger_write_failed", "error": type(exc).__name__,
-                                      "items": len(batch)}))
-                for _, _, fut in batch:
-                    if fut is not None and not fut.done():
-                        fut.set_exception(exc)
+        try:
+            written: list[Written | BaseException] = list(
+                await loop.run_in_executor(self._exec, self.store.write, items))
+        except Exception as exc:
+            if len(items) == 1:
+                return [exc]
+            # one bad item must not fail its neighbours: write them one by one to find it
+            log.warning(json.dumps({"event": "ledger_batch_retry_singly", "error": type(exc).__name__,
+                                    "items": len(items)}))
+            written = []
+            for it in items:
+                try:
+                    written.extend(await loop.run_in_executor(self._exec, self.store.write, [it]))
+                except Exception as one:  # noqa: BLE001 - this item's writer hears it
+                    written.append(one)
+        self.flushes += 1
+        for (kind, payload), w in zip(items, written):
+            if isinstance(w, BaseException):
                 continue
-            self.flushes += 1
-            for (kind, payload, fut), is_new in zip(batch, new):
-                if kind == "record" and is_new:
-                    self._apply(payload[0])
-                if fut is not None and not fut.done():
-                    fut.set_result(is_new)
+            if kind == "record":
+                self._apply(payload[0], w)
+            elif kind == "reconcile":
+                self._apply_reconcile(payload, w)
+        return written
 
-    def _apply(self, rec: Record) -> None:
-        """Fold a newly stored record into memory: counters, budgets, alerts."""
+    async def _write(self, kind: str, payload: Any) -> Written:
+        self._ensure_sweeper()
+        return await self._writes.submit((kind, payload))
+
+    def _apply(self, rec: Record, w: Written) -> None:
+        """Fold a newly stored record into memory: counters, budgets, alerts, open intents."""
+        self._close_intents(rec)
         st = self._stats
+        if w.superseded_rows:
+            st["rows"] -= w.superseded_rows
+            st["unreconciled"] -= w.superseded_rows
+            st["total_usd"] -= w.superseded_usd
+            self.book.adjust_spend(rec.user_id, rec.tenant, -w.superseded_usd, rec.ts)
+        if not w.new:
+            return
         st["rows"] += 1
         st["billed"] += rec.billed
         st["errors"] += rec.status == "error"
+        st["unreconciled"] += rec.status == "unreconciled"
         st["hits"] += rec.cache in ("exact", "semantic")
         st["saved_usd"] += rec.saved_usd
         st["total_usd"] += rec.cost_usd
         self.book.settle(rec.request_id, rec.cost_usd, user_id=rec.user_id, tenant=rec.tenant, ts=rec.ts)
+        self._holders.pop(rec.request_id, None)
         for alert in self.monitor.observe(rec):
             self._raise(alert)
+
+    def _close_intents(self, rec: Record) -> None:
+        by_attempt = self._open.get(rec.request_id)
+        if not by_attempt:
+            return
+        done = set(rec.void_attempts)
+        if rec.attempt > 0 and (rec.billed or rec.status == "unreconciled"):
+            done.add(rec.attempt)
+        for a in done:
+            by_attempt.pop(a, None)
+        if not by_attempt:
+            self._open.pop(rec.request_id, None)
+
+    def _apply_reconcile(self, change: dict[str, Any], w: Written) -> None:
+        st = self._stats
+        row = change["row"]
+        if w.superseded_rows:
+            st["rows"] -= w.superseded_rows
+            st["total_usd"] -= w.superseded_usd
+            st["unreconciled"] -= change.get("old_status") == "unreconciled"
+            who = row if row is not None else change.get("old") or {}
+            self.book.adjust_spend(who.get("user_id"), who.get("tenant"), -w.superseded_usd,
+                                   who.get("ts") or time.time())
+        if w.new and row is not None:
+            st["rows"] += 1
+            st["billed"] += row["message_id"] is not None
+            usd = float(row["cost_usd"] or 0.0)
+            st["total_usd"] += usd
+            self.book.adjust_spend(row["user_id"], row["tenant"], usd, row["ts"])
 
     # -- alerts: structured log, metric, webhook -------------------------------------------------------------
     def _raise(self, alert: Alert) -> None:
         body = {**alert.to_dict(), "environment": self.settings.environment}
         alert_log.warning(json.dumps({"event": "alert", **body}))
-        self._enqueue("alert", body, wait=False)  # durable with the next batch; nobody waits for it
+        self._writes.submit_nowait(("alert", body))  # durable with the next batch; nobody waits for it
         try:
             if self._counter is None:
                 from ray.util.metrics import Counter
@@ -230,7 +402,7 @@ class Ledger:
             self._counter.inc(1, tags={"kind": alert.kind})
         except Exception as exc:  # a metrics hiccup must never fail a commit
             log.debug("alert metric failed: %s", type(exc).__name__)
-        if self.settings.alerts.webhook_url:
+        if self.settings.alerts.webhook_url is not None:
             task = asyncio.get_running_loop().create_task(self._post(body))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -241,7 +413,8 @@ class Ledger:
             if self._http is None or self._http.closed:
                 self._http = aiohttp.ClientSession()
             timeout = aiohttp.ClientTimeout(total=self.settings.alerts.webhook_timeout_s)
-            async with self._http.post(self.settings.alerts.webhook_url, json=body, timeout=timeout) as resp:
+            url = self.settings.alerts.webhook_url.get_secret_value()
+            async with self._http.post(url, json=body, timeout=timeout) as resp:
                 await resp.read()
                 if resp.status >= 400:
                     log.warning(json.dumps({"event": "alert_webhook_refused", "status": resp.status}))
@@ -249,38 +422,178 @@ class Ledger:
             # the URL itself may carry a secret token (Slack-style webhooks): never log it
             log.warning(json.dumps({"event": "alert_webhook_failed", "error": type(exc).__name__}))
 
-    # -- the public surface ----------------------------------------------------------------------------------
+    # -- reservations and intents ------------------------------------------------------------------------------
     async def reserve(self, request_id: str, user_id: str | None, tenant: str | None, priority: str,
                       max_cost_usd: float) -> Reservation:
         return self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
 
-    async def begin(self, request_id: str, attempt: int, model: str | None, user_id: str | None,
-                    tenant: str | None, priority: str, max_cost_usd: float) -> Reservation:
-        """``reserve`` and, when granted, the write-ahead ``intent`` in one call: a request's first attempt
-        costs the ledger one round trip before the API call, not two."""
-        res = self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
-        if res.granted:
-            await self._enqueue("intent", (request_id, int(attempt), model, time.time()))
-        return res
+    async def begin(self, b: Begin) -> Begun:
+        """Reserve the attempt's worst-case cost and, when granted, write its intent durably, in one call.
 
-    async def release(self, request_id: str) -> None:
-        self.book.release(request_id)
+        The first begin of an execution (``attempt=None``) also settles what an earlier run of the same
+        request left open (see runtime/intents.py): a dead run's intents become unreconciled rows, and a live
+        concurrent run makes this one a refused duplicate. Attempt numbers continue after every known one."""
+        me = Owner.parse(b.owner)
+        if me is None:
+            raise ValueError(f"begin needs an owner 'caller|life|execution', not {b.owner!r}")
+        rid = b.request_id
+        attempt = b.attempt
+        unreconciled = 0
+        if attempt is None:
+            other = self._beginning.get(rid)
+            if other is not None and other != b.owner:
+                return Begun(None, 0, duplicate_of=other)
+            dead, conflict = judge_open_intents(list(self._open.get(rid, {}).values()), me, time.time(),
+                                                self.settings.ledger.unreconciled_after_s)
+            if conflict is not None:
+                return Begun(None, 0, duplicate_of=conflict.owner)
+            mine = [a for a, it in self._open.get(rid, {}).items() if it.owner == b.owner]
+            if mine:
+                # the same execution asking again (Ray retried this call across a ledger restart): answer
+                # with the intent it already has rather than open a second one that nothing will close
+                attempt = max(mine)
+                dead = []
+            self._beginning[rid] = b.owner
+            try:
+                if attempt is None and dead:
+                    env = self.settings.environment
+                    await asyncio.gather(*(self._write("record", self._item(unreconciled_record(it, env)))
+                                           for it in dead))
+                    unreconciled = len(dead)
+                if attempt is None:
+                    known = max(self._open.get(rid, {}) or [0])
+                    stored = await asyncio.get_running_loop().run_in_executor(self._exec, self.store.max_attempt,
+                                                                              rid)
+                    attempt = max(known, stored) + 1
+            finally:
+                self._beginning.pop(rid, None)
+        else:
+            holder = self._holders.get(rid)
+            if holder is not None and holder != b.owner:
+                return Begun(None, 0, duplicate_of=holder)
+        res = self.book.reserve(rid, b.user_id, b.tenant, b.priority, b.reserve_usd)
+        if not res.granted:
+            return Begun(res, 0, unreconciled)
+        self._holders[rid] = b.owner
+        await self._intent(rid, attempt, b.model, b.owner, b.reserve_usd, b.user_id, b.tenant, b.priority)
+        return Begun(res, attempt, unreconciled)
 
-    async def intent(self, request_id: str, attempt: int, model: str | None) -> None:
-        await self._enqueue("intent", (request_id, int(attempt), model, time.time()))
+    async def _intent(self, request_id: str, attempt: int, model: str | None, owner: str | None,
+                      reserved_usd: float, user_id: str | None, tenant: str | None, priority: str) -> None:
+        it = OpenIntent(request_id, int(attempt), model, time.time(), owner, float(reserved_usd), user_id,
+                        tenant, priority)
+        prev = self._open.setdefault(request_id, {}).get(it.attempt)
+        if prev is not None:  # an upsert keeps the first time
+            it = dataclasses.replace(it, ts=prev.ts)
+        self._open[request_id][it.attempt] = it
+        await self._write("intent", {"request_id": it.request_id, "attempt": it.attempt, "model": it.model,
+                                     "ts": it.ts, "owner": it.owner, "reserved_usd": it.reserved_usd,
+                                     "user_id": it.user_id, "tenant": it.tenant, "priority": it.priority})
 
+    async def intent(self, request_id: str, attempt: int, model: str | None, owner: str | None = None,
+                     reserved_usd: float | None = None) -> None:
+        """The write-ahead intent of a later attempt, under the reservation the request already holds."""
+        held = self.book.held(request_id)
+        prev = (self._open.get(request_id) or {})
+        last = prev[max(prev)] if prev else None
+        amount = reserved_usd if reserved_usd is not None else (held.amount if held is not None else
+                                                                (last.reserved_usd if last else 0.0))
+        user = held.user_id if held is not None else (last.user_id if last else None)
+        tenant = held.tenant if held is not None else (last.tenant if last else None)
+        priority = last.priority if last else "normal"
+        await self._intent(request_id, attempt, model, owner, amount, user, tenant, priority)
+
+    async def release(self, request_id: str, owner: str | None = None) -> bool:
+        """Give back a reservation that will not be billed; only its holder may (a refused duplicate of the
+        same id must not free the running request's budget)."""
+        holder = self._holders.get(request_id)
+        if owner is not None and holder is not None and holder != owner:
+            return False
+        self._holders.pop(request_id, None)
+        return self.book.release(request_id)
+
+    # -- the sweep: intents nobody will answer ---------------------------------------------------------------
+    def _ensure_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_loop())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ledger.sweep_interval_s)
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - the next round retries
+                log.exception("ledger sweep failed")
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Turn intents open for longer than ``ledger.unreconciled_after_s`` into unreconciled rows."""
+        t = time.time() if now is None else now
+        old = [it for by_attempt in list(self._open.values())
+               for it in stale(list(by_attempt.values()), t, self.settings.ledger.unreconciled_after_s)]
+        if old:
+            env = self.settings.environment
+            await asyncio.gather(*(self._write("record", self._item(unreconciled_record(it, env))) for it in old))
+            log.warning(json.dumps({"event": "intents_unreconciled", "count": len(old)}))
+        return len(old)
+
+    # -- records -----------------------------------------------------------------------------------------------
     @staticmethod
     def _item(record: Record | dict[str, Any]) -> tuple[Record, dict[str, Any]]:
         rec = Record.from_row(record) if isinstance(record, dict) else record
         return rec, rec.to_row()
 
     async def commit(self, record: Record | dict[str, Any]) -> bool:
-        return await self._enqueue("record", self._item(record))
+        return (await self._write("record", self._item(record))).new
 
-    async def commit_many(self, records: list[Record | dict[str, Any]]) -> list[bool]:
-        futs = [self._enqueue("record", self._item(r)) for r in records]
-        return list(await asyncio.gather(*futs))
+    async def commit_many(self, records: list[Record | dict[str, Any]]) -> list[bool | BaseException]:
+        """Per record: whether it was new, or the exception that refused it (the others still commit)."""
+        items = []
+        for r in records:
+            try:
+                items.append(self._item(r))
+            except Exception as exc:  # noqa: BLE001 - a malformed record fails alone
+                items.append(exc)
+        futs = [self._write("record", it) if not isinstance(it, BaseException) else _failed(it) for it in items]
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        return [o.new if isinstance(o, Written) else o for o in out]
 
+    async def check_cost(self, request_id: str, reserved_usd: float, billed_usd: float) -> None:
+        """A bill above its reservation means the reservation was not an upper bound: count and log it."""
+        if billed_usd > reserved_usd + 1e-9:
+            self._stats["reservation_exceeded"] += 1
+            log.error(json.dumps({"event": "reservation_exceeded", "request_id": request_id,
+                                  "reserved_usd": reserved_usd, "billed_usd": billed_usd}))
+
+    async def note_batch(self, batch_id: str, request_ids: list[str], owner: str | None = None) -> bool:
+        """Record a created Message Batch durably, with the requests it carries (found again after a crash)."""
+        return (await self._write("batch", {"batch_id": str(batch_id), "ts": time.time(), "owner": owner,
+                                            "request_ids": [str(r) for r in request_ids]})).new
+
+    async def batches(self) -> list[dict[str, Any]]:
+        rows = await self._read("SELECT * FROM batches ORDER BY ts")
+        for r in rows:
+            r["request_ids"] = json.loads(r["request_ids"])
+        return rows
+
+    # -- reconciliation --------------------------------------------------------------------------------------
+    async def placeholders(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Unreconciled (and estimated) rows: what may have been billed without an answer."""
+        return await self._read("SELECT * FROM records WHERE status IN ('unreconciled', 'estimated') AND ts >= ? "
+                                "ORDER BY ts", (since if since is not None else float("-inf"),))
+
+    async def message_ids(self, since: float | None = None) -> list[str]:
+        rows = await self._read("SELECT message_id FROM records WHERE message_id IS NOT NULL AND ts >= ?",
+                                (since if since is not None else float("-inf"),))
+        return [r["message_id"] for r in rows]
+
+    async def apply_reconcile(self, changes: list[dict[str, Any]]) -> dict[str, int]:
+        """Apply reconciliation changes from runtime/reconcile.py: each replaces a placeholder row (by its old
+        ident) or inserts a recovered row, in one durable batch."""
+        written = await asyncio.gather(*(self._write("reconcile", c) for c in changes))
+        return {"applied": sum(1 for w in written if w.new or w.superseded_rows),
+                "skipped": sum(1 for w in written if not (w.new or w.superseded_rows))}
+
+    # -- reads -----------------------------------------------------------------------------------------------
     async def _read(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
         return await asyncio.get_running_loop().run_in_executor(self._exec, self.store.query, sql, params)
 
@@ -301,12 +614,10 @@ class Ledger:
         return rows
 
     async def pending_intents(self) -> list[dict[str, Any]]:
-        # an intent is answered by a record of its request at the same or a later attempt; one with none may
-        # have been billed by the API without the ledger ever hearing the outcome
-        return await self._read(
-            "SELECT i.request_id, i.attempt, i.model, i.ts FROM intents i WHERE NOT EXISTS ("
-            "SELECT 1 FROM records r WHERE r.request_id = i.request_id AND r.attempt >= i.attempt) "
-            "ORDER BY i.ts")
+        """Intents with no outcome yet: calls in flight, or lost ones the sweep has not reached."""
+        out = [dict(request_id=it.request_id, attempt=it.attempt, model=it.model, ts=it.ts, owner=it.owner,
+                    reserved_usd=it.reserved_usd) for by in self._open.values() for it in by.values()]
+        return sorted(out, key=lambda d: (d["ts"], d["request_id"], d["attempt"]))
 
     async def budget_state(self, user_id: str | None, tenant: str | None) -> str:
         return self.book.state(user_id, tenant)
@@ -318,49 +629,61 @@ class Ledger:
 
     async def stats(self) -> dict[str, Any]:
         return {**self._stats, "outstanding_reservations": self.book.outstanding, "flushes": self.flushes,
-                "path": str(self.path), "pid": os.getpid()}
+                "open_intents": sum(len(v) for v in self._open.values()), "path": str(self.path),
+                "pid": os.getpid()}
 
     async def ping(self) -> bool:
         return True
 
 
-class CommitBatcher:
-    """Group commit on the caller's side: concurrent ``commit`` calls from one process share one
-    ``commit_many`` call, so a busy caller costs the ledger one Ray call per batch instead of one per record.
-    Each ``commit`` still returns only once its record is durable. For async callers (one event loop)::
+def _intent_of(row: dict[str, Any]) -> OpenIntent:
+    return OpenIntent(row["request_id"], int(row["attempt"]), row.get("model"), float(row["ts"]), row.get("owner"),
+                      float(row.get("reserved_usd") or 0.0), row.get("user_id"), row.get("tenant"),
+                      row.get("priority") or "normal")
 
-        batcher = CommitBatcher(ledger_handle)
-        new = await batcher.commit(record)
+
+async def _failed(exc: BaseException):
+    raise exc
+
+
+class LedgerClient:
+    """The caller side: concurrent commits of one process share one ``commit_many`` call, and each commit
+    returns only once its record is durable. A billed record is retried across a ledger restart (Ray retries
+    the call by itself) and across a failed write (disk full, say), so a paid answer is not dropped::
+
+        client = LedgerClient(ledger_handle)
+        new = await client.commit(record)
     """
 
     def __init__(self, ledger, max_batch: int = 512) -> None:
         self.ledger = ledger
-        self.max_batch = max_batch
-        self._pending: list[tuple[Record, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
+        self._group: GroupSubmitter[Record, bool] = GroupSubmitter(
+            self._send, max_batch=max_batch, max_inflight=1, name="ledger-commits")
 
-    async def commit(self, record: Record) -> bool:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        self._pending.append((record, fut))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._drain())
-        return await fut
+    async def _send(self, records: list[Record]) -> list[bool | BaseException]:
+        return await self.ledger.commit_many.remote(records)
 
-    async def _drain(self) -> None:
-        # one call in flight: records arriving meanwhile form the next batch
-        while self._pending:
-            batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+    async def commit(self, record: Record, *, tries: int = 1) -> bool:
+        for n in range(tries):
             try:
-                results = await self.ledger.commit_many.remote([r for r, _ in batch])
-            except Exception as exc:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), ok in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(ok)
+                return await self._group.submit(record)
+            except (ray.exceptions.RayError, OSError, sqlite3.Error):
+                if n == tries - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** n)
+        raise AssertionError("unreachable")
+
+    async def begin(self, b: Begin) -> Begun:
+        return await self.ledger.begin.remote(b)
+
+    async def intent(self, request_id: str, attempt: int, model: str, owner: str, reserved_usd: float) -> None:
+        await self.ledger.intent.remote(request_id, attempt, model, owner, reserved_usd)
+
+    async def release(self, request_id: str, owner: str) -> None:
+        await self.ledger.release.remote(request_id, owner)
+
+    async def check_cost(self, request_id: str, reserved_usd: float, billed_usd: float) -> None:
+        self.ledger.check_cost.remote(request_id, reserved_usd, billed_usd)
 
 
 LedgerActor = ray.remote(num_cpus=0, max_concurrency=256, max_restarts=-1, max_task_retries=-1)(Ledger)

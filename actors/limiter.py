@@ -27,7 +27,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from runtime.admission import Admission, Estimate, Grant, Outcome, RetryAfter
+from runtime.admission import NOT_SENT, Admission, Estimate, Grant, Outcome, RetryAfter
+from runtime.groupsubmit import GroupSubmitter
 from runtime.errors import InvalidRequest, RateLimitedPastDeadline
 from runtime.settings import ClassLimits, LimiterSettings, UserLimits
 
@@ -77,28 +78,28 @@ def get_or_create_limiter(settings: Any, *, name: str = ACTOR_NAME, namespace: s
 
 
 class LimiterClient:
-    """One per caller process: batched admission and background reconciles over the limiter actor."""
+    """One per caller process: batched admission and background reconciles over the limiter actor.
+
+    Grants are never lost: a waiter that gives up (deadline, cancellation) before its batch is sent is dropped
+    from the batch; one that gives up after the send, or during a grant's scheduled delay, has its grant
+    handed back as ``NOT_SENT`` (everything refunded, the request slot included)."""
 
     def __init__(self, actor_handle: Any, max_wait_s: float = 120.0, batch_window_s: float = 0.001, *,
                  reconcile_window_s: float = 0.02, max_batch: int = 2_000, max_inflight_batches: int = 4,
                  unavailable_retry_s: float = 0.2) -> None:
         self._actor = actor_handle
         self.max_wait_s = max_wait_s
-        self.batch_window_s = batch_window_s
-        self.reconcile_window_s = reconcile_window_s
-        self.max_batch = max_batch
-        self._max_inflight = max_inflight_batches
         self._unavailable_retry_s = unavailable_retry_s
-        # asyncio objects are made on first use, inside the loop that will run them
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: list[tuple[Estimate, asyncio.Future]] = []
-        self._acq_task: asyncio.Task | None = None
-        self._sem: asyncio.Semaphore | None = None
-        self._inflight = 0
-        self._outcomes: list[Outcome] = []
-        self._rec_task: asyncio.Task | None = None
-        self._rec_inflight: set[Any] = set()
-        self.stats = {"acquire_calls": 0, "decisions": 0, "retries": 0, "reconcile_calls": 0}
+        # requests arriving in the same loop tick share a call; the window is only waited while earlier
+        # batches are on the wire, so a lone request pays no added latency
+        self._acquires: GroupSubmitter[Estimate, Grant | RetryAfter] = GroupSubmitter(
+            self._send_acquires, max_batch=max_batch, max_inflight=max_inflight_batches,
+            busy_linger_s=batch_window_s, on_orphan=self._refund_orphan, name="limiter-acquire")
+        self._reconciles: GroupSubmitter[Outcome, None] = GroupSubmitter(
+            self._send_outcomes, max_batch=max_batch, max_inflight=1, linger_s=reconcile_window_s,
+            on_error=lambda exc, items: None,  # the actor restarted: its leases are gone, nothing to settle
+            name="limiter-reconcile")
+        self.stats = {"acquire_calls": 0, "decisions": 0, "retries": 0, "reconcile_calls": 0, "orphans": 0}
 
     # -- admission ----------------------------------------------------------------------------------------
     async def acquire(self, e: Estimate, deadline_s: float | None = None) -> Grant:
@@ -107,12 +108,18 @@ class LimiterClient:
         Raises RateLimitedPastDeadline when no grant can come in time and InvalidRequest when the request can
         never fit the limits.
         """
-        budget = self.max_wait_s if deadline_s is None else min(deadline_s, self.max_wait_s)
+        budget = self.max_wait_s if deadline_s is None else min(max(0.0, deadline_s), self.max_wait_s)
         loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + max(0.0, budget)
+        give_up_at = loop.time() + budget
         while True:
+            left = give_up_at - loop.time()
             try:
-                decision = await self._decide(e)
+                # the deadline holds while waiting for the actor too (a slow or restarting limiter)
+                decision = await self._acquires.submit(e, timeout=max(left, 0.001))
+            except asyncio.TimeoutError:
+                raise RateLimitedPastDeadline(f"no admission within {budget:.3g}s (limiter did not answer)",
+                                              request_id=e.request_id, reason="limiter unavailable",
+                                              retry_after_s=None) from None
             except RayTaskError:
                 raise
             except RayError:
@@ -120,7 +127,12 @@ class LimiterClient:
                 decision = RetryAfter(e.request_id, self._unavailable_retry_s, "limiter unavailable")
             if isinstance(decision, Grant):
                 if decision.delay_s > 0.0:
-                    await asyncio.sleep(decision.delay_s)
+                    try:
+                        await asyncio.sleep(decision.delay_s)
+                    except BaseException:
+                        # cancelled while waiting for its send time: the capacity was taken, give it back
+                        self.give_back(decision)
+                        raise
                 return decision
             if math.isinf(decision.seconds):
                 raise InvalidRequest(f"request can never fit the rate limits: {decision.reason}",
@@ -135,64 +147,19 @@ class LimiterClient:
             self.stats["retries"] += 1
             await asyncio.sleep(pause)
 
-    def _bind(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            self._loop = loop
-            self._pending = []
-            self._acq_task = None
-            self._sem = asyncio.Semaphore(self._max_inflight)
-            self._inflight = 0
-            self._rec_task = None
+    async def _send_acquires(self, batch: list[Estimate]) -> list[Grant | RetryAfter]:
+        self.stats["acquire_calls"] += 1
+        self.stats["decisions"] += len(batch)
+        return await self._actor.acquire_many.remote(batch)
 
-    def _decide(self, e: Estimate) -> asyncio.Future:
-        self._bind()
-        fut = self._loop.create_future()
-        self._pending.append((e, fut))
-        if self._acq_task is None or self._acq_task.done():
-            self._acq_task = self._loop.create_task(self._acquire_flusher())
-        return fut
+    def _refund_orphan(self, e: Estimate, decision: Grant | RetryAfter) -> None:
+        if isinstance(decision, Grant):
+            self.stats["orphans"] += 1
+            self.give_back(decision)
 
-    async def _acquire_flusher(self) -> None:
-        while self._pending:
-            # requests arriving in the same loop tick always share a call; the batching window is only waited
-            # while earlier batches are on the wire, so a lone request pays no added latency
-            await asyncio.sleep(0)
-            if self._sem.locked() or self._inflight:
-                await asyncio.sleep(self.batch_window_s)
-            while self._pending:
-                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-                await self._sem.acquire()
-                # sends overlap: the next window fills while this batch is on the wire
-                self._inflight += 1
-                self._loop.create_task(self._send(batch))
-
-    async def _send(self, batch: list[tuple[Estimate, asyncio.Future]]) -> None:
-        batch = [(e, fut) for e, fut in batch if not fut.done()]  # waiters cancelled before the send
-        if not batch:
-            self._inflight -= 1
-            self._sem.release()
-            return
-        try:
-            self.stats["acquire_calls"] += 1
-            self.stats["decisions"] += len(batch)
-            results = await self._actor.acquire_many.remote([e for e, _ in batch])
-        except BaseException as exc:  # noqa: BLE001 - handed to each waiter, which decides
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            for (_, fut), r in zip(batch, results):
-                if not fut.done():
-                    fut.set_result(r)
-                elif isinstance(r, Grant):
-                    # its waiter was cancelled: hand the tokens back rather than leave them to the refill
-                    self.reconcile(Outcome(r.lease_id, None, 0, {}, time.time()))
-        finally:
-            self._inflight -= 1
-            self._sem.release()
+    def give_back(self, grant: Grant) -> None:
+        """A grant whose request will not be sent: everything comes back."""
+        self.reconcile(Outcome(grant.lease_id, None, NOT_SENT, {}, time.time()))
 
     # -- reconcile ----------------------------------------------------------------------------------------
     def reconcile(self, o: Outcome) -> None:
@@ -204,32 +171,14 @@ class LimiterClient:
             self._actor.reconcile_many.remote([o])
             self.stats["reconcile_calls"] += 1
             return
-        self._bind()
-        self._outcomes.append(o)
-        if self._rec_task is None or self._rec_task.done():
-            self._rec_task = self._loop.create_task(self._reconcile_flusher())
+        self._reconciles.submit_nowait(o)
 
-    async def _reconcile_flusher(self) -> None:
-        while self._outcomes:
-            await asyncio.sleep(self.reconcile_window_s)
-            self._send_outcomes()
-
-    def _send_outcomes(self) -> None:
-        if not self._outcomes:
-            return
-        batch, self._outcomes = self._outcomes, []
-        ref = self._actor.reconcile_many.remote(batch)
+    async def _send_outcomes(self, batch: list[Outcome]) -> list[None]:
         self.stats["reconcile_calls"] += 1
-        self._rec_inflight.add(ref)
-        # keep the ref until done so flush() can wait on it; failures are the actor's restart (leases gone)
-        fut = asyncio.wrap_future(ref.future())
-        fut.add_done_callback(lambda f, r=ref: (self._rec_inflight.discard(r), f.exception()))
+        await self._actor.reconcile_many.remote(batch)
+        return [None] * len(batch)
 
     async def flush(self) -> None:
         """Send queued reconciles now and wait until the actor has applied them."""
-        self._send_outcomes()
-        refs = list(self._rec_inflight)
-        if refs:
-            await asyncio.gather(*refs, return_exceptions=True)
-            for r in refs:
-                self._rec_inflight.discard(r)
+        await self._acquires.flush()
+        await self._reconciles.flush()

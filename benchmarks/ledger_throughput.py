@@ -4,7 +4,7 @@ Each commit returns only after its record is fsynced (SQLite WAL, synchronous=FU
 a transaction (group commit). Measured: one ``commit`` call per record from 1, 16 and 64 concurrent
 committers (asyncio coroutines in the driver awaiting the actor), ``commit_many`` batches of 100, and the bare
 store (no Ray) with one transaction per record versus per batch, which bounds what the actor can reach, and
-``CommitBatcher`` (the caller-side group commit: concurrent commits in one process share a commit_many call).
+``LedgerClient`` (the caller-side group commit: concurrent commits in one process share a commit_many call).
 
     .venv/bin/python benchmarks/ledger_throughput.py           # ~40 s
     .venv/bin/python benchmarks/ledger_throughput.py --full    # longer runs per point
@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 
-from actors.ledger import CommitBatcher, LedgerActor, LedgerStore, NAMESPACE  # noqa: E402
+from actors.ledger import LedgerClient, LedgerActor, LedgerStore, NAMESPACE  # noqa: E402
 from runtime.pricing import CostBreakdown  # noqa: E402
 from runtime.records import Record  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
@@ -45,7 +45,7 @@ def record(i: int, tag: str) -> Record:
 
 async def run_committers(h, n_committers: int, seconds: float, tag: str, batcher: bool = False) -> dict:
     done = 0
-    commit = CommitBatcher(h).commit if batcher else (lambda r: h.commit.remote(r))
+    commit = LedgerClient(h).commit if batcher else (lambda r: h.commit.remote(r))
     stop = time.perf_counter() + seconds
     counter = iter(range(10**9))
 
@@ -56,7 +56,7 @@ async def run_committers(h, n_committers: int, seconds: float, tag: str, batcher
             done += 1
 
     dt, flushes = await _timed(h, n_committers, one)
-    return _row("CommitBatcher" if batcher else "commit", n_committers, done, dt, flushes)
+    return _row("LedgerClient" if batcher else "commit", n_committers, done, dt, flushes)
 
 
 async def run_batches(h, n_committers: int, batch: int, seconds: float, tag: str) -> dict:

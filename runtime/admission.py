@@ -34,12 +34,16 @@ INF = float("inf")
 BUCKETS: tuple[str, ...] = ("rpm", "itpm", "otpm")
 # response header stem -> our bucket name
 _HEADER_BUCKET = {"requests": "rpm", "input-tokens": "itpm", "output-tokens": "otpm"}
-# outcomes the server did not process: it charged no tokens (the request slot was still spent)
-REFUND_STATUSES = frozenset({429, 529, 500, 0})
-# Outcome.status for a grant whose request was never sent (the caller changed model or was refused a budget):
-# everything comes back, the request slot included
+# outcomes the server answered without processing: it charged no tokens (the request slot was still spent)
+REFUND_STATUSES = frozenset({429, 529, 500})
+# Outcome.status for a grant whose request was never sent (the caller changed model, was refused a budget,
+# gave up while waiting, or could not connect): everything comes back, the request slot included
 NOT_SENT = -1
+# Outcome.status 0: the request went out and no answer came back (a timeout after the send, a dropped
+# connection). The server may be processing it: nothing is refunded.
+SENT_NO_ANSWER = 0
 _PERIOD = 60.0
+COUNT_TOKENS_CLASS = "count_tokens"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class _Lease:
     input_tokens: int
     max_output_tokens: int
     granted_at: float
+    # each bucket's take number for this grant: a refund is capped by how high the bucket got since
+    seqs: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,7 +113,8 @@ class _ClassState:
 
     def __init__(self, limits: ClassLimits, margin: float, clock: Clock) -> None:
         self.limits = {"rpm": limits.rpm, "itpm": limits.itpm, "otpm": limits.otpm}
-        self.buckets = {b: TokenBucket(v * (1.0 - margin), _PERIOD, clock) for b, v in self.limits.items()}
+        self.buckets = {b: TokenBucket(v * (1.0 - margin), _PERIOD, clock, track=True)
+                        for b, v in self.limits.items()}
         self.paused_until = -INF
         self.holds: dict[str, _Hold] = {}
 
@@ -115,10 +122,12 @@ class _ClassState:
 class _UserState:
     __slots__ = ("rpm", "tpm", "last_used")
 
-    def __init__(self, limits: UserLimits, clock: Clock) -> None:
-        # user caps are our own policy, not the server's: no safety margin
-        self.rpm = TokenBucket(limits.rpm, _PERIOD, clock) if limits.rpm else None
-        self.tpm = TokenBucket(limits.tpm, _PERIOD, clock) if limits.tpm else None
+    def __init__(self, limits: UserLimits, clock: Clock, margin: float = 0.0) -> None:
+        # user caps are our own policy, so nothing in flight needs absorbing, but a scheduled grant is taken at
+        # its decision and sent up to one horizon later: the same margin that keeps class buckets under the
+        # server's limit keeps sends under the cap
+        self.rpm = TokenBucket(limits.rpm * (1 - margin), _PERIOD, clock, track=True) if limits.rpm else None
+        self.tpm = TokenBucket(limits.tpm * (1 - margin), _PERIOD, clock, track=True) if limits.tpm else None
         self.last_used = clock()
 
     def idle_and_full(self) -> bool:
@@ -138,6 +147,10 @@ class Admission:
         self._user_limits = user_limits
         self._classes: dict[str, _ClassState] = {c: _ClassState(lim, limiter.safety_margin, clock)
                                                  for c, lim in limits.items()}
+        # messages.count_tokens has a request limit of its own, admitted like a model class
+        if COUNT_TOKENS_CLASS not in self._classes:
+            self._classes[COUNT_TOKENS_CLASS] = _ClassState(
+                ClassLimits(rpm=limiter.count_tokens_rpm, itpm=10**12, otpm=10**12), limiter.safety_margin, clock)
         self._users: dict[str, _UserState] = {}
         # insertion order is grant order, so expiry pops from the front
         self._leases: dict[str, _Lease] = {}
@@ -163,7 +176,7 @@ class Admission:
     def _user(self, user_id: str) -> _UserState:
         u = self._users.get(user_id)
         if u is None:
-            u = self._users[user_id] = _UserState(self._user_limits, self._clock)
+            u = self._users[user_id] = _UserState(self._user_limits, self._clock, self._settings.safety_margin)
         return u
 
     def acquire(self, e: Estimate) -> Grant | RetryAfter:
@@ -225,17 +238,19 @@ class Admission:
         # that the refill repays by then). Callers then never sleep past the moment capacity frees, so the
         # pipeline stays full without a retry round trip per request.
 
-        for _, b, amount, _ in needs:
+        seqs: dict[str, int] = {}
+        for label, b, amount, _ in needs:
             # a bucket that is not the binding one would refill past its capacity before the send: the server
             # loses that refill to its cap, so it must not be counted on here either. Taking it now as well
             # leaves the bucket exactly where taking ``amount`` at the send time would.
             lost = max(0.0, b.level + b.rate * wait - b.capacity) if wait > 0.0 else 0.0
-            b.take(amount + lost)
+            name = label.rsplit(":", 1)[1]
+            seqs[f"user_{name}" if label.startswith("user:") else name] = b.take(amount + lost)
         for name in [n for n, h in cls.holds.items() if h.request_id == e.request_id]:
             del cls.holds[name]
         self._seq += 1
         lease_id = f"{self._prefix}-{self._seq}"
-        self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now)
+        self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now, seqs)
         self.stats["granted"] += 1
         return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id,
                      delay_s=wait)
@@ -280,31 +295,35 @@ class Admission:
             self.reconcile(o)
 
     @staticmethod
-    def _adjust(bucket: TokenBucket | None, delta: float) -> None:
-        """delta > 0: the request used more than reserved (a debt); delta < 0: give the excess back."""
+    def _adjust(bucket: TokenBucket | None, delta: float, seq: int | None) -> None:
+        """delta > 0: the request used more than reserved (a debt); delta < 0: give the excess back, as much
+        of it as the bucket can have lost no refill over (see TokenBucket.give_back)."""
         if bucket is None or delta == 0:
             return
         if delta > 0:
             bucket.take(delta)
-        else:
+        elif seq is None:
             bucket.give(-delta)
+        else:
+            bucket.give_back(-delta, seq)
 
     def _settle(self, cls: _ClassState, user: _UserState | None, lease: _Lease, o: Outcome) -> None:
         if o.usage is not None:
             d_in = o.usage.itpm_tokens - lease.input_tokens
             d_out = o.usage.output_tokens - lease.max_output_tokens
         else:
-            # nothing was generated; input is refunded only where the server certainly did not process it
-            d_out = -lease.max_output_tokens
+            # input is refunded only where the server certainly did not process it; a request sent without an
+            # answer back may still be generating, so it keeps its output tokens too
+            d_out = 0 if o.status == SENT_NO_ANSWER else -lease.max_output_tokens
             d_in = -lease.input_tokens if o.status in REFUND_STATUSES or o.status == NOT_SENT else 0
             if o.status == NOT_SENT:
-                self._adjust(cls.buckets["rpm"], -1.0)
+                self._adjust(cls.buckets["rpm"], -1.0, lease.seqs.get("rpm"))
                 if user is not None:
-                    self._adjust(user.rpm, -1.0)
-        self._adjust(cls.buckets["itpm"], d_in)
-        self._adjust(cls.buckets["otpm"], d_out)
+                    self._adjust(user.rpm, -1.0, lease.seqs.get("user_rpm"))
+        self._adjust(cls.buckets["itpm"], d_in, lease.seqs.get("itpm"))
+        self._adjust(cls.buckets["otpm"], d_out, lease.seqs.get("otpm"))
         if user is not None:
-            self._adjust(user.tpm, d_in + d_out)
+            self._adjust(user.tpm, d_in + d_out, lease.seqs.get("user_tpm"))
 
     def _learn(self, model_class: str, cls: _ClassState, o: Outcome) -> None:
         h = o.headers
@@ -314,7 +333,10 @@ class Admission:
         for stem, name in _HEADER_BUCKET.items():
             b = cls.buckets[name]
             limit = _num(h.get(f"anthropic-ratelimit-{stem}-limit"))
-            if limit is not None and limit > 0 and int(limit) != cls.limits[name]:
+            # learn downward always (the key may be shared, or the tier lowered); upward only when allowed:
+            # a configured limit below the server's is deliberate (another service uses the same key)
+            if (limit is not None and limit > 0 and int(limit) != cls.limits[name]
+                    and (int(limit) < cls.limits[name] or self._settings.learn_upward)):
                 cls.limits[name] = int(limit)
                 b.set_capacity(limit * (1.0 - margin))
                 self.stats["limits_learned"] += 1
@@ -380,8 +402,9 @@ class Admission:
         if user_limits is not None:
             self._user_limits = user_limits
             for u in self._users.values():
-                u.rpm = _recap(u.rpm, user_limits.rpm, self._clock)
-                u.tpm = _recap(u.tpm, user_limits.tpm, self._clock)
+                m = 1.0 - self._settings.safety_margin
+                u.rpm = _recap(u.rpm, user_limits.rpm * m, self._clock)
+                u.tpm = _recap(u.tpm, user_limits.tpm * m, self._clock)
 
     def snapshot(self) -> dict:
         now = self._clock()
@@ -407,11 +430,11 @@ class Admission:
         return {name: b.level for name, b in (("rpm", u.rpm), ("tpm", u.tpm)) if b is not None}
 
 
-def _recap(b: TokenBucket | None, cap: int, clock: Clock) -> TokenBucket | None:
+def _recap(b: TokenBucket | None, cap: float, clock: Clock) -> TokenBucket | None:
     if not cap:
         return None
     if b is None:
-        return TokenBucket(cap, _PERIOD, clock)
+        return TokenBucket(cap, _PERIOD, clock, track=True)
     b.set_capacity(cap)
     return b
 

@@ -82,7 +82,8 @@ class AlertMonitor:
         alerts: list[Alert] = []
         cost = record.cost_usd
 
-        if cost > self.cfg.request_usd and not replay:
+        # a placeholder priced at its worst case is not a request that cost that much
+        if cost > self.cfg.request_usd and not replay and record.billed:
             self._held_back += 1
             if now - self._last_cost_alert >= REQUEST_COST_INTERVAL_S:
                 n = self._held_back

@@ -24,6 +24,7 @@ class BatchItem:
     request: NormalizedRequest
     model: str
     reason: str
+    attempt: int = 1  # assigned by the ledger's begin
 
 
 def batch_entry(item: BatchItem) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def settle(item: BatchItem, result: Any, settings: Settings, started: float
     req = item.request
     latency = time.time() - started
     kind = getattr(result, "type", "errored")
-    common = dict(request_id=req.request_id, attempt=1, ts=time.time(), user_id=req.user_id, tenant=req.tenant,
+    common = dict(request_id=req.request_id, attempt=item.attempt, ts=time.time(), user_id=req.user_id, tenant=req.tenant,
                   priority=req.priority, model=item.model, latency_s=latency, attempts=1, batch=True,
                   environment=settings.environment, cache="bypass")
     if kind == "succeeded":
@@ -54,7 +55,8 @@ def settle(item: BatchItem, result: Any, settings: Settings, started: float
     inner = getattr(error, "error", None)
     etype = getattr(inner, "type", None) or kind
     message = getattr(inner, "message", None) or f"batch request {kind}"
+    # an errored, canceled or expired batch request is not billed: its intent is void
     record = Record(message_id=None, usage=Usage(), cost=None, saved_usd=0.0, status="error", error_type=etype,
-                    **common)
+                    void_attempts=(item.attempt,), **common)
     return record, UpstreamError(f"batch {kind}: {etype}: {message}", request_id=req.request_id, status=None,
                                  error_type=etype, attempts=[{"model": item.model, "status": kind}])

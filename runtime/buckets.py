@@ -34,10 +34,12 @@ class ManualClock:
 
 
 class TokenBucket:
-    __slots__ = ("capacity", "period", "rate", "_level", "_stamp", "_clock")
+    """``track=True`` keeps what ``give_back`` needs: the levels the bucket peaked at between takes."""
+
+    __slots__ = ("capacity", "period", "rate", "_level", "_stamp", "_clock", "_seq", "_peaks", "_track")
 
     def __init__(self, capacity: float, period: float = 60.0, clock: Clock = time.monotonic,
-                 level: float | None = None) -> None:
+                 level: float | None = None, *, track: bool = False) -> None:
         if capacity <= 0 or period <= 0:
             raise ValueError("capacity and period must be positive")
         self.capacity = float(capacity)
@@ -46,6 +48,11 @@ class TokenBucket:
         self._clock = clock
         self._stamp = clock()
         self._level = self.capacity if level is None else float(level)
+        self._track = track
+        self._seq = 0
+        # (take number, level just before it, time): the suffix maxima of pre-take levels, so levels decrease
+        # from the oldest entry to the newest
+        self._peaks: list[tuple[int, float, float]] = []
 
     def _refill(self) -> float:
         now = self._clock()
@@ -67,19 +74,65 @@ class TokenBucket:
 
     def try_take(self, amount: float, floor: float = 0.0) -> bool:
         if self.can_take(amount, floor):
+            self._note()
             self._level -= amount
             return True
         return False
 
-    def take(self, amount: float) -> None:
-        """Take unconditionally (the level may go negative: a debt repaid by refill)."""
+    def take(self, amount: float) -> int:
+        """Take unconditionally (the level may go negative: a debt repaid by refill). Returns the take's
+        number, which ``give_back`` needs."""
         self._refill()
+        self._note()
         self._level -= amount
+        return self._seq
+
+    @property
+    def seq(self) -> int:
+        """The number of the latest take."""
+        return self._seq
+
+    def _note(self) -> None:
+        self._seq += 1
+        if not self._track:
+            return
+        peaks, level = self._peaks, self._level
+        while peaks and peaks[-1][1] <= level:
+            peaks.pop()
+        peaks.append((self._seq, level, self._stamp))
+        if len(peaks) > 4_096:  # a long monotone drain: forget the oldest peaks (refunds there get smaller)
+            del peaks[:1_024]
+
+    def peak_since(self, seq: int) -> float:
+        """The highest level the bucket reached after take number ``seq`` (now included)."""
+        level = self._refill()
+        peaks = self._peaks
+        lo, hi = 0, len(peaks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if peaks[mid][0] <= seq:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo == 0 and peaks and seq < peaks[0][0] - 1 and len(peaks) >= 3_072:
+            return self.capacity  # history forgotten: assume the worst
+        return max(level, peaks[lo][1]) if lo < len(peaks) else level
 
     def give(self, amount: float) -> None:
         """Return unused units (never above capacity)."""
         self._refill()
         self._level = min(self.capacity, self._level + amount)
+
+    def give_back(self, amount: float, since_seq: int) -> float:
+        """Return ``amount`` taken by take number ``since_seq``, as much of it as the server side can also
+        have: had those units never been taken, the bucket would have sat higher by ``amount`` and lost the
+        refill that pushed it past its capacity. So the refund is capped by capacity minus the highest level
+        reached since that take. Returns what was given back. Needs ``track=True``."""
+        if amount <= 0:
+            return 0.0
+        back = min(amount, max(0.0, self.capacity - self.peak_since(since_seq)))
+        self._level = min(self.capacity, self._level + back)
+        return back
 
     def wait_time(self, amount: float, floor: float = 0.0) -> float:
         """Seconds until ``amount`` can be taken above ``floor``; inf if it never can."""

@@ -22,6 +22,10 @@ def fake_api(
     p529: float = typer.Option(0.0, help="probability of a 529 overloaded_error"),
     p500: float = typer.Option(0.0, help="probability of a 500 api_error"),
     latency_ms: float = typer.Option(0.0, "--latency-ms", help="added latency per request"),
+    output_tokens_per_s: Optional[float] = typer.Option(
+        None, "--output-tokens-per-s", min=0.001,
+        help="generation speed: a response of N output tokens takes N/rate s, streams spread over it "
+             "(default: instant)"),
     seed: int = typer.Option(0, help="seed for fault injection and reply text"),
     billing: Optional[Path] = typer.Option(None, help="append one JSON line per billed response here"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FAKE_API_KEY",
@@ -32,7 +36,8 @@ def fake_api(
     from runtime.settings import Settings
 
     cfg = FakeApiConfig.from_settings(Settings(), p529=p529, p500=p500, latency_ms=latency_ms, seed=seed,
-                                      billing_path=billing, api_key=api_key)
+                                      billing_path=billing, api_key=api_key,
+                                      output_tokens_per_s=output_tokens_per_s)
     if rpm is not None or itpm is not None or otpm is not None:
         cfg = cfg.with_uniform_limits(rpm or 10**9, itpm or 10**12, otpm or 10**12)
     typer.echo(f"fake Anthropic API on http://{host}:{port} (ANTHROPIC_BASE_URL=http://{host}:{port})")
@@ -64,6 +69,22 @@ def report(since: str = typer.Option("7d", help="span to report, e.g. 24h, 7d, 4
         typer.echo(f"no ledger at {path}", err=True)
         raise typer.Exit(1)
     report_main(path, time.time() - _since_ts(since), png)
+
+
+@app.command()
+def reconcile(billing: Optional[Path] = typer.Option(None, help="a billing log (the local API's) to settle against"),
+              admin_key: Optional[str] = typer.Option(None, "--admin-key", envvar="ANTHROPIC_ADMIN_KEY",
+                                                      help="an Admin API key: settle against the usage report"),
+              min_age_s: float = typer.Option(60.0, help="leave placeholders younger than this (their call may "
+                                                          "still be running)")) -> None:
+    """Settle the ledger's unreconciled rows (calls whose answer was lost) against what the API billed."""
+    import json
+
+    import runtime
+
+    rt = runtime.connect()
+    out = rt.reconcile(billing=billing, admin_key=admin_key, min_age_s=min_age_s)
+    typer.echo(json.dumps(out, indent=2))
 
 
 @app.command()

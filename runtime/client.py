@@ -7,16 +7,19 @@ receive it, or call ``runtime.connect()`` to attach to the running singletons by
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import time
+import uuid
 from collections import deque
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from runtime.errors import ConfigurationError
+from runtime.errors import ConfigurationError, InvalidRequest
 from runtime.request import validate
 from runtime.settings import Settings
 
@@ -43,7 +46,9 @@ class Runtime:
                  embedders: list | None = None) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
-        self.settings = settings
+        # the handle travels to tasks and actors: it keeps the secrets only in the process that has them
+        self._secret_settings = settings if settings.api_key is not None else None
+        self.settings = settings.without_secrets()
         self.callers = callers
         self.limiter = limiter
         self.ledger = ledger
@@ -52,7 +57,7 @@ class Runtime:
         self.embedders = list(embedders or [])  # the pool's floor at start; it may grow (actors/embedder.py)
         self._rr = itertools.count()
 
-    def __reduce__(self):  # the round-robin counter is per process
+    def __reduce__(self):  # the round-robin counter is per process, and no secret is pickled
         return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api,
                           self.embedders))
 
@@ -68,31 +73,36 @@ class Runtime:
         return caller.handle.remote(req)
 
     def map(self, requests: Iterable[dict[str, Any]], *, max_in_flight: int = 256, progress: bool = True,
-            **kwargs: Any) -> Iterator[Any]:
+            request_id: str | None = None, **kwargs: Any) -> Iterator[Any]:
         """Results in input order, at most ``max_in_flight`` outstanding; a failure is yielded as its exception
-        (errors as values), so one bad request never stops a job."""
+        (errors as values), so one bad request never stops a job. ``request_id`` is a prefix: request i gets
+        ``f"{request_id}-{i}"`` (ids must be unique per request)."""
         from tqdm.auto import tqdm
 
-        reqs = list(requests)
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequest("request_id must be a string prefix", field="request_id")
+        total = len(requests) if hasattr(requests, "__len__") else None
         window: deque[Any] = deque()
-        bar = tqdm(total=len(reqs), disable=not progress, desc="claude-runtime", unit="req")
-        it = iter(reqs)
+        bar = tqdm(total=total, disable=not progress, desc="claude-runtime", unit="req")
+        it = enumerate(requests)
         try:
-            for req in itertools.islice(it, max_in_flight):
-                window.append(self._submit_value(req, kwargs))
+            for i, req in itertools.islice(it, max_in_flight):
+                window.append(self._submit_value(req, kwargs, request_id, i))
             while window:
                 head = window.popleft()
                 yield self._get_value(head)
                 bar.update(1)
                 nxt = next(it, None)
                 if nxt is not None:
-                    window.append(self._submit_value(nxt, kwargs))
+                    window.append(self._submit_value(nxt[1], kwargs, request_id, nxt[0]))
         finally:
             bar.close()
 
-    def _submit_value(self, req: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    def _submit_value(self, req: dict[str, Any], kwargs: dict[str, Any], prefix: str | None = None,
+                      i: int = 0) -> Any:
         try:
-            return self.submit(req, **kwargs)
+            rid = f"{prefix}-{i}" if prefix is not None else None
+            return self.submit(req, request_id=rid, **kwargs)
         except Exception as exc:  # noqa: BLE001 - errors as values
             return exc
 
@@ -114,51 +124,90 @@ class Runtime:
         """Run offline work through the Message Batches API at the batch discount and wait for it.
 
         Every request is validated first (``InvalidRequest`` is raised before anything is sent), routed, and
-        its worst-case batch cost reserved against the budgets; refused ones come back as ``BudgetExceeded``.
-        Returns, in input order, a ``Result`` or a typed error per request; every billed result is in the
-        ledger (``batch`` set) exactly once.
+        its worst-case batch cost reserved against the budgets with a write-ahead intent; refused ones come
+        back as ``BudgetExceeded``. Returns, in input order, a ``Result`` or a typed error per request; every
+        billed result is in the ledger (``batch`` set) exactly once.
+
+        Nothing leaks on failure: a batch the API certainly did not create releases its reservations and closes
+        its intents; one whose creation is in doubt (the connection dropped after the send) keeps them, so the
+        ledger books it as unreconciled until ``reconcile``. The batch id is recorded in the ledger as soon as
+        it is known.
         """
         import anthropic
         from tqdm.auto import tqdm
 
         from runtime.batch import BatchItem, batch_entry, settle
-        from runtime.errors import RequestLost
-        from runtime.estimate import TokenEstimator
-        from runtime.pricing import max_cost
+        from runtime.errors import RequestLost, UpstreamError
+        from runtime.intents import Begin, Owner
+        from runtime.pricing import bound_cost
+        from runtime.estimate import input_upper_bound
+        from runtime.records import Record
         from runtime.router import route
+        from runtime.transport import classify
 
         s = self.settings
         norms = [validate(r, s, user_id=user_id, tenant=tenant, priority=priority) for r in requests]
         if not norms:
             return []
-        estimator = TokenEstimator()
+        owner = str(Owner("batch", uuid.uuid4().hex[:12], uuid.uuid4().hex[:8]))
         items = []
         for n in norms:
             chosen = route(n.requested_model, n.params, s)
             items.append(BatchItem(n, chosen.model, chosen.reason))
-        reservations = ray.get([self.ledger.begin.remote(
-            it.request.request_id, 1, it.model, it.request.user_id, it.request.tenant, it.request.priority,
-            max_cost(it.model, estimator.estimate(it.request.params, s.models[it.model].tokenizer),
-                     it.request.max_tokens, s, batch=True)) for it in items])
+        begins = ray.get([self.ledger.begin.remote(Begin(
+            request_id=it.request.request_id, owner=owner, attempt=None, model=it.model,
+            user_id=it.request.user_id, tenant=it.request.tenant, priority=it.request.priority,
+            reserve_usd=bound_cost(it.model, input_upper_bound(it.request.params).tokens, it.request.max_tokens,
+                                   s, batch=True, worst_tier=True))) for it in items])
         out: dict[str, Any] = {}
         to_send = []
-        for it, res in zip(items, reservations):
-            if res.granted:
-                to_send.append(it)
+        for it, b in zip(items, begins):
+            rid = it.request.request_id
+            if b.duplicate_of is not None:
+                out[rid] = InvalidRequest(f"request_id {rid!r} is already in flight", request_id=rid,
+                                          field="request_id")
+            elif not b.reservation.granted:
+                out[rid] = b.reservation.refusal(rid)
             else:
-                out[it.request.request_id] = res.refusal(it.request.request_id)
+                it.attempt = b.attempt
+                to_send.append(it)
         if to_send:
-            client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=2)
+            client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=0)
             started = time.time()
-            batch = client.messages.batches.create(requests=[batch_entry(it) for it in to_send])
+            by_id = {it.request.request_id: it for it in to_send}
+            try:
+                batch = client.messages.batches.create(requests=[batch_entry(it) for it in to_send])
+            except Exception as exc:  # noqa: BLE001
+                f = classify(exc)
+                if f.sent != "maybe":
+                    # certainly not created: nothing will be billed
+                    ray.get([self.ledger.commit.remote(Record(
+                        request_id=rid, attempt=it.attempt, message_id=None, ts=time.time(), user_id=it.request.user_id,
+                        tenant=it.request.tenant, priority=it.request.priority, model=it.model, status="error",
+                        error_type=f.error_type, batch=True, environment=s.environment,
+                        void_attempts=(it.attempt,))) for rid, it in by_id.items()])
+                    ray.get([self.ledger.release.remote(rid, owner) for rid in by_id])
+                raise UpstreamError(f"creating the batch failed: {f.status} {f.error_type}: {f.message}"
+                                    + (" (it may have been created: its intents stay open for reconcile)"
+                                       if f.sent == "maybe" else ""),
+                                    status=f.status, error_type=f.error_type, attempts=[]) from None
+            ray.get(self.ledger.note_batch.remote(batch.id, list(by_id), owner))
             bar = tqdm(total=len(to_send), disable=not progress, desc=f"batch {batch.id}", unit="req")
             deadline = time.monotonic() + timeout_s
+            failures = 0
             try:
                 while batch.processing_status != "ended":
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > deadline and batch.processing_status == "in_progress":
                         client.messages.batches.cancel(batch.id)
                     time.sleep(poll_s)
-                    batch = client.messages.batches.retrieve(batch.id)
+                    try:
+                        batch = client.messages.batches.retrieve(batch.id)
+                        failures = 0
+                    except (anthropic.APIConnectionError, anthropic.InternalServerError):
+                        failures += 1  # a blip while polling: the batch goes on regardless
+                        if failures > 10:
+                            raise
+                        continue
                     c = batch.request_counts
                     bar.n = c.succeeded + c.errored + c.canceled + c.expired
                     bar.refresh()
@@ -166,7 +215,6 @@ class Runtime:
                 bar.refresh()
             finally:
                 bar.close()
-            by_id = {it.request.request_id: it for it in to_send}
             records = []
             for entry in client.messages.batches.results(batch.id):
                 it = by_id.get(entry.custom_id)
@@ -175,22 +223,67 @@ class Runtime:
                 record, value = settle(it, entry.result, s, started)
                 records.append(record)
                 out[entry.custom_id] = value
-            ray.get(self.ledger.commit_many.remote(records))
+            for r in ray.get(self.ledger.commit_many.remote(records)):
+                if isinstance(r, BaseException):
+                    raise r
             missing = [rid for rid in by_id if rid not in out]
-            ray.get([self.ledger.release.remote(rid) for rid in missing])
+            ray.get([self.ledger.commit.remote(Record(
+                request_id=rid, attempt=by_id[rid].attempt, message_id=None, ts=time.time(),
+                user_id=by_id[rid].request.user_id, tenant=by_id[rid].request.tenant,
+                priority=by_id[rid].request.priority, model=by_id[rid].model, status="error",
+                error_type="missing", batch=True, environment=s.environment,
+                void_attempts=(by_id[rid].attempt,))) for rid in missing])
+            ray.get([self.ledger.release.remote(rid, owner) for rid in missing])
             for rid in missing:
                 out[rid] = RequestLost("the batch ended without a result for this request", request_id=rid)
         return [out[n.request_id] for n in norms]
 
+    def reconcile(self, *, billing: str | Path | None = None, admin_key: str | None = None,
+                  min_age_s: float = 0.0) -> dict[str, Any]:
+        """Settle the ledger's unreconciled rows against what the API really billed.
+
+        Locally (the embedded or a standalone fake API) against its billing log: exact, per request and
+        attempt. On the real API, with an Admin API key (``admin_key`` or ``ANTHROPIC_ADMIN_KEY``), against the
+        Usage report: by day and model only, so unreconciled rows become ``estimated`` shares that make the
+        ledger's totals equal the API's. See runtime/reconcile.py for what each proves."""
+        from runtime import reconcile as rec
+
+        placeholders = ray.get(self.ledger.placeholders.remote())
+        if admin_key is None and billing is None and self.fake_api is None:
+            admin_key = os.environ.get("ANTHROPIC_ADMIN_KEY")
+        if admin_key is not None and billing is None:
+            billed_rows = ray.get(self.ledger.records.remote(None, None))
+            buckets = rec.fetch_usage_report(self._base_url() or "https://api.anthropic.com", admin_key,
+                                             since=min((p["ts"] for p in placeholders), default=time.time()) - 86400)
+            plan = rec.plan_from_usage(placeholders, billed_rows, buckets, self.settings)
+        else:
+            if billing is not None:
+                lines = rec.read_billing_lines(Path(billing))
+            else:
+                lines = ray.get(self.fake_api.billing_lines.remote())
+            known = set(ray.get(self.ledger.message_ids.remote()))
+            plan = rec.plan_from_billing(placeholders, known, lines, self.settings,
+                                         min_age_s=min_age_s, now=time.time())
+        applied = ray.get(self.ledger.apply_reconcile.remote(plan.changes)) if plan.changes else {"applied": 0}
+        return {**plan.summary(), **applied}
+
     def _base_url(self) -> str | None:
         if self.fake_api is not None:
             return ray.get(self.fake_api.url.remote())
-        return self.settings.base_url
+        if self._secret_settings is not None:
+            return self._secret_settings.base_url
+        return os.environ.get("ANTHROPIC_BASE_URL") or self.settings.base_url
 
     def _api_key(self) -> str:
-        if self.settings.api_key is not None:
-            return self.settings.api_key.get_secret_value()
-        return FAKE_API_KEY
+        if self.fake_api is not None:
+            return FAKE_API_KEY
+        if self._secret_settings is not None:
+            return self._secret_settings.api_key.get_secret_value()
+        key = os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ConfigurationError("this handle carries no API key (handles never pickle secrets): call from "
+                                     "the process that started the runtime, or set ANTHROPIC_API_KEY here")
+        return key
 
     # -- ledger queries ------------------------------------------------------------------------------------
     def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
@@ -252,14 +345,16 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
     if settings.uses_fake_api:
         from pydantic import SecretStr
 
-        fake = get_or_create_fake_api(settings, fake_api_overrides, scheduling_strategy=here)
+        fake = get_or_create_fake_api(settings.without_secrets(), fake_api_overrides, scheduling_strategy=here)
         base_url, api_key = ray.get(fake.url.remote()), SecretStr(FAKE_API_KEY)
-    limiter = get_or_create_limiter(settings, scheduling_strategy=here)
-    ledger = get_or_create_ledger(settings, scheduling_strategy=here)
-    cache = get_or_create_cache(settings, scheduling_strategy=here) if settings.cache.enabled else None
+    # the singletons never call the API: none of them receives the key (the ledger keeps the alert webhook)
+    public = settings.without_secrets()
+    limiter = get_or_create_limiter(public, scheduling_strategy=here)
+    ledger = get_or_create_ledger(settings.without_secrets(keep_webhook=True), scheduling_strategy=here)
+    cache = get_or_create_cache(public, scheduling_strategy=here) if settings.cache.enabled else None
     # the embedding pool owns the model (callers never load it); stateless, so not pinned: Ray places it
     # where its num_cpus / num_gpus fit
-    embedders = start_pool(settings) if settings.cache.enabled else []
+    embedders = start_pool(public) if settings.cache.enabled else []
     cs = settings.callers
     # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
@@ -268,7 +363,7 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
             name=f"{CALLER_PREFIX}{i}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=-1, max_concurrency=cs.max_concurrency, num_cpus=cs.num_cpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
-        ).remote(settings, base_url, api_key, limiter, ledger, cache)
+        ).remote(public, base_url, api_key, limiter, ledger, cache, f"{CALLER_PREFIX}{i}")
         for i in range(cs.num_callers)
     ]
     ray.get([c.ready.remote() for c in callers])

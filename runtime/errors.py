@@ -6,7 +6,9 @@
     ├── InvalidRequest                  rejected locally before any limiter reservation or network call
     ├── BudgetExceeded                  a budget (day/month, global/user/tenant) would be passed
     ├── RateLimitedPastDeadline         admission did not come within the wait limit
-    ├── OverloadedAfterFallback         529/5xx/timeouts on every model of the fallback chain
+    ├── OverloadedAfterFallback         429/529/5xx on every model of the fallback chain
+    ├── UpstreamTimeout                 the API never answered (timeout after the send, dropped connection):
+    │                                   the call may have been billed; the ledger holds an unreconciled row
     ├── UpstreamError                   the API refused the request (4xx): surfaced at once, never retried
     │   └── AuthenticationError         401/403
     └── RequestLost                     the request's caller died and it could not be re-run
@@ -84,6 +86,10 @@ class RateLimitedPastDeadline(ClaudeRuntimeError):
 
 class OverloadedAfterFallback(ClaudeRuntimeError):
     """.attempts lists (model, status) for every try."""
+
+
+class UpstreamTimeout(ClaudeRuntimeError):
+    """.attempts lists (model, status) for every try; the last one went out and got no answer."""
 
 
 class UpstreamError(ClaudeRuntimeError):

@@ -55,6 +55,20 @@ def fallback_chain(model: str, settings: Settings) -> list[str]:
     return chain
 
 
+def sane_retry_after(value: float | None, cap_s: float) -> float | None:
+    """A server's retry-after as a usable delay: NaN, infinite or negative values (a broken or hostile
+    server) are ignored rather than slept on, and a long one is capped so the deadline logic stays in charge."""
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    if v != v or v in (float("inf"), float("-inf")) or v < 0:
+        return None
+    return min(v, max(cap_s, 60.0))
+
+
 @dataclass
 class FallbackPolicy:
     retry: RetrySettings
@@ -68,6 +82,7 @@ class FallbackPolicy:
     def decide(self, status: int, attempt_on_model: int, has_next: bool,
                retry_after_s: float | None = None) -> Decision:
         """``attempt_on_model``: how many tries this model has had, the failed one included."""
+        retry_after_s = sane_retry_after(retry_after_s, self.retry.backoff_max_s)
         if status == 429:
             if has_next:
                 return Decision(Action.NEXT_MODEL)
@@ -116,3 +131,98 @@ class CircuitBreaker:
     def is_open(self, model: str) -> bool:
         until = self._open_until.get(model)
         return until is not None and self._clock() < until
+
+
+class Move(Enum):
+    CALL = "call"          # call ``model`` after ``delay_s``
+    SURFACE = "surface"    # stop: the last failure is the request's answer
+
+
+@dataclass(frozen=True)
+class Step:
+    move: Move
+    model: str | None = None
+    delay_s: float = 0.0
+    why: str = ""
+
+
+class FallbackRun:
+    """One request's walk down its fallback chain, as an explicit state machine.
+
+    States: TRYING(model, tries on it) -> success: DONE; failure -> one of
+    RETRY_SAME (same model, after a backoff that must end before the deadline), NEXT (the next model in the
+    chain whose circuit lets it through; the last model is always tried), SURFACE (nothing left, or a 4xx)::
+
+        run = FallbackRun(chain, policy, breaker, deadline_at=clock() + 30)
+        step = run.start()
+        while step.move is Move.CALL:
+            ...call step.model after step.delay_s...
+            if ok: run.succeeded(); break
+            step = run.failed(status, retry_after_s)
+
+    The breaker is shared by every request of a caller (an overloaded model is skipped by all of them); the
+    policy decides per failure. Pure: time comes from ``clock``.
+    """
+
+    def __init__(self, chain: list[str], policy: FallbackPolicy, breaker: CircuitBreaker, *,
+                 deadline_at: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if not chain:
+            raise ValueError("a fallback chain needs at least one model")
+        self.chain = list(chain)
+        self.policy = policy
+        self.breaker = breaker
+        self.deadline_at = deadline_at
+        self.clock = clock
+        self.idx = 0
+        self.tries_on_model = 0
+        self.history: list[dict] = []
+        self.done = False
+
+    @property
+    def model(self) -> str:
+        return self.chain[self.idx]
+
+    def _has_next(self) -> bool:
+        return self.idx + 1 < len(self.chain)
+
+    def _enter(self, idx: int, delay_s: float = 0.0, why: str = "") -> Step:
+        """Move to chain[idx] or the first model after it whose circuit is closed (the last always runs)."""
+        self.idx = idx
+        self.tries_on_model = 0
+        while self._has_next() and not self.breaker.allow(self.model):
+            self.history.append({"model": self.model, "status": "circuit_open"})
+            self.idx += 1
+            why = why or "circuit open"
+        return self._call(delay_s, why)
+
+    def _call(self, delay_s: float, why: str) -> Step:
+        self.tries_on_model += 1
+        return Step(Move.CALL, self.model, delay_s, why)
+
+    def start(self) -> Step:
+        return self._enter(0)
+
+    def restart(self, chain: list[str], why: str) -> Step:
+        """A new chain (a budget downgrade) from its first model, keeping the history."""
+        self.chain = list(chain)
+        return self._enter(0, why=why)
+
+    def failed(self, status: int, retry_after_s: float | None = None) -> Step:
+        model = self.model
+        self.breaker.record(model, status)
+        self.history.append({"model": model, "status": status})
+        d = self.policy.decide(status, self.tries_on_model, self._has_next(), retry_after_s)
+        if d.action is Action.SURFACE:
+            return Step(Move.SURFACE, model, why=f"{status} is not retried" if status not in
+                        RETRY_SAME_STATUSES and status != 429 else "fallback chain exhausted")
+        if d.action is Action.NEXT_MODEL or (self.breaker.is_open(model) and self._has_next()):
+            # a retry of a model whose circuit this failure opened would hit the storm again: move on
+            return self._enter(self.idx + 1, why=f"fallback after {status} on {model}")
+        if self.clock() + d.delay_s > self.deadline_at:
+            return Step(Move.SURFACE, model, why="deadline before the next retry")
+        return self._call(d.delay_s, f"retry after {status}")
+
+    def succeeded(self) -> None:
+        self.breaker.record(self.model, 200)
+        self.history.append({"model": self.model, "status": 200})
+        self.done = True

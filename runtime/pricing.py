@@ -64,17 +64,27 @@ def price(usage: Usage, model: str, settings: Settings, *, batch: bool = False) 
 
 def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Settings, *,
              batch: bool = False) -> float:
-    """Worst-case cost of one call, for a budget reservation.
+    """Worst-case cost of one call from a calibrated estimate of its prompt (30 % headroom: the tokenizer
+    generations differ by about that much). Prefer ``bound_cost`` with a real bound where there is one."""
+    return bound_cost(model, int(max(0, int(est_input_tokens)) * 1.3), max_tokens, settings, batch=batch)
 
-    Conservative on purpose, because a reservation that is too small lets concurrent requests overshoot a
-    budget: the estimate of the prompt may be low, so the tier is chosen with 30 % headroom (the tokenizer
-    generations differ by about that much), and every input token is priced at the dearest input-side rate of
-    that tier (a 1 h cache write costs 2x input). The settle step replaces this with the real cost.
-    """
+
+def bound_cost(model: str, input_tokens_bound: int, max_tokens: int, settings: Settings, *, batch: bool = False,
+               worst_tier: bool = False) -> float:
+    """The most one call can cost when its prompt is at most ``input_tokens_bound`` tokens and its answer at
+    most ``max_tokens``: the tier that many tokens would reach (or the dearest tier, when even the bound is not
+    trusted), every input token at the dearest input-side rate of that tier (a 1 h cache write costs 2x input),
+    every output token at the output rate. A budget reservation of this size cannot be overshot by the bill."""
     info = settings.model_info(model)
-    # the prompt may be up to 30 % larger than estimated: price that many tokens, at the tier it would reach
-    est = int(max(0, int(est_input_tokens)) * 1.3)
-    tier = tier_for(info, est)
-    in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
-    factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
-    return (est * in_rate + max(0, int(max_tokens)) * tier.output) * factor
+    n = max(0, int(input_tokens_bound))
+    tiers = list(info.prices) if worst_tier else [tier_for(info, n)]
+    cost = 0.0
+    for tier in tiers:
+        in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
+        cost = max(cost, n * in_rate + max(0, int(max_tokens)) * tier.output)
+    return cost * _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+
+
+def token_factor(batch: bool = False) -> float:
+    """Dollars per token for a rate quoted per million tokens, with the batch discount when ``batch``."""
+    return _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)

@@ -7,7 +7,10 @@ Identity (what makes a retried write count once):
   * a billed row is (request_id, message_id): the API's message id names the response that was paid for, so
     a request re-run after its caller died, billed again under a new message id, keeps both rows (both were
     paid for), while a second write of the same response is a duplicate;
-  * a hit or failure row has no message id, so it is (request_id, attempt, status, cache).
+  * a hit or failure row has no message id, so it is (request_id, attempt, status, cache);
+  * an unreconciled row (and what reconcile makes of it) is (request_id, attempt): one call, one placeholder.
+    A billed row for the same (request_id, attempt) supersedes it: the ledger deletes the placeholder when
+    the real answer arrives late.
 
 Records never hold prompt text, responses or keys: only ids, counts, money and an error *type*.
 """
@@ -21,7 +24,12 @@ from runtime.pricing import CostBreakdown
 from runtime.usage import Usage
 
 CACHE_KINDS = ("miss", "exact", "semantic", "bypass")
-STATUSES = ("ok", "error")
+# ok: a response the runtime received (or a cache hit); error: a request that ended in a typed error;
+# unreconciled: an attempt that may have been billed but whose answer never arrived (its caller died, or the
+# call timed out after the send), priced at that attempt's reservation; reconciled: such a row matched to the
+# API's bill; void: such a row the bill proved unpaid; estimated: priced from the API's aggregate usage report
+STATUSES = ("ok", "error", "unreconciled", "reconciled", "void", "estimated")
+PLACEHOLDER_STATUSES = ("unreconciled", "reconciled", "void", "estimated")
 
 # flat column order for storage; the ledger's table and the report read these names
 ROW_COLUMNS: tuple[str, ...] = (
@@ -52,6 +60,9 @@ class Record:
     error_type: str | None = None
     batch: bool = False
     environment: str = "dev"
+    # attempts of this request that certainly were not billed (refused, never sent, answered with an error
+    # status): the record closes their write-ahead intents. Not a column.
+    void_attempts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_KINDS:
@@ -76,6 +87,8 @@ class Record:
         """The idempotency key (see the module docstring)."""
         if self.message_id is not None:
             return f"m|{self.request_id}|{self.message_id}"
+        if self.status in PLACEHOLDER_STATUSES:
+            return f"u|{self.request_id}|{self.attempt}"
         return f"a|{self.request_id}|{self.attempt}|{self.status}|{self.cache}"
 
     def to_row(self) -> dict[str, Any]:

@@ -22,11 +22,20 @@ def summarize(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
     saved_by_day: dict[str, float] = defaultdict(float)
     tokens = defaultdict(int)
     n = billed = errors = hits = 0
+    calls: dict[str, int] = defaultdict(int)   # rows that are calls, not requests, by status
+    unreconciled_usd = 0.0
     total = saved = 0.0
     for r in records:
         if r["ts"] < since:
             continue
-        n += 1
+        status = r.get("status") or "ok"
+        if status in ("ok", "error"):
+            n += 1
+        else:
+            # unreconciled (may have been billed, priced at its reservation) and what reconcile made of it
+            calls[status] += 1
+            if status == "unreconciled":
+                unreconciled_usd += r.get("cost_usd") or 0.0
         day = day_key(r["ts"])
         model = r.get("model") or "-"
         cost = r.get("cost_usd") or 0.0
@@ -62,6 +71,8 @@ def summarize(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
         "error_rate": errors / n if n else 0.0,
         "hit_rate": hits / n if n else 0.0,
         "tokens": dict(tokens),
+        "lost_calls": dict(calls),
+        "unreconciled_usd": unreconciled_usd,
     }
 
 
@@ -115,6 +126,12 @@ def render(records: list[dict[str, Any]], since: float, png_path: Path | None, c
     console.print(table)
     console.print(f"requests {s['requests']}  billed {s['billed']}  cache hits {s['cache_hits']} "
                   f"({s['hit_rate']:.1%})  errors {s['errors']} ({s['error_rate']:.1%})")
+    lost = s["lost_calls"]
+    if lost:
+        console.print(f"calls whose answer was lost: {lost.get('unreconciled', 0)} unreconciled "
+                      f"(${s['unreconciled_usd']:.4f} booked at their reservations; run `claude-runtime reconcile`), "
+                      f"{lost.get('reconciled', 0)} reconciled, {lost.get('void', 0)} void, "
+                      f"{lost.get('estimated', 0)} estimated")
     if png_path is not None:
         _plot(s, Path(png_path))
         console.print(f"chart: {png_path}")

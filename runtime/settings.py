@@ -21,6 +21,22 @@ Priority = Literal["critical", "normal", "bulk"]
 PRIORITIES: tuple[str, ...] = ("critical", "normal", "bulk")
 
 
+def redact_url(url: str | None) -> str | None:
+    """A URL without user:password and without its query string (either may carry a secret)."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "[unparseable url]"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -58,6 +74,11 @@ class ModelInfo(_Strict):
     max_input_tokens: int = Field(default=200_000, gt=0)
     max_output_tokens: int = Field(default=64_000, gt=0)
     deprecated: bool = False
+    # prompt caching is silently skipped below this many prompt tokens. Default for a model added without it:
+    # 1,024, the most common published figure. A guess too low costs little (an ignored marker shows as a
+    # response with no cache write, which runtime/prompt_cache.PrefixTracker remembers); too high forgoes
+    # savings without any sign
+    min_cache_tokens: int = Field(default=1_024, gt=0)
 
     @field_validator("prices")
     @classmethod
@@ -104,7 +125,34 @@ def default_models() -> dict[str, ModelInfo]:
         "claude-opus-4-5": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0),
                                      deprecated=True),
     }
+    for mid, tokens in _MIN_CACHE_TOKENS.items():
+        if mid in m:
+            m[mid] = m[mid].model_copy(update={"min_cache_tokens": tokens})
     return m
+
+
+# Minimum cacheable prompt length, published 2026 figures (shared/README.md): Opus 5 / Fable 5: 512; Sonnet 5,
+# Sonnet 4.x, Opus 4 / 4.1: 1,024; Haiku 4.5, Opus 4.5 / 4.6: 4,096. Kept apart from the registry above so
+# price edits and these figures do not collide.
+_MIN_CACHE_TOKENS: dict[str, int] = {
+    # not published for Haiku 5.5: take the latest published Haiku figure (4.5: 4,096) rather than the older
+    # 2,048. If the real minimum is lower, what we forgo is the saving on 1k-4k-token prefixes at $0.10/M
+    # input: pennies
+    "claude-haiku-5-5": 4_096,
+    "claude-sonnet-5-5": 1_024,
+    # Opus 5.5 and Fable 5.1 are taken to share their generation's published 512
+    "claude-opus-5-5": 512,
+    "claude-fable-5-1": 512,
+    "claude-opus-5": 512,
+    # 4.7 is not in the published list; it continues the 4.5 / 4.6 line, which publishes 4,096
+    "claude-opus-4-7": 4_096,
+    "claude-opus-4-6": 4_096,
+    "claude-opus-4-5": 4_096,
+    "claude-sonnet-4-6": 1_024,
+    "claude-sonnet-4-5": 1_024,
+    "claude-haiku-4-5": 4_096,
+    "claude-opus-4-1": 1_024,
+}
 
 
 class ClassLimits(_Strict):
@@ -146,6 +194,11 @@ class LimiterSettings(_Strict):
     schedule_ahead_s: float = Field(default=0.5, ge=0)
     # ceiling on how long a caller waits for admission before RateLimitedPastDeadline
     max_wait_s: float = Field(default=120.0, gt=0)
+    # response headers may lower a configured limit (the key is shared with another service, say) but only
+    # raise it when this is set: a deliberately lower configured limit is the user's decision
+    learn_upward: bool = False
+    # messages.count_tokens has its own rate limit; the runtime asks it when its own estimate is unsure
+    count_tokens_rpm: int = Field(default=100, gt=0)
 
 
 class RouterSettings(_Strict):
@@ -169,7 +222,15 @@ class RetrySettings(_Strict):
     attempts_per_model: int = Field(default=3, ge=1)
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=8.0, gt=0)
+    # the time a call gets before its answer starts to count: a call may run this plus max_tokens at
+    # min_output_tokens_per_s, so a long answer is never cut by a fixed timeout
     request_timeout_s: float = Field(default=120.0, gt=0)
+    min_output_tokens_per_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    # requests allowed more output than this are streamed internally (the API expects long requests streamed);
+    # a streamed call fails only after stream_idle_timeout_s without an event
+    stream_above_max_tokens: int = Field(default=4_096, ge=1)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
     # open a model's circuit after this many consecutive overloads; half-open after cooldown
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown_s: float = Field(default=30.0, gt=0)
@@ -189,6 +250,13 @@ class BudgetSettings(_Strict):
     downgrade_at: float = Field(default=0.80, gt=0, le=1)
     # critical traffic may go past a budget up to this multiple of it (1.0 = no extra)
     critical_hard_cap: float = Field(default=1.0, ge=1.0)
+    # a request whose worst case fits the settled spend but not the in-flight reservations waits for them to
+    # settle; past this many waiting requests new ones are refused (0: never wait, refuse as soon as it is full)
+    max_queued: int = Field(default=10_000, ge=0)
+    # the learned actual / worst-case cost ratio (per model and route) that turns reservations into expected
+    # spend for the downgrade threshold: EMA weight, and the lowest ratio ever assumed
+    cost_ratio_alpha: float = Field(default=0.05, gt=0, le=1)
+    cost_ratio_floor: float = Field(default=0.10, gt=0, le=1)
 
 
 class CacheSettings(_Strict):
@@ -243,8 +311,55 @@ class EmbeddingSettings(_Strict):
         return self.torch_threads or max(1, math.ceil(self.num_cpus))
 
 
+class PromptCacheSettings(_Strict):
+    """Knobs of automatic prompt caching (runtime/prompt_cache.py); ``Settings.prompt_caching`` turns it on."""
+
+    # the API accepts at most this many cache_control markers per request, the user's own included
+    max_breakpoints: int = Field(default=4, ge=1)
+    # longest a request waits for another request's in-flight write of the same prefix before sending anyway
+    # (it is also bounded by the request's own deadline)
+    write_wait_s: float = Field(default=5.0, ge=0)
+    # a leader's claim on writing a prefix lapses after this; a crashed leader then never blocks anyone
+    write_lease_s: float = Field(default=30.0, gt=0)
+    # waiters that cannot be woken re-ask this often
+    wait_poll_s: float = Field(default=0.05, gt=0)
+    # a prefix counts as warm only while at least this much of its TTL is left: the request must still reach
+    # the API before the entry expires, and the tracker's clock runs a call's latency behind the API's
+    warm_margin_s: float = Field(default=10.0, ge=0)
+    # after a marked prefix was answered with neither a cache read nor a write (the API ignored it: below the
+    # model's real minimum), requests with it stop leading and waiting for this long
+    uncacheable_s: float = Field(default=600.0, gt=0)
+    # the 1 h TTL rule: reuse gaps remembered per prefix, and how many of them must be longer than 5 minutes
+    # (and short enough for a 1 h entry to serve) before the rule may pick 1 h
+    ttl_1h: bool = True
+    ttl_history: int = Field(default=16, ge=1)
+    ttl_1h_min_long_gaps: int = Field(default=2, ge=1)
+    # 1 h is chosen only when it is expected to cost at most this fraction of 5 m over the observed gaps
+    ttl_1h_cost_ratio: float = Field(default=0.9, gt=0, le=1)
+    # the budget bound allows the prompt to be this much larger than estimated (as pricing.max_cost does:
+    # tokenizer generations differ by about 30 %)
+    estimate_headroom: float = Field(default=1.3, ge=1)
+    # the tracker forgets a prefix idle this long (longer than the 1 h TTL, so a gap past it is still seen)
+    # and keeps at most max_prefixes, least recently used dropped first
+    forget_after_s: float = Field(default=7_200.0, gt=0)
+    max_prefixes: int = Field(default=100_000, ge=1)
+
+
 class LedgerSettings(_Strict):
     path: Path | None = None  # default: <data_dir>/ledger.sqlite3
+    # a write-ahead intent with no outcome after this long (its caller died and the request was not re-run)
+    # becomes an unreconciled row priced at its reservation; a billed record that arrives later replaces it
+    unreconciled_after_s: float = Field(default=900.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+
+
+class EstimateSettings(_Strict):
+    """How a request's input is sized before the call. The budget reservation must be an upper bound of the
+    bill, so when the local estimate is unsure (non-Latin scripts, images, documents, text that is not prose)
+    the runtime asks ``messages.count_tokens``: "auto" does so only then, "always" for every request,
+    "never" falls back to a structural upper bound priced at the dearest tier."""
+
+    count_tokens: Literal["auto", "always", "never"] = "auto"
 
 
 class AlertSettings(_Strict):
@@ -253,7 +368,7 @@ class AlertSettings(_Strict):
     error_rate: float = Field(default=0.05, gt=0, le=1)
     error_window_s: float = Field(default=600.0, gt=0)
     error_min_requests: int = Field(default=20, ge=1)
-    webhook_url: str | None = None
+    webhook_url: SecretStr | None = None  # often carries a token (Slack-style): never shown or logged
     webhook_timeout_s: float = Field(default=2.0, gt=0)
 
 
@@ -290,6 +405,7 @@ class Settings(BaseSettings):
     )
     base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("base_url", "ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
+        repr=False,  # shown redacted by __repr_args__: a URL may carry credentials
     )
     environment: str = "dev"  # keys per environment: the ledger and logs record it
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CLAUDE_RUNTIME_DATA_DIR",
@@ -298,11 +414,16 @@ class Settings(BaseSettings):
     limits: dict[str, ClassLimits] = Field(default_factory=default_limits)
     user_limits: UserLimits = UserLimits()
     limiter: LimiterSettings = LimiterSettings()
+    estimate: EstimateSettings = EstimateSettings()
     router: RouterSettings = RouterSettings()
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
     cache: CacheSettings = CacheSettings()
     embedding: EmbeddingSettings = EmbeddingSettings()
+    # automatic cache_control on long stable prefixes (tools, system, earlier turns); "off": pass requests
+    # through as they come. A request may override it (prompt_cache=False / True)
+    prompt_caching: Literal["auto", "off"] = "auto"
+    prompt_cache: PromptCacheSettings = PromptCacheSettings()
     ledger: LedgerSettings = LedgerSettings()
     alerts: AlertSettings = AlertSettings()
     callers: CallerSettings = CallerSettings()
@@ -342,6 +463,18 @@ class Settings(BaseSettings):
             if cls_name not in self.limits:
                 raise ValueError(f"retry.fallback_order: unknown model class {cls_name!r}")
         return self
+
+    def __repr_args__(self):
+        yield from super().__repr_args__()
+        yield "base_url", redact_url(self.base_url)
+
+    def without_secrets(self, *, keep_webhook: bool = False) -> "Settings":
+        """A copy for actors and handles that never call the API: no key, no credentials in the base URL and,
+        unless kept (the ledger posts alerts), no webhook URL."""
+        update: dict[str, Any] = {"api_key": None, "base_url": redact_url(self.base_url)}
+        if not keep_webhook and self.alerts.webhook_url is not None:
+            update["alerts"] = self.alerts.model_copy(update={"webhook_url": None})
+        return self.model_copy(update=update)
 
     # -- derived views, so no caller re-implements them ---------------------------------------------------
     def model_info(self, model: str) -> ModelInfo:

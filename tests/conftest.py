@@ -1,7 +1,8 @@
 """Shared test setup: offline model loading, tier markers by folder, and no stray Ray clusters.
 
-Tiers: tests/unit (pure logic, no Ray), tests/ray (single-node local Ray), tests/cluster (ray.cluster_utils.Cluster).
-Run one tier with `pytest -m pure|ray|cluster`.
+Tiers: tests/unit (pure logic, no Ray, no servers), tests/api (starts local servers: the fake API, the CLI),
+tests/ray (single-node local Ray), tests/cluster (ray.cluster_utils.Cluster).
+Run one tier with `pytest -m pure|api|ray|cluster`.
 """
 
 import os
@@ -15,7 +16,7 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import pytest  # noqa: E402
 
-_TIERS = {"unit": "pure", "ray": "ray", "cluster": "cluster"}
+_TIERS = {"unit": "pure", "api": "api", "ray": "ray", "cluster": "cluster"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,8 +11,13 @@ aiohttp; never imports Ray.
         anthropic.Anthropic(base_url=srv.url, api_key="k", max_retries=0)
     serve(cfg, host="127.0.0.1", port=8080)       # blocking, for the CLI
 
-Controls: ``GET /_fake/stats``, ``POST /_fake/config`` (p529, p500, latency_ms, p529_by_class, p500_by_class,
-limits, output_tokens, batch_seconds, cache_min_tokens), ``POST /_fake/reset``, ``GET /_fake/health``.
+It also serves the Messages API as Amazon Bedrock and Google Vertex AI do (``platforms``: paths, bodies, the AWS
+event stream, their error shapes), so ``anthropic.AnthropicBedrock`` / ``AnthropicVertex`` work against it with
+dummy credentials, and the Admin API's usage, cost and rate-limit reports (``admin``) from its billing log.
+
+Controls: ``GET /_fake/stats`` (counters, ``billed_by_platform``, ``in_flight``), ``POST /_fake/config`` (p529,
+p500, latency_ms, p529_by_class, p500_by_class, limits, output_tokens, output_tokens_per_s, batch_seconds,
+cache_min_tokens, platform_models), ``POST /_fake/reset``, ``GET /_fake/health``.
 """
 
 from runtime.fake_api.billing import read_billing

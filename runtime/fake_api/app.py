@@ -1,5 +1,7 @@
-"""HTTP surface of the fake API (aiohttp): the Messages, count_tokens, Batches and Models routes, plus
-``/_fake/*`` controls for tests. Handlers translate between HTTP and the engine; they hold no state."""
+"""HTTP surface of the fake API (aiohttp): the Messages, count_tokens, Batches and Models routes, the same
+Messages API as Bedrock and Vertex serve it (``platforms``), the Admin API's usage / cost / rate-limit reports
+(``admin``), plus ``/_fake/*`` controls for tests. Handlers translate between HTTP and the engine; they hold no
+state. Every API route counts in ``stats.in_flight`` (by its path template) while it runs."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from runtime.fake_api import admin, platforms
 from runtime.fake_api.batches import BatchStore
 from runtime.fake_api.engine import Engine, Reply
+from runtime.fake_api.platforms import ANTHROPIC, BEDROCK, VERTEX
 from runtime.fake_api.protocol import ApiError, error_body
-from runtime.fake_api.validation import resolve_model, validate
+from runtime.fake_api.validation import Prepared, resolve_model, validate
 
 # big prompts (200k tokens) and batches (256 MB on the real service) must not hit aiohttp's 1 MB default
 MAX_BODY = 300 * 1024 * 1024
@@ -43,6 +47,40 @@ def _check_version(request: web.Request) -> None:
 
 def _sse(event: str, data: Any) -> bytes:
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _bedrock_event(event: str, data: Any) -> bytes:
+    return platforms.bedrock_chunk(data)
+
+
+def _pace(rep: Reply, tokens_per_s: float | None) -> float:
+    """Seconds the answer takes to generate at ``tokens_per_s`` (0 when answers are instant)."""
+    if not tokens_per_s:
+        return 0.0
+    return rep.usage["output_tokens"] / tokens_per_s
+
+
+class _Done:
+    """Settles and bills one response exactly once, whichever way its handler ends."""
+
+    __slots__ = ("h", "rep", "rid", "request", "key", "platform", "platform_model", "called")
+
+    def __init__(self, h: "Handlers", rep: Reply, rid: str, request: web.Request, key: str, platform: str,
+                 platform_model: str | None) -> None:
+        self.h, self.rep, self.rid, self.request, self.key = h, rep, rid, request, key
+        self.platform, self.platform_model = platform, platform_model
+        self.called = False
+
+    def __call__(self) -> None:
+        if self.called:
+            return
+        self.called = True
+        e = self.h.e
+        rep = self.rep
+        e.limits.settle(rep.prep.model_class, rep.prep.max_tokens, rep.usage["output_tokens"])
+        e.bill(rep, request_id=self.rid, headers=self.request.headers, api_key=self.key, platform=self.platform,
+               platform_model=self.platform_model)
+        e.stats.record(200, rep.prep.model_class, rep.usage)
 
 
 def _chunks(text: str, words_per_chunk: int = 6) -> list[str]:
@@ -80,13 +118,24 @@ class Handlers:
             if body is _BAD_JSON:
                 raise ApiError(400, "There was an error parsing the body of your request: invalid JSON")
             prep = validate(body, e.cfg.models)
+        except ApiError as err:
+            return self._fail(err, cls, headers, rid, ANTHROPIC)
+        return await self._create(request, prep, raw, key, rid, headers, ANTHROPIC, None)
+
+    async def _create(self, request: web.Request, prep: Prepared, raw: bytes, key: str, rid: str,
+                      headers: dict[str, str], platform: str, platform_model: str | None) -> web.StreamResponse:
+        """Admit, generate and answer one validated Messages request, in the platform's wire format."""
+        e = self.e
+        cls = prep.model_class
+        try:
             plan = e.plan(prep, key, raw)
             e.check_size(prep, plan)
             itpm = plan.uncached + plan.write
             wait = e.limits.admit(cls, itpm, prep.max_tokens)
             if wait > 0:
-                headers["retry-after"] = str(max(1, math.ceil(wait)))
-                headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+                if platform == ANTHROPIC:
+                    headers["retry-after"] = str(max(1, math.ceil(wait)))
+                    headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
                 raise ApiError(429, f"This request would exceed the rate limit for your organization of "
                                     f"{cls} requests or tokens per minute. Retry after {wait:.2f} s.",
                                model_class=cls)
@@ -97,69 +146,209 @@ class Handlers:
             e.limits.take(cls, itpm, prep.max_tokens)
             rep = e.reply(prep, plan)
         except ApiError as err:
-            if err.model_class is not None:
-                cls = err.model_class
+            return self._fail(err, cls, headers, rid, platform)
+        done = _Done(self, rep, rid, request, key, platform, platform_model)
+        if prep.stream:
+            return await self._stream(request, done, headers)
+        delay = e.cfg.latency_ms / 1000.0 + _pace(rep, e.cfg.output_tokens_per_s)
+        # aiohttp does not cancel a handler whose client went away (handler_cancellation=False, set explicitly
+        # in server.py), so the answer is generated and billed in full; the finally covers a cancellation anyway
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            done()
+        if platform == ANTHROPIC:
+            e.limits.headers(cls, headers)
+        elif platform == BEDROCK:
+            headers["x-amzn-bedrock-input-token-count"] = str(plan.total)
+            headers["x-amzn-bedrock-output-token-count"] = str(rep.usage["output_tokens"])
+            headers["x-amzn-bedrock-invocation-latency"] = str(int(delay * 1000))
+        return web.Response(body=orjson.dumps(rep.message()), headers=headers, content_type=_JSON)
+
+    def _fail(self, err: ApiError, cls: str | None, headers: dict[str, str], rid: str,
+              platform: str) -> web.Response:
+        """The error response, shaped as the platform answers it."""
+        e = self.e
+        if err.model_class is not None:
+            cls = err.model_class
+        if platform == ANTHROPIC:
             if cls is not None:
                 e.limits.headers(cls, headers)
             e.stats.record(err.status, cls)
             return _error(err, headers, rid)
-        latency = e.cfg.latency_ms
-        if prep.stream:
-            return await self._stream(request, rep, headers, rid, latency)
-        if latency > 0:
-            await asyncio.sleep(latency / 1000.0)
-        self._finish(rep, rid, request)
-        e.limits.headers(cls, headers)
-        return web.Response(body=orjson.dumps(rep.message()), headers=headers, content_type=_JSON)
+        if platform == BEDROCK:
+            status, body, extra = platforms.bedrock_error(err)
+            headers.update(extra)
+        else:
+            status = err.status
+            front = platforms.vertex_front_error(err)
+            body = front if front is not None else error_body(err.status, err.type, err.message, rid)
+        e.stats.record(status, cls)
+        return web.Response(body=body, status=status, headers=headers, content_type=_JSON)
 
-    def _finish(self, rep: Reply, rid: str, request: web.Request) -> None:
+    async def _stream(self, request: web.Request, done: "_Done", headers: dict[str, str]) -> web.StreamResponse:
         e = self.e
-        e.limits.settle(rep.prep.model_class, rep.prep.max_tokens, rep.usage["output_tokens"])
-        e.bill(rep, request_id=rid, headers=request.headers)
-        e.stats.record(200, rep.prep.model_class, rep.usage)
-
-    async def _stream(self, request: web.Request, rep: Reply, headers: dict[str, str], rid: str,
-                      latency_ms: float) -> web.StreamResponse:
-        e = self.e
-        e.limits.headers(rep.prep.model_class, headers)
+        rep = done.rep
+        platform = done.platform
+        if platform == ANTHROPIC:
+            e.limits.headers(rep.prep.model_class, headers)
         headers["cache-control"] = "no-cache"
         resp = web.StreamResponse(status=200, headers=headers)
-        resp.content_type = "text/event-stream"
+        if platform == BEDROCK:
+            resp.content_type = "application/vnd.amazon.eventstream"
+            enc = _bedrock_event
+        else:
+            resp.content_type = "text/event-stream"
+            enc = _sse
         msg = rep.message()
         usage = rep.usage
         start_usage = {**usage, "output_tokens": 1}
         start = {**msg, "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}
-        billed = False
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        gone = False
+
+        async def send(data: bytes) -> None:
+            # a client that left does not stop the answer: the rest is generated (and paced) unsent
+            nonlocal gone
+            if gone:
+                return
+            try:
+                await resp.write(data)
+            except (ConnectionError, RuntimeError):
+                gone = True
+
         try:
-            await resp.prepare(request)
-            if latency_ms > 0:
-                await asyncio.sleep(latency_ms / 1000.0)
-            await resp.write(
-                _sse("message_start", {"type": "message_start", "message": start})
-                + _sse("content_block_start", {"type": "content_block_start", "index": 0,
-                                               "content_block": {"type": "text", "text": ""}})
-                + _sse("ping", {"type": "ping"}))
-            for piece in _chunks(rep.text):
-                await resp.write(_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                              "delta": {"type": "text_delta", "text": piece}}))
+            try:
+                await resp.prepare(request)
+            except (ConnectionError, RuntimeError):
+                gone = True
+            if e.cfg.latency_ms > 0:
+                await asyncio.sleep(e.cfg.latency_ms / 1000.0)
+            await send(
+                enc("message_start", {"type": "message_start", "message": start})
+                + enc("content_block_start", {"type": "content_block_start", "index": 0,
+                                              "content_block": {"type": "text", "text": ""}})
+                + enc("ping", {"type": "ping"}))
+            pieces = _chunks(rep.text)
+            pace = _pace(rep, e.cfg.output_tokens_per_s)
+            # each delta is due once its share of the output (by characters) has been "generated"
+            total_chars = sum(len(p) for p in pieces) or 1
+            sent_chars = 0
+            t_gen = loop.time()
+            for piece in pieces:
+                if pace > 0:
+                    sent_chars += len(piece)
+                    wait = t_gen + pace * sent_chars / total_chars - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                await send(enc("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                       "delta": {"type": "text_delta", "text": piece}}))
             # billed before the last bytes go out, so a client that has the whole stream also finds its line
-            billed = True
-            self._finish(rep, rid, request)
-            await resp.write(
-                _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
-                + _sse("message_delta", {
+            done()
+            stop: dict[str, Any] = {"type": "message_stop"}
+            if platform == BEDROCK:
+                ms = int((loop.time() - t0) * 1000)
+                stop["amazon-bedrock-invocationMetrics"] = {
+                    "inputTokenCount": usage["input_tokens"] + usage["cache_creation_input_tokens"]
+                    + usage["cache_read_input_tokens"], "outputTokenCount": usage["output_tokens"],
+                    "invocationLatency": ms, "firstByteLatency": int(e.cfg.latency_ms)}
+            await send(
+                enc("content_block_stop", {"type": "content_block_stop", "index": 0})
+                + enc("message_delta", {
                     "type": "message_delta",
                     "delta": {"stop_reason": rep.stop_reason, "stop_sequence": rep.stop_sequence},
                     "usage": {"input_tokens": usage["input_tokens"], "output_tokens": usage["output_tokens"],
                               "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
                               "cache_read_input_tokens": usage["cache_read_input_tokens"]}})
-                + _sse("message_stop", {"type": "message_stop"}))
-            await resp.write_eof()
+                + enc("message_stop", stop))
+            if not gone:
+                try:
+                    await resp.write_eof()
+                except (ConnectionError, RuntimeError):
+                    pass
         finally:
             # the tokens were generated whether or not the client stayed to read them: the real API bills them
-            if not billed:
-                self._finish(rep, rid, request)
+            done()
         return resp
+
+    # -- Bedrock ---------------------------------------------------------------------------------------------
+    async def bedrock_invoke(self, request: web.Request) -> web.StreamResponse:
+        return await self._bedrock(request, stream=False)
+
+    async def bedrock_stream(self, request: web.Request) -> web.StreamResponse:
+        return await self._bedrock(request, stream=True)
+
+    async def _bedrock(self, request: web.Request, stream: bool) -> web.StreamResponse:
+        e = self.e
+        rid = e.ids.make("req")
+        headers = {"request-id": rid, "x-amzn-requestid": rid}
+        pid = request.match_info["model_id"]
+        raw = await request.read()
+        cls = None
+        try:
+            key = platforms.credential(BEDROCK, request.headers)
+            model = platforms.resolve_model(BEDROCK, pid, e.cfg.models, e.cfg.platform_models)
+            if model is None:
+                raise ApiError(400, "The provided model identifier is invalid.")
+            cls = e.cfg.models[model].model_class
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "Malformed input request, please reformat your input and try again.") from None
+            inner = platforms.platform_body(BEDROCK, body, model)
+            if stream:
+                inner["stream"] = True
+            prep = validate(inner, e.cfg.models)
+        except ApiError as err:
+            return self._fail(err, cls, headers, rid, BEDROCK)
+        return await self._create(request, prep, raw, key, rid, headers, BEDROCK, pid)
+
+    # -- Vertex ----------------------------------------------------------------------------------------------
+    async def vertex_predict(self, request: web.Request) -> web.StreamResponse:
+        e = self.e
+        rid = e.ids.make("req")
+        headers = {"request-id": rid}
+        m = request.match_info
+        model_part, _, method = m["spec"].rpartition(":")
+        raw = await request.read()
+        cls = None
+        try:
+            if method not in ("rawPredict", "streamRawPredict") or not model_part:
+                raise ApiError(404, f"Method not found: {m['spec']}")
+            key = platforms.credential(VERTEX, request.headers)
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "There was an error parsing the body of your request: invalid JSON") from None
+            count = model_part == "count-tokens"
+            if count:
+                if method != "rawPredict":
+                    raise ApiError(404, f"Method not found: {m['spec']}")
+                model_part = body.get("model") if isinstance(body, dict) else None
+                if not isinstance(model_part, str) or not model_part:
+                    raise ApiError(400, "model: Field required")
+            model = platforms.resolve_model(VERTEX, model_part, e.cfg.models, e.cfg.platform_models)
+            if model is None:
+                raise ApiError(404, f"Publisher Model `projects/{m['project']}/locations/{m['region']}/publishers/"
+                                    f"anthropic/models/{model_part}` not found.")
+            cls = e.cfg.models[model].model_class
+            inner = platforms.platform_body(VERTEX, body, model)
+            if count:
+                inner.pop("stream", None)
+                prep = validate(inner, e.cfg.models, count_only=True)
+                plan = e.plan(prep, key, b"")
+            else:
+                if method == "streamRawPredict":
+                    inner["stream"] = True
+                prep = validate(inner, e.cfg.models)
+        except ApiError as err:
+            return self._fail(err, cls, headers, rid, VERTEX)
+        if count:
+            e.stats.count_tokens += 1
+            return _json({"input_tokens": plan.total}, headers)
+        return await self._create(request, prep, raw, key, rid, headers, VERTEX, model_part)
 
     # -- /v1/messages/count_tokens -------------------------------------------------------------------------
     async def count_tokens(self, request: web.Request) -> web.Response:
@@ -282,6 +471,29 @@ class Handlers:
             return _error(err, {"request-id": rid}, rid)
         return _json(self._model_json(mid), {"request-id": rid})
 
+    # -- Admin API ------------------------------------------------------------------------------------------
+    def _admin(self, request: web.Request, report) -> web.Response:
+        rid = self.e.ids.make("req")
+        headers = {"request-id": rid}
+        q = request.query
+        try:
+            self.e.authenticate_admin(request.headers)
+            _check_version(request)
+            data = report(lambda name: q.getall(name, []))
+        except ApiError as err:
+            return _error(err, headers, rid)
+        return _json(data, headers)
+
+    async def admin_usage(self, request: web.Request) -> web.Response:
+        return self._admin(request, lambda getall: admin.usage_report(self.e.book, getall))
+
+    async def admin_cost(self, request: web.Request) -> web.Response:
+        return self._admin(request, lambda getall: admin.cost_report(self.e.book, getall))
+
+    async def admin_rate_limits(self, request: web.Request) -> web.Response:
+        cfg = self.e.cfg
+        return self._admin(request, lambda getall: admin.rate_limits(cfg.models, cfg.limits, getall))
+
     # -- /_fake controls -----------------------------------------------------------------------------------
     async def fake_stats(self, request: web.Request) -> web.Response:
         return _json(self.e.stats.snapshot(), {})
@@ -307,6 +519,23 @@ class Handlers:
         return _error(ApiError(404, f"Not found: {request.method} {request.path}"), {"request-id": rid}, rid)
 
 
+def _tracked(engine: Engine, route: str, handler):
+    """``handler`` counted in ``stats.in_flight`` under ``route`` while it runs (streams: until the last byte)."""
+    stats = engine.stats
+
+    async def run(request: web.Request) -> web.StreamResponse:
+        stats.enter(route)
+        try:
+            return await handler(request)
+        finally:
+            stats.leave(route)
+
+    return run
+
+
+_VERTEX = "/projects/{project}/locations/{region}/publishers/anthropic/models/{spec}"
+
+
 def make_app(engine: Engine) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     batches = BatchStore(engine)
@@ -314,16 +543,29 @@ def make_app(engine: Engine) -> web.Application:
     app[BATCHES_KEY] = batches
     h = Handlers(engine, batches)
     r = app.router
-    r.add_post("/v1/messages", h.messages)
-    r.add_post("/v1/messages/count_tokens", h.count_tokens)
-    r.add_post("/v1/messages/batches", h.batch_create)
-    r.add_get("/v1/messages/batches", h.batch_list)
-    r.add_get("/v1/messages/batches/{batch_id}", h.batch_get)
-    r.add_delete("/v1/messages/batches/{batch_id}", h.batch_delete)
-    r.add_post("/v1/messages/batches/{batch_id}/cancel", h.batch_cancel)
-    r.add_get("/v1/messages/batches/{batch_id}/results", h.batch_results)
-    r.add_get("/v1/models", h.models_list)
-    r.add_get("/v1/models/{model_id}", h.models_get)
+
+    def api(method: str, path: str, handler) -> None:
+        r.add_route(method, path, _tracked(engine, path.replace(":.+}", "}"), handler))
+
+    api("POST", "/v1/messages", h.messages)
+    api("POST", "/v1/messages/count_tokens", h.count_tokens)
+    api("POST", "/v1/messages/batches", h.batch_create)
+    api("GET", "/v1/messages/batches", h.batch_list)
+    api("GET", "/v1/messages/batches/{batch_id}", h.batch_get)
+    api("DELETE", "/v1/messages/batches/{batch_id}", h.batch_delete)
+    api("POST", "/v1/messages/batches/{batch_id}/cancel", h.batch_cancel)
+    api("GET", "/v1/messages/batches/{batch_id}/results", h.batch_results)
+    api("GET", "/v1/models", h.models_list)
+    api("GET", "/v1/models/{model_id}", h.models_get)
+    # Bedrock: a model id may carry ':' (and, as an ARN, '/'), so it is matched up to the action
+    api("POST", "/model/{model_id:.+}/invoke", h.bedrock_invoke)
+    api("POST", "/model/{model_id:.+}/invoke-with-response-stream", h.bedrock_stream)
+    # Vertex: the SDK's default base URL ends in /v1; a base_url without it posts to /projects/...
+    api("POST", "/v1" + _VERTEX, h.vertex_predict)
+    api("POST", _VERTEX, h.vertex_predict)
+    api("GET", "/v1/organizations/usage_report/messages", h.admin_usage)
+    api("GET", "/v1/organizations/cost_report", h.admin_cost)
+    api("GET", "/v1/organizations/rate_limits", h.admin_rate_limits)
     r.add_get("/_fake/stats", h.fake_stats)
     r.add_post("/_fake/config", h.fake_config)
     r.add_post("/_fake/reset", h.fake_reset)

@@ -180,7 +180,8 @@ class BatchStore:
                     + b"\n")
             else:
                 counts["succeeded"] += 1
-                e.bill(rep, request_id=None, batch=True, extra={"batch_id": b.id, "custom_id": cid})
+                e.bill(rep, request_id=None, batch=True, extra={"batch_id": b.id, "custom_id": cid},
+                       api_key=b.api_key)
                 out.append(orjson.dumps({"custom_id": cid, "result": {"type": "succeeded",
                                                                       "message": rep.message()}}) + b"\n")
             if i % _CHUNK == _CHUNK - 1:

@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 from runtime.settings import ClassLimits, ModelInfo, default_limits, default_models
 
+# Admin API keys start with this; they may read the admin reports and may not send messages
+ADMIN_KEY_PREFIX = "sk-ant-admin"
+
 
 @dataclass
 class FakeApiConfig:
@@ -17,7 +20,11 @@ class FakeApiConfig:
 
     ``limits=None`` means unlimited (headers then report very large limits). ``api_key=None`` accepts any
     non-empty key. ``output_tokens=None`` makes the reply length a deterministic function of the prompt in
-    [16, 128] tokens, always capped by ``max_tokens``.
+    [16, 128] tokens, always capped by ``max_tokens``. ``output_tokens_per_s=None`` answers at once; a rate
+    makes a response of N output tokens take N / rate seconds (a stream spreads its deltas over that time).
+    ``platform_models`` maps Bedrock / Vertex model ids to registry ids, before the default id rules
+    (``platforms.resolve_model``). ``admin_api_key=None`` accepts any key starting with ``sk-ant-admin`` on
+    the Admin API routes.
     """
 
     models: dict[str, ModelInfo] = field(default_factory=default_models)
@@ -32,6 +39,9 @@ class FakeApiConfig:
     seed: int = 0
     billing_path: Path | None = None
     output_tokens: int | None = None
+    output_tokens_per_s: float | None = None
+    platform_models: dict[str, str] = field(default_factory=dict)
+    admin_api_key: str | None = None
     batch_seconds: float = 2.0
     # the real API ignores cache_control on prefixes shorter than this (1,024 on Sonnet/Opus)
     cache_min_tokens: int = 1024
@@ -57,6 +67,8 @@ class FakeApiConfig:
             billing_path=settings.billing_path,
             host=fa.host,
             port=fa.port,
+            # not (yet) a field of FakeApiSettings everywhere: taken when the settings have it
+            output_tokens_per_s=getattr(fa, "output_tokens_per_s", None),
         )
         for k, v in overrides.items():
             if k not in _FIELD_NAMES:
@@ -75,10 +87,12 @@ class FakeApiConfig:
         return dataclasses.replace(self, limits={c: lim for c in classes})
 
     def copy(self, **changes: Any) -> "FakeApiConfig":
-        return dataclasses.replace(
-            self, models=dict(self.models), limits=None if self.limits is None else dict(self.limits),
-            p529_by_class=dict(self.p529_by_class), p500_by_class=dict(self.p500_by_class), **changes,
-        )
+        fresh: dict[str, Any] = dict(
+            models=dict(self.models), limits=None if self.limits is None else dict(self.limits),
+            p529_by_class=dict(self.p529_by_class), p500_by_class=dict(self.p500_by_class),
+            platform_models=dict(self.platform_models))
+        fresh.update(changes)
+        return dataclasses.replace(self, **fresh)
 
 
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(FakeApiConfig))

@@ -11,11 +11,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from runtime.fake_api.admin import UsageBook
 from runtime.fake_api.billing import BillingLog
-from runtime.fake_api.config import FakeApiConfig, parse_limits
+from runtime.fake_api.config import ADMIN_KEY_PREFIX, FakeApiConfig, parse_limits
 from runtime.fake_api.generate import generate
 from runtime.fake_api.prompt_cache import CachePlan, PromptCache
-from runtime.fake_api.protocol import ApiError, IdMaker
+from runtime.fake_api.protocol import ApiError, IdMaker, key_id
 from runtime.fake_api.ratelimits import RateLimits
 from runtime.fake_api.tokenizer import count_prompt
 from runtime.fake_api.validation import Prepared
@@ -23,13 +24,31 @@ from runtime.fake_api.validation import Prepared
 
 class Stats:
     def __init__(self) -> None:
+        # requests being processed right now: not cleared by a reset, they are still running
+        self.in_flight = 0
+        self.in_flight_by_route: dict[str, int] = {}
         self.clear()
+
+    def enter(self, route: str) -> None:
+        self.in_flight += 1
+        by = self.in_flight_by_route
+        by[route] = by.get(route, 0) + 1
+
+    def leave(self, route: str) -> None:
+        self.in_flight -= 1
+        by = self.in_flight_by_route
+        n = by[route] - 1
+        if n:
+            by[route] = n
+        else:
+            del by[route]
 
     def clear(self) -> None:
         self.requests = 0
         self.by_status: dict[str, int] = {}
         self.by_class: dict[str, dict[str, Any]] = {}
         self.billed = 0
+        self.billed_by_platform: dict[str, int] = {}
         self.count_tokens = 0
         self.batch_requests = 0
 
@@ -58,8 +77,10 @@ class Stats:
             "by_status": dict(self.by_status),
             "by_class": {k: {**v, "by_status": dict(v["by_status"])} for k, v in self.by_class.items()},
             "billed": self.billed,
+            "billed_by_platform": dict(self.billed_by_platform),
             "count_tokens": self.count_tokens,
             "batch_requests": self.batch_requests,
+            "in_flight": {"total": self.in_flight, "by_route": dict(self.in_flight_by_route)},
         }
 
 
@@ -82,7 +103,17 @@ class Reply:
         }
 
 
-_CONFIGURABLE = ("p529", "p500", "latency_ms", "output_tokens", "batch_seconds", "cache_min_tokens")
+_CONFIGURABLE = ("p529", "p500", "latency_ms", "output_tokens", "batch_seconds", "cache_min_tokens",
+                 "output_tokens_per_s")
+
+
+def _attempt(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
 
 
 class Engine:
@@ -92,12 +123,15 @@ class Engine:
         self.limits = RateLimits(cfg.limits, cfg.limit_period_s, cfg.clock)
         self.cache = PromptCache(cfg.clock, cfg.cache_min_tokens)
         self.rng = random.Random(cfg.seed)
+        # the admin reports start from what an existing billing log already holds
+        self.book = UsageBook(cfg.models)
+        self.book.load(cfg.billing_path)
         self.billing = BillingLog(cfg.billing_path)
         self.stats = Stats()
 
     # -- access ------------------------------------------------------------------------------------------
-    def authenticate(self, headers: Mapping[str, str]) -> str:
-        """The caller's key from ``x-api-key`` or ``Authorization: Bearer``; 401 if missing or wrong."""
+    @staticmethod
+    def _key(headers: Mapping[str, str]) -> str:
         key = headers.get("x-api-key")
         if not key:
             auth = headers.get("authorization")
@@ -105,9 +139,28 @@ class Engine:
                 key = auth[7:].strip()
         if not key:
             raise ApiError(401, "x-api-key header is required")
+        return key
+
+    def authenticate(self, headers: Mapping[str, str]) -> str:
+        """The caller's key from ``x-api-key`` or ``Authorization: Bearer``; 401 if missing or wrong. An Admin
+        API key cannot send messages (the real API refuses it too)."""
+        key = self._key(headers)
         want = self.cfg.api_key
         if want is not None and not hmac.compare_digest(key.encode(), want.encode()):
             raise ApiError(401, "invalid x-api-key")
+        if key.startswith(ADMIN_KEY_PREFIX):
+            raise ApiError(401, "invalid x-api-key: an Admin API key cannot be used for this endpoint")
+        return key
+
+    def authenticate_admin(self, headers: Mapping[str, str]) -> str:
+        """An Admin API key (``sk-ant-admin...``, or exactly ``cfg.admin_api_key`` when set); 401 otherwise."""
+        key = self._key(headers)
+        want = self.cfg.admin_api_key
+        if want is not None:
+            if not hmac.compare_digest(key.encode(), want.encode()):
+                raise ApiError(401, "invalid x-api-key")
+        elif not key.startswith(ADMIN_KEY_PREFIX):
+            raise ApiError(401, "invalid x-api-key: this endpoint requires an Admin API key")
         return key
 
     # -- faults --------------------------------------------------------------------------------------------
@@ -153,7 +206,10 @@ class Engine:
         return Reply(prep, self.ids.make("msg"), text, usage, stop, stop_seq)
 
     def bill(self, r: Reply, *, request_id: str | None, headers: Mapping[str, str] | None = None,
-             batch: bool = False, extra: dict[str, Any] | None = None) -> None:
+             batch: bool = False, extra: dict[str, Any] | None = None, api_key: str | None = None,
+             platform: str = "anthropic", platform_model: str | None = None) -> None:
+        """Write the billing line of one response. The key itself is never written: ``api_key_id`` is a short
+        hash of it, stable across restarts, so reports can group by key."""
         u = r.usage
         cc = u["cache_creation"]
         rec = {
@@ -163,24 +219,32 @@ class Engine:
             "cache_creation_input_tokens": u["cache_creation_input_tokens"],
             "cache_read_input_tokens": u["cache_read_input_tokens"],
             "cache_write_5m": cc["ephemeral_5m_input_tokens"], "cache_write_1h": cc["ephemeral_1h_input_tokens"],
-            "batch": batch,
+            "batch": batch, "service_tier": "batch" if batch else "standard",
+            "platform": platform, "platform_model": platform_model,
+            "api_key_id": key_id(api_key) if api_key else None,
             "client_request_id": headers.get("idempotency-key") if headers is not None else None,
             "runtime_request_id": headers.get("x-claude-runtime-request-id") if headers is not None else None,
+            "runtime_attempt": _attempt(headers.get("x-claude-runtime-attempt")) if headers is not None else None,
         }
         if extra:
             rec.update(extra)
+        rec["cost_usd"] = round(self.book.add(rec), 12)
         self.billing.write(rec)
-        self.stats.billed += 1
+        st = self.stats
+        st.billed += 1
+        st.billed_by_platform[platform] = st.billed_by_platform.get(platform, 0) + 1
 
     # -- control -------------------------------------------------------------------------------------------
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
         cfg = self.cfg
         for k, v in changes.items():
             if k in _CONFIGURABLE:
-                if v is not None and not isinstance(v, (int, float)):
+                if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                     raise ValueError(f"{k} must be a number")
                 if k in ("p529", "p500") and not 0.0 <= float(v) <= 1.0:
                     raise ValueError(f"{k} must be in [0, 1]")
+                if k == "output_tokens_per_s" and v is not None and not v > 0:
+                    raise ValueError("output_tokens_per_s must be > 0, or null for instant answers")
                 setattr(cfg, k, v)
                 if k == "cache_min_tokens":
                     self.cache.min_tokens = int(v)
@@ -191,6 +255,11 @@ class Engine:
             elif k == "limits":
                 cfg.limits = parse_limits(v)
                 self.limits.configure(cfg.limits)
+            elif k == "platform_models":
+                if not isinstance(v, dict) or not all(isinstance(a, str) and isinstance(b, str)
+                                                      for a, b in v.items()):
+                    raise ValueError("platform_models must be an object of platform model id -> model id")
+                cfg.platform_models = dict(v)
             else:
                 raise ValueError(f"unknown setting {k!r}")
         return self.describe()
@@ -201,7 +270,8 @@ class Engine:
             "p529": cfg.p529, "p500": cfg.p500, "p529_by_class": cfg.p529_by_class,
             "p500_by_class": cfg.p500_by_class, "latency_ms": cfg.latency_ms, "seed": cfg.seed,
             "output_tokens": cfg.output_tokens, "batch_seconds": cfg.batch_seconds,
-            "cache_min_tokens": cfg.cache_min_tokens,
+            "cache_min_tokens": cfg.cache_min_tokens, "output_tokens_per_s": cfg.output_tokens_per_s,
+            "platform_models": dict(cfg.platform_models),
             "limits": None if cfg.limits is None else {c: l.model_dump() for c, l in cfg.limits.items()},
             "models": sorted(cfg.models),
         }

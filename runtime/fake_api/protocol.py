@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import os
 import string
@@ -57,3 +59,10 @@ class IdMaker:
 
     def make(self, kind: str) -> str:
         return f"{kind}_01{self._p}{next(self._n):012d}"
+
+
+@functools.lru_cache(maxsize=1024)  # a handful of keys call a server; hashing each request's key is waste
+def key_id(api_key: str) -> str:
+    """A stable, non-reversible name for a key (``apikey_`` + 12 hex of its SHA-256): what billing lines and
+    admin reports show instead of the key."""
+    return "apikey_" + hashlib.sha256(api_key.encode()).hexdigest()[:12]

@@ -16,6 +16,11 @@ from runtime.fake_api.config import FakeApiConfig
 from runtime.fake_api.engine import Engine
 
 
+# A client that disconnects must not stop its response: the real API generates and bills it anyway. aiohttp
+# (3.9 on) only cancels a handler on disconnect when handler_cancellation=True; the servers below say False
+# explicitly, and the handlers bill in `finally` blocks in case a handler is cancelled regardless (shutdown).
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -69,7 +74,8 @@ class FakeApiServer:
         loop = self._loop = _new_loop()
         asyncio.set_event_loop(loop)
         try:
-            self._runner = web.AppRunner(make_app(self.engine), access_log=None, handle_signals=False)
+            self._runner = web.AppRunner(make_app(self.engine), access_log=None, handle_signals=False,
+                                         handler_cancellation=False)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, backlog=2048)
             loop.run_until_complete(site.start())
@@ -145,7 +151,7 @@ def serve(cfg: FakeApiConfig | None = None, host: str | None = None, port: int |
     engine = Engine(cfg)
     loop = _new_loop()
     asyncio.set_event_loop(loop)
-    runner = web.AppRunner(make_app(engine), access_log=None)
+    runner = web.AppRunner(make_app(engine), access_log=None, handler_cancellation=False)
     try:
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, host, port, backlog=2048)

@@ -7,6 +7,10 @@ real tokenizers show. Plain English averages ~3.7 characters per v1 token.
 
     count_text("Hello, world!", "v1")   # 4: Hello , world !
     count_text("Hello, world!", "v2")   # 6: Hello and world are long pieces
+
+Images and documents are counted as the real API counts them (``media``): an image by its pixel size after
+downscaling, a PDF by its text plus one page image per page, a text document by its text, a content document by
+its blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from __future__ import annotations
 import re
 from typing import Any, Iterator
 
+import base64
+import binascii
+import math
+
 import orjson
+
+from runtime.fake_api import media
 
 _PIECE = re.compile(r"[A-Za-z]{1,10}|\d{1,3}|\S")
 # matched from the same starting points as _PIECE's letter runs, so it counts exactly the long letter pieces
@@ -22,8 +32,6 @@ _LONG = re.compile(r"[A-Za-z]{5,10}")
 
 # role and turn markers the real API adds around each message
 MESSAGE_OVERHEAD = 3
-# what an image or a binary document costs (the real cost depends on its size; a fixed charge keeps it simple)
-MEDIA_TOKENS = 1_600
 
 
 def count_text(text: str, family: str = "v2") -> int:
@@ -46,11 +54,10 @@ def block_tokens(block: Any, family: str) -> int:
     t = block.get("type")
     if t == "text":
         return count_text(block.get("text") or "", family)
-    if t in ("image", "document"):
-        src = block.get("source") or {}
-        if isinstance(src, dict) and src.get("type") == "text":
-            return count_text(src.get("data") or "", family)
-        return MEDIA_TOKENS
+    if t == "image":
+        return image_block_tokens(block)
+    if t == "document":
+        return document_block_tokens(block, family)
     if t == "tool_use":
         return count_text(block.get("name") or "", family) + count_text(_json_text(block.get("input") or {}), family)
     if t == "tool_result":
@@ -62,6 +69,53 @@ def block_tokens(block: Any, family: str) -> int:
         return count_text(block.get("thinking") or "", family)
     body = {k: v for k, v in block.items() if k != "cache_control"}
     return count_text(_json_text(body), family)
+
+
+def image_block_tokens(block: dict) -> int:
+    src = block.get("source")
+    if isinstance(src, dict) and src.get("type") == "base64":
+        data = src.get("data")
+        if isinstance(data, str):
+            n = media.base64_image_tokens(data)
+            if n is not None:
+                return n
+        return media.MAX_IMAGE_TOKENS
+    return media.URL_IMAGE_TOKENS
+
+
+def document_block_tokens(block: dict, family: str) -> int:
+    """A document's title and context, plus its source: text, content blocks, or a PDF (text + page images)."""
+    n = 0
+    for k in ("title", "context"):
+        v = block.get(k)
+        if isinstance(v, str):
+            n += count_text(v, family)
+    src = block.get("source")
+    if not isinstance(src, dict):
+        return n + media.URL_DOCUMENT_TOKENS
+    kind = src.get("type")
+    if kind == "text":
+        data = src.get("data")
+        return n + count_text(data if isinstance(data, str) else "", family)
+    if kind == "content":
+        content = src.get("content")
+        if isinstance(content, str):
+            return n + count_text(content, family)
+        return n + sum(block_tokens(b, family) for b in content or ())
+    if kind == "base64" and isinstance(src.get("data"), str):
+        data = src["data"]
+        if src.get("media_type") == "text/plain":
+            try:
+                return n + count_text(base64.b64decode(data).decode("utf-8", "replace"), family)
+            except (binascii.Error, ValueError):
+                return n + media.URL_DOCUMENT_TOKENS
+        try:
+            pdf = media.pdf_info(data)
+        except media.MediaError:
+            return n + media.URL_DOCUMENT_TOKENS
+        return (n + count_text(pdf.text, family) + math.ceil(pdf.opaque_glyphs / media.GLYPHS_PER_TOKEN)
+                + pdf.pages * pdf.page_image_tokens)
+    return n + media.URL_DOCUMENT_TOKENS
 
 
 def tool_tokens(tool: Any, family: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.fake_api import media
 from runtime.fake_api.protocol import ApiError
 from runtime.settings import ModelInfo
 
@@ -62,9 +63,87 @@ def _check_block(b: Any, where: str, cls: str | None) -> None:
             raise _bad(f"{where}.text: Field required", cls)
         if not text:
             raise _bad("messages: text content blocks must be non-empty", cls)
+    elif t == "image":
+        _check_image(b, where, cls)
+    elif t == "document":
+        _check_document(b, where, cls)
     cc = b.get("cache_control")
     if cc is not None:
         _check_cache_control(cc, where, cls)
+
+
+def _source(b: dict, where: str, cls: str | None) -> tuple[dict, Any]:
+    src = b.get("source")
+    if not isinstance(src, dict):
+        raise _bad(f"{where}.source: Input should be a valid dictionary or object", cls)
+    return src, src.get("type")
+
+
+def _check_ref(src: dict, kind: str, where: str, cls: str | None) -> None:
+    """A source the server does not fetch: it must still name its URL or file."""
+    field = "url" if kind == "url" else "file_id"
+    if not isinstance(src.get(field), str) or not src[field]:
+        raise _bad(f"{where}.source.{kind}.{field}: Field required", cls)
+
+
+def _check_image(b: dict, where: str, cls: str | None) -> None:
+    src, kind = _source(b, where, cls)
+    if kind in ("url", "file"):
+        return _check_ref(src, kind, where, cls)
+    if kind != "base64":
+        raise _bad(f"{where}.source.type: Input should be 'base64', 'url' or 'file'", cls)
+    mt = src.get("media_type")
+    if mt not in media.IMAGE_MEDIA_TYPES:
+        raise _bad(f"{where}.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or "
+                   "'image/webp'", cls)
+    data = src.get("data")
+    if not isinstance(data, str) or not data:
+        raise _bad(f"{where}.source.base64.data: Field required", cls)
+    try:
+        real, w, h = media.image_info(data)
+    except media.MediaError as exc:
+        raise _bad(f"{where}.source.base64.data: {exc}", cls) from None
+    if real != mt:
+        raise _bad(f"{where}.source.base64.data: Image does not match the provided media type {mt}", cls)
+    if max(w, h) > media.MAX_IMAGE_SIDE:
+        raise _bad(f"{where}.source.base64.data: image dimensions exceed max allowed size: "
+                   f"{media.MAX_IMAGE_SIDE} pixels", cls)
+
+
+def _check_document(b: dict, where: str, cls: str | None) -> None:
+    src, kind = _source(b, where, cls)
+    if kind in ("url", "file"):
+        return _check_ref(src, kind, where, cls)
+    if kind == "text":
+        if not isinstance(src.get("data"), str):
+            raise _bad(f"{where}.source.text.data: Field required", cls)
+        return None
+    if kind == "content":
+        content = src.get("content")
+        if isinstance(content, str):
+            return None
+        if not isinstance(content, list) or not content:
+            raise _bad(f"{where}.source.content.content: Input should be a valid string or a non-empty list", cls)
+        for j, blk in enumerate(content):
+            inner = f"{where}.source.content.{j}"
+            if not isinstance(blk, dict) or blk.get("type") not in ("text", "image"):
+                raise _bad(f"{inner}.type: Input should be 'text' or 'image'", cls)
+            _check_block(blk, inner, cls)
+        return None
+    if kind != "base64":
+        raise _bad(f"{where}.source.type: Input should be 'base64', 'content', 'text', 'url' or 'file'", cls)
+    if src.get("media_type") != "application/pdf":
+        raise _bad(f"{where}.source.base64.media_type: Input should be 'application/pdf'", cls)
+    data = src.get("data")
+    if not isinstance(data, str) or not data:
+        raise _bad(f"{where}.source.base64.data: Field required", cls)
+    try:
+        info = media.pdf_info(data)
+    except media.MediaError as exc:
+        raise _bad(f"{where}.source.base64.data: {exc}", cls) from None
+    if info.pages > media.PDF_MAX_PAGES:
+        raise _bad(f"{where}.source.base64.data: A maximum of {media.PDF_MAX_PAGES} PDF pages may be provided.",
+                   cls)
 
 
 def resolve_model(body: Any, models: dict[str, ModelInfo]) -> tuple[str, ModelInfo] | None:

@@ -68,7 +68,10 @@ def test_losing_a_node_loses_no_request(cluster_rt):
     victim = next(w for w in workers if w.node_id in caller_nodes and w.node_id not in pinned)
     fake_post(rt, "/_fake/config", {"latency_ms": 400})
     refs = [rt.submit(user_msg(f"node loss question {i}", 16), cache=False) for i in range(60)]
-    time.sleep(0.3)
+    deadline = time.monotonic() + 60
+    while fake_stats(rt)["in_flight"]["total"] < 5:  # calls are on the wire when the node goes
+        assert time.monotonic() < deadline, "no calls reached the API"
+        time.sleep(0.01)
     cluster.remove_node(victim)
     fake_post(rt, "/_fake/config", {"latency_ms": 0})
     out = ray.get(refs, timeout=180)

@@ -3,7 +3,7 @@
 import pytest
 import ray
 
-from runtime.errors import InvalidRequest
+from runtime.errors import InvalidRequest, UpstreamError
 from runtime.pricing import price
 from runtime.result import Result
 from runtime.usage import Usage
@@ -31,6 +31,9 @@ def test_batch_results_are_half_price_in_order_and_in_the_ledger(rt):
     rows = [x for x in rt.ledger_records() if x["batch"]]
     assert {b["id"] for b in billing} == {x["message_id"] for x in rows} == {r.message.id for r in out}
     assert sum(x["cost_usd"] for x in rows) == pytest.approx(sum(r.cost_usd for r in out))
+    # the batch id was recorded as soon as it was known, with the requests it carries
+    (recorded,) = [b for b in ray.get(rt.ledger.batches.remote()) if set(b["request_ids"]) == {r.request_id for r in out}]
+    assert recorded["batch_id"] in {b["batch_id"] for b in billing}
     # same prompt through the batch and the real-time path: same text, half the price
     live = ray.get(rt.submit(reqs[0], cache=False))
     assert live.message.content[0].text == out[0].message.content[0].text
@@ -40,3 +43,13 @@ def test_batch_results_are_half_price_in_order_and_in_the_ledger(rt):
 def test_bad_input_refuses_the_whole_batch_before_sending(rt):
     with pytest.raises(InvalidRequest):
         rt.submit_batch([user_msg("fine", 16), user_msg("bad", 16, temperature=1.0)], progress=False)
+
+
+def test_a_batch_the_api_never_created_leaves_no_reservation_and_no_open_intent(rt):
+    # last in this module: it stops the API
+    before = ray.get(rt.ledger.stats.remote())["outstanding_reservations"]
+    ray.get(rt.fake_api.stop.remote())
+    with pytest.raises(UpstreamError):
+        rt.submit_batch([user_msg(f"never sent {i}", 16) for i in range(3)], progress=False, poll_s=0.1)
+    assert ray.get(rt.ledger.stats.remote())["outstanding_reservations"] == before
+    assert ray.get(rt.ledger.pending_intents.remote()) == []

@@ -67,6 +67,17 @@ Q = "How do I reverse a list in Python?"
 PARA = "How can I reverse a list in Python?"
 
 
+async def _stats_when(actor, pred, timeout=30.0):
+    """The actor's stats once ``pred`` holds (counters are fed by fire-and-forget calls)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await actor.stats.remote()
+        if pred(st):
+            return st
+        assert time.monotonic() < deadline, f"stats never reached the expected state: {st}"
+        await asyncio.sleep(0.02)
+
+
 async def test_exact_then_semantic_hit_with_saving(cache):
     actor, client, _ = cache
     await seed(client, req(Q), "Use reversed() or list.reverse().", cost=0.02)
@@ -76,8 +87,7 @@ async def test_exact_then_semantic_hit_with_saving(cache):
     sem = await client.lookup(req(PARA), "claude-haiku-5-5", "A", now=T0 + 1)
     assert sem.kind == "semantic", sem.reason
     assert sem.similarity >= client._settings.cache.similarity_threshold
-    await asyncio.sleep(0.2)  # record() is fire-and-forget
-    stats = ray.get(actor.stats.remote())
+    stats = await _stats_when(actor, lambda st: st["hits_exact"] + st["hits_semantic"] >= 2)  # fire-and-forget
     assert stats["hits_exact"] == 1 and stats["hits_semantic"] == 1 and stats["misses"] == 1
     assert stats["saved_usd"] == pytest.approx(0.04) and stats["entries"] == 1
 
@@ -163,8 +173,7 @@ async def test_bypass_never_reads_or_writes(cache):
     assert not await client.store(out, answer("Sunny."), "claude-haiku-5-5", 0.01, now=T0)
     off = await client.lookup(req(Q), "claude-haiku-5-5", "A", cache_enabled=False, now=T0)
     assert off.kind == "bypass"
-    await asyncio.sleep(0.2)
-    stats = ray.get(actor.stats.remote())
+    stats = await _stats_when(actor, lambda st: st["bypasses"] >= 2)
     assert stats["entries"] == 0 and stats["bypasses"] == 2
 
 
@@ -297,3 +306,32 @@ def test_get_or_create_cache_is_one_singleton(ray_local, tmp_path):
         assert ray.get_actor("cache", namespace=NAMESPACE)._actor_id == a._actor_id
     finally:
         ray.kill(a, no_restart=True)
+
+
+async def test_waiters_never_outwait_a_leader_that_stopped_renewing_nor_their_own_deadline(tmp_path):
+    from actors.cache import CacheService
+
+    svc = CacheService(make_settings(tmp_path), maintenance_interval_s=0, claim_lease_s=0.5)
+    key = "ab" * 16
+    assert await svc.claim(key, owner="caller-0|life-1|e1")
+    # a waiter with a short deadline gives up at its deadline, though the leader is alive
+    t0 = time.monotonic()
+    assert await svc.wait(key, timeout_s=0.1) is None
+    assert time.monotonic() - t0 < 0.45
+    # the leader's caller died: no renewals, so its claim lapses and waiters go to the API themselves
+    t0 = time.monotonic()
+    assert await svc.wait(key, timeout_s=240) is None
+    assert time.monotonic() - t0 < 5
+    assert await svc.claim(key, owner="caller-1|life-9|e2")
+
+
+async def test_a_restarted_caller_takes_over_its_dead_life_claim_at_once(tmp_path):
+    from actors.cache import CacheService
+
+    svc = CacheService(make_settings(tmp_path), maintenance_interval_s=0, claim_lease_s=60)
+    key = "cd" * 16
+    assert await svc.claim(key, owner="caller-0|life-1|e1")
+    assert not await svc.claim(key, owner="caller-1|life-3|e7")   # another live caller waits
+    assert await svc.claim(key, owner="caller-0|life-2|e1")       # the same caller, restarted: its old self is gone
+    assert await svc.renew(key, owner="caller-0|life-2|e1")
+    assert not await svc.renew(key, owner="caller-0|life-1|e1")

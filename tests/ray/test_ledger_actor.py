@@ -13,6 +13,7 @@ import ray
 
 from tests.runtime_fixtures import ray_local  # noqa: F401 - a fixture
 from actors.ledger import LedgerActor, NAMESPACE, get_or_create_ledger
+from runtime.intents import Begin
 from runtime import report
 from runtime.pricing import CostBreakdown, price
 from runtime.records import Record
@@ -148,29 +149,96 @@ def test_64_concurrent_reserves_never_overshoot_a_dollar(tmp_path, ledgers):
     assert ray.get(h.stats.remote())["outstanding_reservations"] == 0
 
 
+def owner(caller="caller-0", life="l1", execution="e1"):
+    return f"{caller}|{life}|{execution}"
+
+
+def begin(rid, attempt=None, reserve=0.05, who=None, model="claude-sonnet-5-5", priority="normal"):
+    return Begin(request_id=rid, owner=who or owner(), attempt=attempt, model=model, user_id="u1", tenant="t1",
+                 priority=priority, reserve_usd=reserve)
+
+
 def test_intents_without_outcome_are_pending_across_restart(tmp_path, ledgers):
     h, _ = make_ledger(tmp_path)
     ledgers.append(h)
-    ray.get([h.intent.remote("a", 1, "claude-sonnet-5-5"), h.intent.remote("b", 1, "claude-opus-5-5"),
-             h.intent.remote("b", 1, "claude-opus-5-5"), h.intent.remote("c", 2, "claude-haiku-5-5")])
+    # one call at a time: the pending list is ordered by when each intent was written
+    for rid, attempt, model in [("a", 1, "claude-sonnet-5-5"), ("b", 1, "claude-opus-5-5"),
+                                ("b", 1, "claude-opus-5-5"), ("c", 2, "claude-haiku-5-5")]:
+        ray.get(h.intent.remote(rid, attempt, model, owner(execution=rid), 0.01))
     ray.get(h.commit.remote(billed(1, request_id="a")))
-    ray.get(h.commit.remote(billed(2, request_id="c")))  # attempt 1 < 2: the attempt-2 call is unanswered
+    ray.get(h.commit.remote(billed(2, request_id="c")))  # attempt 1's answer: attempt 2's call is unanswered
     ray.kill(h, no_restart=False)
     wait_ready(h)
     pending = ray.get(h.pending_intents.remote())
     assert [(p["request_id"], p["attempt"]) for p in pending] == [("b", 1), ("c", 2)]
+    # and their reservations came back with them, so a restart frees no budget that may be in use
+    assert ray.get(h.stats.remote())["outstanding_reservations"] == 2
 
 
 def test_begin_reserves_and_writes_the_intent_only_when_granted(tmp_path, ledgers):
     h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
     ledgers.append(h)
-    ok = ray.get(h.begin.remote("g", 1, "claude-sonnet-5-5", "u1", "t1", "normal", 0.6))
-    refused = ray.get(h.begin.remote("r", 1, "claude-sonnet-5-5", "u1", "t1", "normal", 0.6))
-    assert ok.granted and not refused.granted and refused.state == "stop"
+    ok = ray.get(h.begin.remote(begin("g", reserve=0.6)))
+    refused = ray.get(h.begin.remote(begin("r", reserve=0.6, who=owner(execution="e2"))))
+    assert ok.reservation.granted and ok.attempt == 1
+    assert not refused.reservation.granted and refused.reservation.state == "stop" and refused.attempt == 0
     assert [(p["request_id"], p["attempt"]) for p in ray.get(h.pending_intents.remote())] == [("g", 1)]
     # a downgrade re-records the attempt's model before the call leaves
-    ray.get(h.intent.remote("g", 1, "claude-haiku-5-5"))
+    ray.get(h.begin.remote(begin("g", attempt=1, reserve=0.1, model="claude-haiku-5-5")))
     assert [p["model"] for p in ray.get(h.pending_intents.remote())] == ["claude-haiku-5-5"]
+
+
+def test_a_rerun_after_its_caller_died_books_the_lost_call_and_numbers_attempts_after_it(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path)
+    ledgers.append(h)
+    first = ray.get(h.begin.remote(begin("x", reserve=0.04, who=owner(life="old"))))
+    ray.get(h.intent.remote("x", 2, "claude-haiku-5-5", owner(life="old"), 0.01))  # a fallback attempt
+    # the caller process died mid-call; Ray re-runs the request on the restarted caller (a new life)
+    again = ray.get(h.begin.remote(begin("x", reserve=0.04, who=owner(life="new", execution="e9"))))
+    assert first.attempt == 1 and again.attempt == 3 and again.unreconciled == 2
+    rows = {(r["attempt"], r["status"]): r for r in ray.get(h.records.remote())}
+    assert set(rows) == {(1, "unreconciled"), (2, "unreconciled")}
+    assert rows[(1, "unreconciled")]["cost_usd"] == pytest.approx(0.04)
+    assert rows[(2, "unreconciled")]["cost_usd"] == pytest.approx(0.01)
+    # the re-run's own answer is a third row, not a replacement of the lost call's
+    ray.get(h.commit.remote(Record(request_id="x", attempt=3, message_id="m-x3", ts=time.time(), user_id="u1",
+                                   tenant="t1", priority="normal", model="claude-sonnet-5-5",
+                                   usage=Usage(10, 10), cost=CostBreakdown(0.002, 0, 0, 0, 0.002))))
+    st = ray.get(h.stats.remote())
+    assert st["rows"] == 3 and st["unreconciled"] == 2 and st["total_usd"] == pytest.approx(0.052)
+    assert ray.get(h.pending_intents.remote()) == []
+
+
+def test_a_concurrent_duplicate_request_id_is_refused_and_cannot_release_the_first(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    a = ray.get(h.begin.remote(begin("dup", reserve=0.5, who=owner("caller-0", "l1", "e1"))))
+    b = ray.get(h.begin.remote(begin("dup", reserve=0.5, who=owner("caller-1", "l7", "e2"))))
+    assert a.reservation.granted and b.reservation is None and b.duplicate_of == owner("caller-0", "l1", "e1")
+    assert ray.get(h.release.remote("dup", owner("caller-1", "l7", "e2"))) is False
+    assert ray.get(h.stats.remote())["outstanding_reservations"] == 1
+
+
+def test_a_late_answer_replaces_its_unreconciled_row_and_a_void_mark_removes_one(tmp_path, ledgers):
+    h, s = make_ledger(tmp_path, ledger={"unreconciled_after_s": 0.01, "sweep_interval_s": 3600})
+    ledgers.append(h)
+    ray.get(h.begin.remote(begin("slow", reserve=0.3)))
+    ray.get(h.begin.remote(begin("never", reserve=0.2, who=owner(execution="e2"))))
+    ray.get(h.ping.remote())
+    assert ray.get(h.sweep.remote(time.time() + 1)) == 2  # both look lost
+    st = ray.get(h.stats.remote())
+    assert st["unreconciled"] == 2 and st["total_usd"] == pytest.approx(0.5)
+    # the slow call's answer arrives after all; the other attempt turns out never to have been sent
+    ray.get(h.commit.remote(Record(request_id="slow", attempt=1, message_id="m-slow", ts=time.time(),
+                                   user_id="u1", tenant="t1", priority="normal", model="claude-sonnet-5-5",
+                                   usage=Usage(10, 10), cost=CostBreakdown(0.01, 0, 0, 0, 0.01))))
+    ray.get(h.commit.remote(Record(request_id="never", attempt=1, message_id=None, ts=time.time(), user_id="u1",
+                                   tenant="t1", priority="normal", model="claude-sonnet-5-5", status="error",
+                                   error_type="RateLimitedPastDeadline", void_attempts=(1,))))
+    st = ray.get(h.stats.remote())
+    assert st["unreconciled"] == 0 and st["total_usd"] == pytest.approx(0.01)
+    statuses = sorted((r["request_id"], r["status"]) for r in ray.get(h.records.remote()))
+    assert statuses == [("never", "error"), ("slow", "ok")]
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -209,7 +277,8 @@ def test_alerts_reach_log_store_and_webhook_and_survive_restart(tmp_path, ledger
         wait_ready(h)
         # after the restart the day's episode is remembered: more spend raises nothing new
         ray.get(h.commit.remote(billed(4, cost=0.05)))
-        time.sleep(0.5)
+        # an alert is written with the batch after the record that raised it: one more commit is the barrier
+        ray.get(h.commit.remote(billed(5, cost=0.0)))
         assert [a["kind"] for a in ray.get(h.alerts.remote())] == ["request_cost", "daily_spend"]
         assert _Hook.received.empty()
     finally:
@@ -241,12 +310,12 @@ def test_singleton_and_report_from_the_file(tmp_path, ledgers):
 async def test_commit_batcher_shares_calls_and_keeps_identity(tmp_path, ledgers):
     import asyncio
 
-    from actors.ledger import CommitBatcher
+    from actors.ledger import LedgerClient
 
     h, _ = make_ledger(tmp_path)
     ledgers.append(h)
     await h.ping.remote()
-    batcher = CommitBatcher(h, max_batch=50)
+    batcher = LedgerClient(h, max_batch=50)
     recs = [billed(i, cost=0.001) for i in range(200)]
     results = await asyncio.gather(*(batcher.commit(r) for r in recs + recs[:20]))
     assert sorted(results[:200]) == [True] * 200 and results[200:] == [False] * 20

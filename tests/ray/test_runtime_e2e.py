@@ -123,20 +123,30 @@ def test_submit_from_a_task_through_connect(rt):
 def test_a_killed_caller_still_yields_one_result(rt):
     fake_post(rt, "/_fake/config", {"latency_ms": 1500})
     ref = rt.submit(user_msg("Define entropy in one line.", 32), cache=False, request_id="req-kill-1")
-    time.sleep(0.6)
+    deadline = time.monotonic() + 60
+    while fake_stats(rt)["in_flight"]["total"] < 1:  # the call is on the wire before the kill
+        assert time.monotonic() < deadline, "the call never reached the API"
+        time.sleep(0.01)
     for caller in rt.callers:
         ray.kill(caller, no_restart=False)
     fake_post(rt, "/_fake/config", {"latency_ms": 0})
     res = ray.get(ref, timeout=120)
     assert isinstance(res, Result) and res.request_id == "req-kill-1"
-    ok_rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1" and r["status"] == "ok"]
+    rows = [r for r in rt.ledger_records() if r["request_id"] == "req-kill-1"]
+    ok_rows = [r for r in rows if r["status"] == "ok"]
     assert any(r["message_id"] == res.message.id for r in ok_rows)
+    # the killed call (which the API still answered and billed) is booked, and the re-run numbered after it
+    assert [(r["attempt"], r["status"]) for r in rows if r["status"] == "unreconciled"] == [(1, "unreconciled")]
+    assert res.attempts == 2
 
 
 def test_a_400_from_the_api_is_surfaced_after_one_try(rt):
     before = fake_stats(rt)["by_status"].get("400", 0)
-    with pytest.raises(UpstreamError) as exc:  # a tool without a name passes our checks; the API refuses it
-        ray.get(rt.submit(user_msg("Use the tool", 32, tools=[{"description": "nameless"}]), cache=False))
+    # a cache_control of a type the API does not know passes our checks; the API refuses it
+    bad = {"model": "auto", "max_tokens": 32, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Use the tool", "cache_control": {"type": "forever"}}]}]}
+    with pytest.raises(UpstreamError) as exc:
+        ray.get(rt.submit(bad, cache=False))
     assert exc.value.status == 400 and exc.value.error_type == "invalid_request_error"
     assert len(exc.value.attempts) == 1
     assert fake_stats(rt)["by_status"].get("400", 0) == before + 1

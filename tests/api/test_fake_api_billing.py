@@ -7,11 +7,16 @@ import httpx2
 import pytest
 
 from runtime.fake_api import read_billing
+from runtime.fake_api.protocol import key_id
+from runtime.pricing import price
+from runtime.settings import Settings
+from runtime.usage import Usage
 from tests.fake_api_fixtures import HAIKU, KEY, SONNET, async_client, client, start_server, user
 
 FIELDS = {"id", "request_id", "ts", "model", "model_class", "user_id", "input_tokens", "output_tokens",
           "cache_creation_input_tokens", "cache_read_input_tokens", "cache_write_5m", "cache_write_1h", "batch",
-          "client_request_id", "runtime_request_id"}
+          "service_tier", "platform", "platform_model", "api_key_id", "client_request_id", "runtime_request_id",
+          "runtime_attempt", "cost_usd"}
 
 
 async def test_billing_lines_match_responses(tmp_path):
@@ -21,9 +26,11 @@ async def test_billing_lines_match_responses(tmp_path):
         seen = []
         raw = c.messages.with_raw_response.create(
             model=HAIKU, max_tokens=30, messages=user("one"), metadata={"user_id": "u-1"},
-            extra_headers={"x-claude-runtime-request-id": "rt-123", "Idempotency-Key": "idem-9"})
+            extra_headers={"x-claude-runtime-request-id": "rt-123", "Idempotency-Key": "idem-9",
+                           "x-claude-runtime-attempt": "3"})
         seen.append((raw.parse(), raw.headers["request-id"]))
-        with c.messages.stream(model=SONNET, max_tokens=30, messages=user("two")) as st:
+        with c.messages.stream(model=SONNET, max_tokens=30, messages=user("two"),
+                               extra_headers={"x-claude-runtime-attempt": "not-a-number"}) as st:
             final = st.get_final_message()
             seen.append((final, st.response.headers["request-id"]))
         async with async_client(s) as ac:
@@ -47,6 +54,16 @@ async def test_billing_lines_match_responses(tmp_path):
         assert lines[0]["user_id"] == "u-1" and lines[1]["user_id"] is None
         assert lines[0]["runtime_request_id"] == "rt-123" and lines[0]["client_request_id"] == "idem-9"
         assert lines[1]["model_class"] == "sonnet"
+        assert lines[0]["runtime_attempt"] == 3 and lines[1]["runtime_attempt"] is None
+        assert lines[2]["runtime_attempt"] is None and lines[2]["runtime_request_id"] is None
+        assert {ln["api_key_id"] for ln in lines} == {key_id(KEY)} and key_id(KEY).startswith("apikey_")
+        assert all(ln["platform"] == "anthropic" and ln["platform_model"] is None for ln in lines)
+        assert all(ln["service_tier"] == "standard" and ln["cost_usd"] > 0 for ln in lines)
+        # priced as the ledger prices it
+        s_ = Settings()
+        for ln in lines:
+            u = Usage(input_tokens=ln["input_tokens"], output_tokens=ln["output_tokens"])
+            assert ln["cost_usd"] == pytest.approx(price(u, ln["model"], s_).total_usd, rel=1e-9)
         assert KEY not in path.read_text()
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 
 import anthropic
+import httpx2
 import pytest
 
 
@@ -20,7 +21,8 @@ def server(tmp_path_factory):
     port = _free_port()
     billing = tmp_path_factory.mktemp("cli") / "billing.jsonl"
     proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "fake-api", "--port", str(port), "--rpm", "3",
-                             "--itpm", "100000", "--otpm", "100000", "--billing", str(billing)],
+                             "--itpm", "100000", "--otpm", "100000", "--billing", str(billing),
+                             "--output-tokens-per-s", "5000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="any-key", max_retries=0)
     deadline = time.time() + 60
@@ -33,13 +35,13 @@ def server(tmp_path_factory):
                 proc.kill()
                 raise RuntimeError(proc.stdout.read().decode()[-2000:])
             time.sleep(0.2)
-    yield client, billing
+    yield client, billing, port
     proc.terminate()
     proc.wait(10)
 
 
 def test_cli_server_answers_bills_rate_limits_and_validates(server):
-    client, billing = server
+    client, billing, port = server
     msg = client.messages.create(model="claude-haiku-5-5", max_tokens=32,
                                  messages=[{"role": "user", "content": "hello"}])
     assert msg.content[0].text and msg.usage.input_tokens > 0
@@ -56,3 +58,9 @@ def test_cli_server_answers_bills_rate_limits_and_validates(server):
     assert headers["anthropic-ratelimit-requests-remaining"] == "0"
     lines = billing.read_text().splitlines()
     assert len(lines) == 3 and msg.id in lines[0]
+
+
+def test_cli_sets_the_generation_speed(server):
+    _, _, port = server
+    cfg = httpx2.post(f"http://127.0.0.1:{port}/_fake/config", json={}).json()
+    assert cfg["output_tokens_per_s"] == 5000

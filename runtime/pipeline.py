@@ -1,0 +1,430 @@
+"""One request, end to end, as a pure async state machine over ports.
+
+    cache ──hit──► record the hit, answer ($0, no limiter capacity)
+      │ miss (single-flight leader) / bypass
+    route ─► budget + write-ahead intent ─► admit ─► call ─► settle
+                  │ refused: BudgetExceeded       │ error: fallback state machine (runtime/fallback.py)
+                  │ 80 %: downgrade to Haiku      │   retry same / next model / surface a typed error
+
+The pipeline owns no state beyond the request it runs and the caller-wide helpers it is given (estimator,
+circuit breaker); everything durable or shared sits behind a port:
+
+    AdmissionPort   the cluster's limiter: ``acquire`` a grant (or raise), ``reconcile`` the outcome
+    LedgerPort      ``begin`` (reserve + intent), ``intent`` (a later attempt), ``commit`` (durable record),
+                    ``release`` (a reservation that will not be billed)
+    CachePort       ``lookup`` / ``store`` / ``release``, and ``holding`` a single-flight claim alive
+    Transport       ``create`` (one call; raises ``CallFailed``) and ``count_tokens``
+
+``actors/caller.py`` builds the real ports (actor handles, the SDK); tests build in-memory ones and run every
+path in milliseconds.
+
+What it guarantees, whatever fails where:
+* every request ends in one ``Result`` or one typed error (``runtime.errors``), carrying its request id;
+* every attempt's intent is written before its call leaves and ends in a billed row, a void mark (certainly
+  not billed) or an unreconciled row (may have been billed: a timeout after the send);
+* the budget reservation is an upper bound of the bill: a prompt the local estimate cannot bound reliably is
+  counted by the API (``count_tokens``) first, or priced at its structural bound in the dearest tier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, SENT_NO_ANSWER, Estimate, Grant, Outcome
+from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequest, OverloadedAfterFallback,
+                            UpstreamError, UpstreamTimeout)
+from runtime.estimate import TokenEstimator, input_upper_bound
+from runtime.fallback import CircuitBreaker, FallbackPolicy, FallbackRun, Move, fallback_chain
+from runtime.intents import Begin, Begun, Owner
+from runtime.pricing import bound_cost, price
+from runtime.records import Record
+from runtime.request import NormalizedRequest
+from runtime.result import Result
+from runtime.router import route
+from runtime.settings import Settings
+from runtime.transport import CallFailed, Transport
+from runtime.usage import Usage
+
+log = logging.getLogger("claude_runtime.pipeline")
+
+
+# -- ports ------------------------------------------------------------------------------------------------------
+
+class AdmissionPort(Protocol):
+    async def acquire(self, estimate: Estimate, deadline_s: float | None = None) -> Grant: ...
+
+    def reconcile(self, outcome: Outcome) -> None: ...
+
+    def give_back(self, grant: Grant) -> None: ...
+
+
+class LedgerPort(Protocol):
+    async def begin(self, b: Begin) -> Begun: ...
+
+    async def intent(self, request_id: str, attempt: int, model: str, owner: str, reserved_usd: float) -> None: ...
+
+    async def commit(self, record: Record, *, tries: int = 1) -> bool: ...
+
+    async def release(self, request_id: str, owner: str) -> None: ...
+
+    async def check_cost(self, request_id: str, reserved_usd: float, billed_usd: float) -> None: ...
+
+
+class CachePort(Protocol):
+    async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True, *,
+                     owner: str | None = None, wait_s: float | None = None) -> Any: ...
+
+    async def store(self, outcome: Any, message: dict, model_used: str, cost_usd: float) -> bool: ...
+
+    async def release(self, outcome: Any) -> None: ...
+
+    def holding(self, outcome: Any) -> contextlib.AbstractAsyncContextManager: ...
+
+
+@dataclass
+class Ports:
+    admission: AdmissionPort
+    ledger: LedgerPort
+    transport: Transport
+    cache: CachePort | None = None
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Attempts:
+    """What one execution of one request did, attempt by attempt."""
+
+    owner: Owner
+    attempt: int = 0               # the current attempt number (0: none written yet)
+    reserved_usd: float = 0.0      # the reservation the current attempt runs under
+    holds_reservation: bool = False
+    void: list[int] = field(default_factory=list)
+    calls: int = 0
+
+
+class Pipeline:
+    """Runs requests for one caller. ``caller`` names the process's actor (stable across restarts) and
+    ``life`` this process (new after a restart): together with a per-request execution id they make the
+    intents' owner, which is how the ledger tells a re-run from a duplicate."""
+
+    def __init__(self, settings: Settings, ports: Ports, *, caller: str = "local", life: str | None = None,
+                 estimator: TokenEstimator | None = None, breaker: CircuitBreaker | None = None,
+                 policy: FallbackPolicy | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        self.settings = settings
+        self.ports = ports
+        self.caller = caller
+        self.life = life or uuid.uuid4().hex[:12]
+        self.estimator = estimator or TokenEstimator()
+        self.breaker = breaker or CircuitBreaker(settings.retry.breaker_failures, settings.retry.breaker_cooldown_s,
+                                                 clock=clock)
+        self.policy = policy or FallbackPolicy(settings.retry)
+        self.clock = clock
+        self.wall = wall
+        self.sleep = sleep
+        self.stats = {"requests": 0, "hits": 0, "calls": 0, "count_tokens": 0, "unreconciled": 0,
+                      "reservation_exceeded": 0}
+
+    # -- entry point -------------------------------------------------------------------------------------------
+    async def run(self, req: NormalizedRequest) -> Result:
+        self.stats["requests"] += 1
+        t0 = self.clock()
+        try:
+            return await self._run(req, t0)
+        except ClaudeRuntimeError as exc:
+            raise exc.with_request_id(req.request_id)
+
+    async def _run(self, req: NormalizedRequest, t0: float) -> Result:
+        s = self.settings
+        chosen = route(req.requested_model, req.params, s)
+        model, reason = chosen.model, chosen.reason
+        deadline_at = t0 + (req.deadline_s if req.deadline_s is not None else s.limiter.max_wait_s)
+        run = _Attempts(Owner(self.caller, self.life, uuid.uuid4().hex[:12]))
+        cache = self.ports.cache
+
+        outcome = None
+        if cache is not None:
+            outcome = await cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled,
+                                         owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()))
+            if outcome.kind in ("exact", "semantic"):
+                return await self._cache_hit(req, outcome, t0, reason)
+        # no cache configured, cache=False or a real-time prompt: the answer neither came from nor goes to it
+        cache_kind = "miss" if outcome is not None and outcome.kind == "miss" else "bypass"
+        leading = outcome is not None and outcome.kind == "miss" and getattr(outcome, "leader", False)
+
+        try:
+            holder = cache.holding(outcome) if leading else contextlib.nullcontext()
+            async with holder:
+                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run)
+        except BaseException as exc:
+            await self._clean_up(req, model, run, outcome if leading else None, exc, t0)
+            raise
+        if outcome is not None and outcome.kind == "miss":
+            try:
+                await cache.store(outcome, result.message.model_dump(mode="json"), result.model, result.cost_usd)
+            except Exception:  # noqa: BLE001 - the answer is paid for and goes back regardless
+                log.warning("cache store failed for %s", req.request_id)
+        return result
+
+    async def _clean_up(self, req: NormalizedRequest, model: str, run: _Attempts, outcome: Any,
+                        exc: BaseException, t0: float) -> None:
+        # each step on its own: one failing must not skip the others (a leaked reservation would hold budget
+        # until the sweep; unclosed intents would turn into unreconciled rows)
+        steps = []
+        if outcome is not None:
+            steps.append(self.ports.cache.release(outcome))
+        if run.holds_reservation:
+            steps.append(self.ports.ledger.release(req.request_id, str(run.owner)))
+        if isinstance(exc, ClaudeRuntimeError):
+            steps.append(self._commit_failure(req, model, run, exc, t0))
+        for step in steps:
+            try:
+                await step
+            except Exception:  # noqa: BLE001
+                log.warning("clean-up step failed for %s", req.request_id, exc_info=True)
+
+    # -- the cache hit ---------------------------------------------------------------------------------------
+    async def _cache_hit(self, req: NormalizedRequest, outcome: Any, t0: float, reason: str) -> Result:
+        import anthropic
+
+        self.stats["hits"] += 1
+        message = anthropic.types.Message.model_validate(outcome.message)
+        latency = self.clock() - t0
+        await self.ports.ledger.commit(Record(
+            request_id=req.request_id, attempt=0, message_id=None, ts=self.wall(), user_id=req.user_id,
+            tenant=req.tenant, priority=req.priority, model=message.model, usage=Usage(), cost=None,
+            cache=outcome.kind, saved_usd=outcome.saved_usd, latency_s=latency, attempts=0, status="ok",
+            error_type=None, environment=self.settings.environment,
+        ), tries=4)
+        return Result(message=message, model=message.model, cache=outcome.kind, cost_usd=0.0, attempts=0,
+                      latency_s=latency, request_id=req.request_id, saved_usd=outcome.saved_usd,
+                      route_reason=reason, user_id=req.user_id, tenant=req.tenant)
+
+    # -- sizing ------------------------------------------------------------------------------------------------
+    async def _reservation(self, req: NormalizedRequest, model: str, deadline_at: float) -> float:
+        """The most this attempt can cost: an upper bound of the bill, never an estimate of it."""
+        s = self.settings
+        bound = input_upper_bound(req.params)
+        mode = s.estimate.count_tokens
+        if mode == "always" or (mode == "auto" and not bound.sure):
+            counted = await self._count_tokens(req, model, deadline_at)
+            if counted is not None:
+                return bound_cost(model, counted, req.max_tokens, s)
+        if bound.sure:
+            est = self.estimator.estimate(req.params, s.models[model].tokenizer)
+            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s)
+        # no count to be had: the structural bound, priced at the dearest tier it could fall in
+        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True)
+
+    async def _count_tokens(self, req: NormalizedRequest, model: str, deadline_at: float) -> int | None:
+        e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
+                     priority=req.priority, input_tokens=0, max_output_tokens=0)
+        try:
+            grant = await self.ports.admission.acquire(e, deadline_s=max(0.0, deadline_at - self.clock()))
+        except ClaudeRuntimeError:
+            return None
+        try:
+            n = await self.ports.transport.count_tokens(model, req.params)
+        except CallFailed as f:
+            self.ports.admission.reconcile(Outcome(grant.lease_id, None, f.status if f.sent == "yes" else
+                                                   NOT_SENT, f.headers, self.wall()))
+            return None
+        self.ports.admission.reconcile(Outcome(grant.lease_id, Usage(), 200, {}, self.wall()))
+        self.stats["count_tokens"] += 1
+        return n
+
+    # -- calls, with fallback ------------------------------------------------------------------------------
+    async def _call(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
+                    deadline_at: float, run: _Attempts) -> Result:
+        s = self.settings
+        routed = model
+        fb = FallbackRun(fallback_chain(model, s), self.policy, self.breaker, deadline_at=deadline_at,
+                         clock=self.clock)
+        step = fb.start()
+        need_begin = True          # the next attempt needs a (new) budget reservation
+        intent_written = False     # the next attempt's intent is already written (by a downgrade's begin)
+        downgrade_checked = False
+        last_failure: CallFailed | None = None
+        while True:
+            if step.move is Move.SURFACE:
+                raise self._surface(req, last_failure, fb.history)
+            if step.delay_s > 0:
+                await self.sleep(step.delay_s)
+            model = step.model
+            if step.why.startswith("fallback"):
+                reason = step.why
+            info = s.models[model]
+            est = self.estimator.estimate(req.params, info.tokenizer)
+            estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
+                                priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens)
+            # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
+            # overlap; both finish before the call leaves
+            grant_task = asyncio.ensure_future(self.ports.admission.acquire(
+                estimate, deadline_s=max(0.0, deadline_at - self.clock())))
+            try:
+                if need_begin:
+                    begun = await self._begin(req, model, run, deadline_at)
+                    need_begin = False
+                    if (not downgrade_checked and begun.reservation.state in ("downgrade", "stop")
+                            and req.priority != "critical" and info.model_class != "haiku"
+                            and model == routed):
+                        # at 80 % of a budget non-critical traffic goes to Haiku: re-reserve for it under the
+                        # same attempt number (the intent's model is updated before anything is sent)
+                        downgrade_checked = True
+                        self._drop_grant(grant_task)
+                        haiku = s.router.haiku_model
+                        await self._begin(req, haiku, run, deadline_at, attempt=run.attempt)
+                        reason = f"budget {begun.reservation.state}: downgraded to haiku"
+                        step = fb.restart(fallback_chain(haiku, s), why="budget downgrade")
+                        intent_written = True
+                        continue
+                    downgrade_checked = True
+                elif intent_written:
+                    intent_written = False
+                else:
+                    run.attempt += 1
+                    await self.ports.ledger.intent(req.request_id, run.attempt, model, str(run.owner),
+                                                   run.reserved_usd)
+            except BaseException:
+                self._drop_grant(grant_task)
+                raise
+            try:
+                grant = await grant_task
+            except BaseException:
+                # never sent: its intent is void
+                run.void.append(run.attempt)
+                raise
+            try:
+                run.calls += 1
+                self.stats["calls"] += 1
+                resp = await self.ports.transport.create(model, req.params, request_id=req.request_id,
+                                                         attempt=run.attempt, max_tokens=req.max_tokens)
+            except CallFailed as f:
+                last_failure = f
+                self.ports.admission.reconcile(Outcome(grant.lease_id, None, _limiter_status(f), f.headers,
+                                                       self.wall()))
+                if f.maybe_billed:
+                    await self._unreconciled(req, model, run)
+                    need_begin = True
+                else:
+                    run.void.append(run.attempt)
+                step = fb.failed(f.status, f.retry_after)
+                continue
+            except BaseException:
+                # cancelled mid-call (the caller is shutting down): the request went out
+                self.ports.admission.reconcile(Outcome(grant.lease_id, None, SENT_NO_ANSWER, {}, self.wall()))
+                raise
+            return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est)
+
+    async def _begin(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
+                     attempt: int | None = None) -> Begun:
+        if attempt is None and run.attempt > 0:
+            attempt = run.attempt + 1  # a new reservation for a later attempt of this execution
+        amount = await self._reservation(req, model, deadline_at)
+        begun = await self.ports.ledger.begin(Begin(
+            request_id=req.request_id, owner=str(run.owner), attempt=attempt, model=model, user_id=req.user_id,
+            tenant=req.tenant, priority=req.priority, reserve_usd=amount))
+        if begun.duplicate_of is not None:
+            raise InvalidRequest(f"request_id {req.request_id!r} is already in flight; request ids must be "
+                                 "unique per request", request_id=req.request_id, field="request_id")
+        if not begun.reservation.granted:
+            raise begun.reservation.refusal(req.request_id)
+        run.attempt = begun.attempt
+        run.reserved_usd = amount
+        run.holds_reservation = True
+        self.stats["unreconciled"] += begun.unreconciled
+        return begun
+
+    async def _unreconciled(self, req: NormalizedRequest, model: str, run: _Attempts) -> None:
+        """A call that went out and whose answer was lost: booked now at its reservation (which this settles),
+        so a retry runs under a fresh one and the money is never unaccounted for."""
+        from runtime.intents import OpenIntent, unreconciled_record
+
+        it = OpenIntent(req.request_id, run.attempt, model, self.wall(), str(run.owner), run.reserved_usd,
+                        req.user_id, req.tenant, req.priority)
+        await self.ports.ledger.commit(unreconciled_record(it, self.settings.environment, self.wall()), tries=4)
+        run.holds_reservation = False
+        self.stats["unreconciled"] += 1
+
+    async def _settle(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
+                      run: _Attempts, fb: FallbackRun, grant: Grant, resp: Any, est: int) -> Result:
+        s = self.settings
+        message = resp.message
+        usage = Usage.from_api(message.usage)
+        self.ports.admission.reconcile(Outcome(grant.lease_id, usage, 200, resp.headers, self.wall()))
+        fb.succeeded()
+        self.estimator.observe(est, usage.itpm_tokens + usage.cache_read_tokens, s.models[model].tokenizer)
+        cost = price(usage, model, s)
+        if cost.total_usd > run.reserved_usd + 1e-9:
+            self.stats["reservation_exceeded"] += 1
+            log.error("request %s billed $%.6f over its reservation $%.6f", req.request_id, cost.total_usd,
+                      run.reserved_usd)
+            await self.ports.ledger.check_cost(req.request_id, run.reserved_usd, cost.total_usd)
+        latency = self.clock() - t0
+        await self.ports.ledger.commit(Record(
+            request_id=req.request_id, attempt=run.attempt, message_id=message.id, ts=self.wall(),
+            user_id=req.user_id, tenant=req.tenant, priority=req.priority, model=model, usage=usage,
+            cost=cost, cache=cache_kind, saved_usd=0.0, latency_s=latency, attempts=run.attempt, status="ok",
+            error_type=None, environment=s.environment, void_attempts=tuple(run.void),
+        ), tries=4)
+        run.holds_reservation = False
+        run.void.clear()
+        return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
+                      attempts=run.attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
+                      user_id=req.user_id, tenant=req.tenant, history=fb.history)
+
+    # -- failures ----------------------------------------------------------------------------------------------
+    def _drop_grant(self, task: asyncio.Future) -> None:
+        """Give back a grant whose request will not be sent (or stop waiting for one)."""
+        if not task.done():
+            task.cancel()  # the admission port refunds a grant that arrives for a cancelled waiter
+        elif not task.cancelled() and task.exception() is None:
+            self.ports.admission.give_back(task.result())
+
+    @staticmethod
+    def _surface(req: NormalizedRequest, f: CallFailed | None, history: list[dict[str, Any]]
+                 ) -> ClaudeRuntimeError:
+        rid = req.request_id
+        if f is None:
+            return OverloadedAfterFallback("no model of the fallback chain could be tried", request_id=rid,
+                                           status=None, error_type=None, attempts=history)
+        common = dict(request_id=rid, status=f.status, error_type=f.error_type, attempts=history,
+                      api_request_id=f.api_request_id)
+        if f.status in (401, 403):
+            return AuthenticationError(f"{f.status} {f.error_type}: {f.message}", **common)
+        if f.status == 0 and f.sent == "maybe":
+            return UpstreamTimeout(
+                f"no answer from the API ({f.error_type}); the call may have been billed and is recorded as "
+                "unreconciled in the ledger", **common)
+        if f.status == 429 or f.status in (0, 408, 409) or f.status >= 500:
+            return OverloadedAfterFallback(
+                f"every model in the fallback chain failed; last: {f.status} {f.error_type}: {f.message}",
+                **common)
+        return UpstreamError(f"{f.status} {f.error_type}: {f.message}", **common)
+
+    async def _commit_failure(self, req: NormalizedRequest, model: str, run: _Attempts, exc: ClaudeRuntimeError,
+                              t0: float) -> None:
+        await self.ports.ledger.commit(Record(
+            request_id=req.request_id, attempt=run.attempt, message_id=None, ts=self.wall(),
+            user_id=req.user_id, tenant=req.tenant, priority=req.priority, model=model, usage=Usage(), cost=None,
+            cache="miss", saved_usd=0.0, latency_s=self.clock() - t0, attempts=run.calls, status="error",
+            error_type=type(exc).__name__, environment=self.settings.environment,
+            void_attempts=tuple(run.void),
+        ), tries=4)
+
+
+def _limiter_status(f: CallFailed) -> int:
+    if f.sent == "no":
+        return NOT_SENT
+    if f.sent == "maybe":
+        return SENT_NO_ANSWER
+    return f.status
+

@@ -1,0 +1,234 @@
+"""The one seam between the pipeline and the network: the ``Transport`` port and its SDK implementation.
+
+The pipeline never sees an SDK exception. A call either returns a ``Response`` (the message and the rate-limit
+headers) or raises ``CallFailed``, which says what the limiter, the ledger and the fallback policy each need:
+
+    status        the HTTP status (0: no answer came back)
+    sent          "no"    the request certainly never reached the API (connect error, pool timeout)
+                  "yes"   the API answered with an error status: processed, not billed
+                  "maybe" the request went out and its answer was lost (read timeout, dropped connection,
+                          a stream cut after it started): it may have been billed, so the ledger keeps an
+                          unreconciled row and the limiter keeps its tokens
+    retry_after   the server's retry-after, sanitised (never NaN, never negative)
+
+Long answers: the API expects streaming for requests that may run for minutes, and a fixed total timeout would
+fail any answer longer than itself. So requests with a large ``max_tokens`` are streamed internally (the final
+message is accumulated; callers still get one ``Message``), with an idle timeout between events and an overall
+limit sized to ``max_tokens``; short requests get a read timeout sized the same way.
+
+``SdkTransport`` is tested against ``httpx2.MockTransport`` (pass ``http_client=``) and against the local API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anthropic
+import httpx2
+
+from runtime.errors import redact
+from runtime.fallback import sane_retry_after
+from runtime.settings import RetrySettings
+
+RUNTIME_REQUEST_ID_HEADER = "x-claude-runtime-request-id"
+RUNTIME_ATTEMPT_HEADER = "x-claude-runtime-attempt"
+
+# the parameters messages.count_tokens accepts (the rest of a create request does not change the count)
+COUNT_TOKENS_PARAMS = frozenset({"messages", "system", "tools", "tool_choice", "thinking", "output_config",
+                                 "mcp_servers", "context_management"})
+
+
+@dataclass
+class Response:
+    message: Any                      # anthropic.types.Message
+    headers: dict[str, str] = field(default_factory=dict)   # lower-cased ratelimit-*, retry-after, request-id
+
+
+class CallFailed(Exception):
+    """A call that produced no message. See the module docstring for the fields."""
+
+    def __init__(self, status: int, sent: str, *, error_type: str, message: str,
+                 headers: dict[str, str] | None = None, retry_after: float | None = None,
+                 api_request_id: str | None = None) -> None:
+        super().__init__(f"{status} {error_type}: {message}")
+        if sent not in ("no", "yes", "maybe"):
+            raise ValueError(f"sent must be no / yes / maybe, not {sent!r}")
+        self.status = int(status)
+        self.sent = sent
+        self.error_type = error_type
+        self.message = redact(message)
+        self.headers = headers or {}
+        self.retry_after = retry_after
+        self.api_request_id = api_request_id
+
+    @property
+    def maybe_billed(self) -> bool:
+        return self.sent == "maybe"
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error_type == "timeout"
+
+
+class Transport(Protocol):
+    async def create(self, model: str, params: dict[str, Any], *, request_id: str, attempt: int,
+                     max_tokens: int) -> Response: ...
+
+    async def count_tokens(self, model: str, params: dict[str, Any]) -> int: ...
+
+
+# -- timeouts -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CallTimeouts:
+    stream: bool
+    connect_s: float
+    read_s: float       # non-streamed: the whole answer; streamed: the longest silence between events
+    total_s: float      # the whole call, whatever its mode
+
+    def httpx(self) -> httpx2.Timeout:
+        return httpx2.Timeout(connect=self.connect_s, read=self.read_s, write=self.connect_s + 30.0,
+                              pool=self.connect_s)
+
+
+def timeouts_for(max_tokens: int, retry: RetrySettings) -> CallTimeouts:
+    """Sized to the longest answer ``max_tokens`` allows at the slowest expected generation rate."""
+    total = retry.request_timeout_s + max(0, int(max_tokens)) / retry.min_output_tokens_per_s
+    stream = max_tokens > retry.stream_above_max_tokens
+    read = retry.stream_idle_timeout_s if stream else total
+    return CallTimeouts(stream, retry.connect_timeout_s, read, total)
+
+
+# -- classification (pure over the SDK's exception types) -----------------------------------------------------
+
+_NOT_SENT_CAUSES = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout)
+
+
+def ratelimit_headers(headers: Any) -> dict[str, str]:
+    if headers is None:
+        return {}
+    return {k.lower(): v for k, v in headers.items()
+            if k.lower().startswith("anthropic-ratelimit-") or k.lower() in ("retry-after", "request-id")}
+
+
+def _retry_after(headers: dict[str, str]) -> float | None:
+    return sane_retry_after(headers.get("retry-after"), 60.0) if "retry-after" in headers else None
+
+
+def _error_type(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("type"), str):
+            return err["type"]
+    return type(exc).__name__
+
+
+def _error_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return err["message"]
+    return str(exc)
+
+
+def classify(exc: BaseException, *, stream_started: bool = False) -> CallFailed:
+    """An SDK (or asyncio) exception as a ``CallFailed``. ``stream_started``: the answer had begun to arrive,
+    so the request was processed even if no status error says so."""
+    if isinstance(exc, CallFailed):
+        return exc
+    if isinstance(exc, anthropic.APIStatusError):
+        headers = ratelimit_headers(getattr(exc.response, "headers", None))
+        # an error event inside a stream that had started: the work was done, the bill is unknown
+        sent = "maybe" if stream_started else "yes"
+        return CallFailed(int(exc.status_code), sent, error_type=_error_type(exc), message=_error_message(exc),
+                          headers=headers, retry_after=_retry_after(headers),
+                          api_request_id=headers.get("request-id"))
+    if isinstance(exc, anthropic.APIConnectionError):
+        cause = exc.__cause__
+        if isinstance(cause, _NOT_SENT_CAUSES) and not stream_started:
+            return CallFailed(0, "no", error_type="connection_error", message=type(cause).__name__)
+        kind = "timeout" if isinstance(exc, anthropic.APITimeoutError) else "connection_error"
+        return CallFailed(0, "maybe", error_type=kind, message=type(cause or exc).__name__)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return CallFailed(0, "maybe", error_type="timeout", message="the call ran past its time limit")
+    # anything else (a malformed answer the SDK could not parse, a bug): the request went out; whether it was
+    # billed is unknown
+    return CallFailed(0, "maybe", error_type=type(exc).__name__, message=redact(str(exc))[:300])
+
+
+# -- the SDK implementation -----------------------------------------------------------------------------------
+
+class SdkTransport:
+    """``Transport`` over ``anthropic.AsyncAnthropic`` (``max_retries=0``: retry policy is the pipeline's)."""
+
+    def __init__(self, retry: RetrySettings, *, api_key: str | None, base_url: str | None,
+                 http_client: httpx2.AsyncClient | None = None) -> None:
+        self.retry = retry
+        kw: dict[str, Any] = {}
+        if http_client is not None:
+            kw["http_client"] = http_client
+        self.client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0,
+                                               timeout=retry.request_timeout_s, **kw)
+
+    @staticmethod
+    def _headers(request_id: str, attempt: int) -> dict[str, str]:
+        return {RUNTIME_REQUEST_ID_HEADER: request_id, RUNTIME_ATTEMPT_HEADER: str(int(attempt))}
+
+    async def create(self, model: str, params: dict[str, Any], *, request_id: str, attempt: int,
+                     max_tokens: int) -> Response:
+        t = timeouts_for(max_tokens, self.retry)
+        headers = self._headers(request_id, attempt)
+        if t.stream:
+            return await self._streamed(model, params, headers, t)
+        try:
+            raw = await asyncio.wait_for(
+                self.client.messages.with_raw_response.create(model=model, **params, extra_headers=headers,
+                                                              timeout=t.httpx()),
+                timeout=t.total_s + t.connect_s)
+            message = await raw.parse()
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a CallFailed
+            raise classify(exc) from None
+        return Response(message, ratelimit_headers(raw.headers))
+
+    async def _streamed(self, model: str, params: dict[str, Any], headers: dict[str, str],
+                        t: CallTimeouts) -> Response:
+        started = False
+
+        async def run() -> Response:
+            nonlocal started
+            async with self.client.messages.stream(model=model, **params, extra_headers=headers,
+                                                   timeout=t.httpx()) as stream:
+                stopped = False
+                async for event in stream:
+                    if event.type == "message_start":
+                        started = True
+                    elif event.type == "message_stop":
+                        stopped = True
+                if not stopped:
+                    # the SDK hands back whatever arrived when a stream ends early: a cut answer is not an answer
+                    raise CallFailed(0, "maybe", error_type="stream_cut",
+                                     message="the stream ended before message_stop")
+                message = await stream.get_final_message()
+                return Response(message, ratelimit_headers(stream.response.headers))
+
+        try:
+            return await asyncio.wait_for(run(), timeout=t.total_s + t.connect_s)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc, stream_started=started) from None
+
+    async def count_tokens(self, model: str, params: dict[str, Any]) -> int:
+        body = {k: v for k, v in params.items() if k in COUNT_TOKENS_PARAMS}
+        try:
+            res = await self.client.messages.count_tokens(model=model, **body,
+                                                          timeout=self.retry.connect_timeout_s + 20.0)
+        except Exception as exc:  # noqa: BLE001
+            raise classify(exc) from None
+        n = int(res.input_tokens)
+        if n < 0 or not math.isfinite(n):
+            raise CallFailed(0, "yes", error_type="bad_count", message="count_tokens answered a negative count")
+        return n
