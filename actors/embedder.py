@@ -138,9 +138,10 @@ EmbedderActor = ray.remote(max_restarts=-1, max_concurrency=1_000)(EmbedderRepli
 def create_replica(settings: Any, index: int, **options: Any) -> Any:
     """``embedder-<index>``, or the live one of that name; never blocks on the model load."""
     s = settings.embedding
+    public = settings.without_secrets() if hasattr(settings, "without_secrets") else settings  # no API key
     return EmbedderActor.options(name=replica_name(index), namespace=NAMESPACE, lifetime="detached",
                                  get_if_exists=True, num_cpus=s.num_cpus, num_gpus=s.num_gpus,
-                                 **options).remote(settings, index)
+                                 **options).remote(public, index)
 
 
 def start_pool(settings: Any, **options: Any) -> list[Any]:
