@@ -11,45 +11,89 @@ number the re-run's attempts after it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
 import uuid
 
 import ray
-from pydantic import SecretStr
 
 from actors.cache import CacheClient
+from actors.journal import Journal
 from actors.ledger import LedgerClient
+from actors.local_ledger import LocalLedgerClient
 from actors.limiter import LimiterClient
 from runtime.errors import ClaudeRuntimeError
 from runtime.pipeline import Pipeline, Ports
 from runtime.request import NormalizedRequest
 from runtime.result import Result
-from runtime.settings import Settings
-from runtime.transport import SdkTransport
+from runtime.settings import Settings, UpstreamSettings
+from runtime.transport import build_transport
+
+
+def secrets_fingerprint(upstreams: list[UpstreamSettings]) -> str:
+    """A digest of the upstreams' credentials: lets ``runtime.start`` tell that a key changed without the key
+    ever leaving the process that holds it."""
+    blob = json.dumps([[u.name, {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v)
+                                 for k, v in u.secrets().items()}] for u in upstreams], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def journal_path(settings: Settings, caller: str) -> str:
+    """One journal per caller name and runtime (its data_dir), on node-local disk unless configured."""
+    import tempfile
+    from pathlib import Path
+
+    base = Path(settings.ledger.journal_dir or Path(tempfile.gettempdir()) / "claude_runtime_journal")
+    tag = hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:12]
+    return str(base / tag / f"{caller}.jsonl")
 
 
 class CallerActor:
-    def __init__(self, settings: Settings, base_url: str | None, api_key: SecretStr | None,
-                 limiter, ledger, cache=None, name: str | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, upstreams: list[UpstreamSettings], limiter, ledger, cache=None,
+                 name: str | None = None) -> None:
         self._life = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._name = name or ray.get_runtime_context().get_actor_name() or "caller"
+        self._limiter, self._ledger = limiter, ledger
         self._cache = CacheClient(cache, settings) if cache is not None else None
-        ports = Ports(
-            admission=LimiterClient(limiter, settings.limiter.max_wait_s),
-            ledger=LedgerClient(ledger),
-            transport=SdkTransport(settings.retry, api_key=api_key.get_secret_value() if api_key else None,
-                                   base_url=base_url),
-            cache=self._cache,
-        )
-        self.pipeline = Pipeline(settings, ports, caller=self._name, life=self._life)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._started = time.time()
+        self._journal = None
+        if settings.ledger.local_journal:
+            self._journal = Journal(journal_path(settings, self._name))
+        self._build(settings, upstreams)
+        if self._journal is not None:
+            # what an earlier life of this caller left: drained first, its unanswered calls booked
+            self.pipeline.ports.ledger.recover_sync(self._name, self._life)
         if self._cache is not None:
             # find the embedding pool before the first request; the model lives there, never in a caller
             self._cache.embedder.discover()
+
+    def _build(self, settings: Settings, upstreams: list[UpstreamSettings]) -> None:
+        # the caller is the one place that holds credentials: each upstream gets its SDK client here
+        self.settings = settings.without_secrets()
+        self._fingerprint = secrets_fingerprint(upstreams)
+        if self._journal is not None:
+            budgeted = any(v is not None for v in settings.budgets.model_dump(
+                include={"daily_usd", "monthly_usd", "per_user_daily_usd", "per_user_monthly_usd",
+                         "per_tenant_daily_usd", "per_tenant_monthly_usd"}).values())
+            ledger_port = LocalLedgerClient(self._ledger, self._journal, owner=f"{self._name}|{self._life}",
+                                            budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s)
+        else:
+            ledger_port = LedgerClient(self._ledger)
+        ports = Ports(
+            admission=LimiterClient(self._limiter, settings.limiter.max_wait_s, leases=settings.limiter.leases,
+                                    caller=f"{self._name}|{self._life}",
+                                    lease_term_s=settings.limiter.lease_term_s,
+                                    capped=lambda e: settings.user_caps(e.user_id, e.tenant) is not None),
+            ledger=ledger_port,
+            transports={u.name: build_transport(u, settings.retry) for u in upstreams},
+            cache=self._cache,
+        )
+        self.pipeline = Pipeline(self.settings, ports, caller=self._name, life=self._life,
+                                 upstreams=[u.without_secrets() for u in upstreams])
 
     def ready(self) -> str:
         return self._node_id
@@ -69,13 +113,33 @@ class CallerActor:
 
     def get_settings(self) -> Settings:
         # for runtime.connect(): everything but the secrets
-        return self.settings.without_secrets()
+        return self.settings
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> str:
+        """New limits, retry policy and upstreams for requests that start from now on (running ones finish
+        under the settings they started with)."""
+        self._build(settings, upstreams)
+        return self._life
 
     def pipeline_stats(self) -> dict:
         return dict(self.pipeline.stats)
+
+    async def flush(self) -> int:
+        """Everything journaled so far is in the ledger when this returns."""
+        ledger = self.pipeline.ports.ledger
+        return await ledger.drain() if isinstance(ledger, LocalLedgerClient) else 0
 
     async def handle(self, req: NormalizedRequest) -> Result:
         try:
             return await self.pipeline.run(req)
         except ClaudeRuntimeError as exc:
             raise exc.with_request_id(req.request_id)
+
+    async def handle_stream(self, req: NormalizedRequest):
+        """The answer as the API's stream events (a Ray streaming generator: call with
+        ``num_returns="streaming"``)."""
+        async for event in self.pipeline.stream(req):
+            yield event

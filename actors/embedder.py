@@ -1,5 +1,5 @@
-"""The embedding pool: replicas ``embedder-<i>`` (namespace claude_runtime, detached, restarted by Ray) own the
-model; every caller asks them through an ``EmbeddingPoolClient`` and never loads torch.
+"""The embedding pool: replicas ``embedder-<i>`` (in the runtime's namespace, ``settings.embedding.namespace``;
+detached, restarted by Ray) own the model; every caller asks them through an ``EmbeddingPoolClient`` and never loads torch.
 
     start_pool(settings)                                   # runtime.start: the floor, model loaded, ready
     pool = EmbeddingPoolClient(settings)                   # in any process: a caller, the cache actor, a driver
@@ -44,6 +44,10 @@ CHECK_TIMEOUT_S = 0.5  # a live replica answers ready() in milliseconds, even wh
 
 def replica_name(index: int) -> str:
     return f"{PREFIX}{index}"
+
+
+def pool_namespace(settings: Any) -> str:
+    return settings.embedding.namespace or NAMESPACE
 
 
 # -- the replica (model side) ------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def create_replica(settings: Any, index: int, **options: Any) -> Any:
     """``embedder-<index>``, or the live one of that name; never blocks on the model load."""
     s = settings.embedding
     public = settings.without_secrets() if hasattr(settings, "without_secrets") else settings  # no API key
-    return EmbedderActor.options(name=replica_name(index), namespace=NAMESPACE, lifetime="detached",
+    return EmbedderActor.options(name=replica_name(index), namespace=pool_namespace(settings), lifetime="detached",
                                  get_if_exists=True, num_cpus=s.num_cpus, num_gpus=s.num_gpus,
                                  **options).remote(public, index)
 
@@ -155,7 +159,7 @@ def find_replicas(settings: Any) -> dict[int, Any]:
     out = {}
     for i in range(settings.embedding.max_replicas):
         try:
-            out[i] = ray.get_actor(replica_name(i), namespace=NAMESPACE)
+            out[i] = ray.get_actor(replica_name(i), namespace=pool_namespace(settings))
         except ValueError:
             pass
     return out
@@ -313,7 +317,7 @@ class EmbeddingPoolClient:
             try:
                 await r.handle.ready.remote()
             except ray.exceptions.RayActorError:
-                if not await asyncio.to_thread(self._exists, idx):
+                if not await asyncio.to_thread(self._exists, idx, pool_namespace(self._settings)):
                     if self._replicas.get(idx) is r:
                         del self._replicas[idx]
                     return
@@ -327,9 +331,9 @@ class EmbeddingPoolClient:
             return
 
     @staticmethod
-    def _exists(idx: int) -> bool:
+    def _exists(idx: int, namespace: str) -> bool:
         try:
-            ray.get_actor(replica_name(idx), namespace=NAMESPACE)
+            ray.get_actor(replica_name(idx), namespace=namespace)
             return True
         except ValueError:
             return False

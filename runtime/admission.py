@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from runtime.buckets import Clock, TokenBucket
-from runtime.settings import ClassLimits, LimiterSettings, UserLimits
+from runtime.settings import ClassLimits, LimiterSettings, UserLimits, user_caps
 from runtime.usage import Usage
 
 INF = float("inf")
@@ -44,6 +44,13 @@ NOT_SENT = -1
 SENT_NO_ANSWER = 0
 _PERIOD = 60.0
 COUNT_TOKENS_CLASS = "count_tokens"
+# buckets are per (limit group, model class): an upstream's workspace or platform has limits of its own
+DEFAULT_GROUP = "default"
+
+
+def class_key(group: str, model_class: str) -> str:
+    """The name of a (group, class) bucket set: the bare class for the default group."""
+    return model_class if group == DEFAULT_GROUP else f"{group}/{model_class}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,10 @@ class Estimate:
     priority: str  # "critical" | "normal" | "bulk"
     input_tokens: int
     max_output_tokens: int
+    # the limit groups that could carry the request (its model's upstreams); the limiter grants on the one
+    # with the most headroom. Empty: the default group
+    groups: tuple[str, ...] = ()
+    tenant: str | None = None  # for per-tenant user caps
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class Grant:
     user_id: str | None
     # send no earlier than this many seconds from the decision: the capacity is already set aside for it
     delay_s: float = 0.0
+    group: str = DEFAULT_GROUP  # the limit group whose buckets carry this grant
 
 
 @dataclass(frozen=True)
@@ -86,13 +98,21 @@ class Outcome:
 
 @dataclass
 class _Lease:
-    model_class: str
+    model_class: str  # the (group, class) bucket set's key
     user_id: str | None
     input_tokens: int
     max_output_tokens: int
     granted_at: float
     # each bucket's take number for this grant: a refund is capped by how high the bucket got since
     seqs: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _CapLease:
+    key: str                   # the (group, class) bucket set
+    amounts: dict[str, float]  # taken from each bucket
+    seqs: dict[str, int]       # each bucket's take number (refunds are capped by peaks since)
+    expires: float             # never returned by then (its caller died): dropped without a refund
 
 
 @dataclass
@@ -120,9 +140,10 @@ class _ClassState:
 
 
 class _UserState:
-    __slots__ = ("rpm", "tpm", "last_used")
+    __slots__ = ("rpm", "tpm", "last_used", "tenant")
 
-    def __init__(self, limits: UserLimits, clock: Clock, margin: float = 0.0) -> None:
+    def __init__(self, limits: UserLimits, clock: Clock, margin: float = 0.0, tenant: str | None = None) -> None:
+        self.tenant = tenant
         # user caps are our own policy, so nothing in flight needs absorbing, but a scheduled grant is taken at
         # its decision and sent up to one horizon later: the same margin that keeps class buckets under the
         # server's limit keeps sends under the cap
@@ -137,23 +158,25 @@ class _UserState:
 class Admission:
     """Admission decisions over per-class and per-user token buckets; see the module docstring."""
 
-    def __init__(self, limits: dict[str, ClassLimits], user_limits: UserLimits, limiter: LimiterSettings,
-                 clock: Clock = time.monotonic, *, wall_clock: Clock = time.time,
-                 lease_timeout_s: float = 600.0, user_sweep_s: float = 60.0) -> None:
+    def __init__(self, limits: dict[str, ClassLimits], user_limits: dict[str, UserLimits] | UserLimits,
+                 limiter: LimiterSettings, clock: Clock = time.monotonic, *, wall_clock: Clock = time.time,
+                 lease_timeout_s: float = 600.0, user_sweep_s: float = 60.0,
+                 groups: dict[str, dict[str, ClassLimits]] | None = None,
+                 group_weights: dict[str, float] | None = None) -> None:
         self._clock = clock
         # converts a response's unix received_at into "seconds ago" for header learning
         self._wall = wall_clock
         self._settings = limiter
-        self._user_limits = user_limits
-        self._classes: dict[str, _ClassState] = {c: _ClassState(lim, limiter.safety_margin, clock)
-                                                 for c, lim in limits.items()}
-        # messages.count_tokens has a request limit of its own, admitted like a model class
-        if COUNT_TOKENS_CLASS not in self._classes:
-            self._classes[COUNT_TOKENS_CLASS] = _ClassState(
-                ClassLimits(rpm=limiter.count_tokens_rpm, itpm=10**12, otpm=10**12), limiter.safety_margin, clock)
+        self._user_limits = _caps_table(user_limits)
+        self._classes: dict[str, _ClassState] = {}
+        self._weights: dict[str, float] = dict(group_weights or {})
+        self._add_group(DEFAULT_GROUP, limits)
+        for g, lims in (groups or {}).items():
+            self._add_group(g, lims)
         self._users: dict[str, _UserState] = {}
         # insertion order is grant order, so expiry pops from the front
         self._leases: dict[str, _Lease] = {}
+        self._cap_leases: dict[str, _CapLease] = {}
         self._lease_timeout = lease_timeout_s
         self._user_sweep_s = user_sweep_s
         self._next_user_sweep = clock() + user_sweep_s
@@ -173,61 +196,55 @@ class Admission:
             return self._settings.critical_reserve + self._settings.bulk_headroom
         return None
 
-    def _user(self, user_id: str) -> _UserState:
+    def _add_group(self, group: str, limits: dict[str, ClassLimits]) -> None:
+        margin = self._settings.safety_margin
+        for c, lim in limits.items():
+            self._classes[class_key(group, c)] = _ClassState(lim, margin, self._clock)
+        # messages.count_tokens has a request limit of its own, admitted like a model class
+        key = class_key(group, COUNT_TOKENS_CLASS)
+        if key not in self._classes:
+            self._classes[key] = _ClassState(
+                ClassLimits(rpm=self._settings.count_tokens_rpm, itpm=10**12, otpm=10**12), margin, self._clock)
+
+    def _user(self, user_id: str, tenant: str | None) -> _UserState | None:
         u = self._users.get(user_id)
         if u is None:
-            u = self._users[user_id] = _UserState(self._user_limits, self._clock, self._settings.safety_margin)
+            caps = user_caps(self._user_limits, user_id, tenant)
+            if caps is None or not (caps.rpm or caps.tpm):
+                return None  # nothing configured for this user: no buckets to keep
+            u = self._users[user_id] = _UserState(caps, self._clock, self._settings.safety_margin, tenant)
         return u
 
     def acquire(self, e: Estimate) -> Grant | RetryAfter:
         now = self._clock()
         self._housekeep(now)
-        cls = self._classes.get(e.model_class)
-        if cls is None:
-            return self._impossible(e, f"unknown model class {e.model_class!r}")
         frac = self._floor_frac(e.priority)
         if frac is None:
             return self._impossible(e, f"unknown priority {e.priority!r}")
         if e.input_tokens < 0 or e.max_output_tokens < 0:
             return self._impossible(e, "negative token estimate")
-
         rank = _RANK[e.priority]
-        needs: list[tuple[str, TokenBucket, float, float]] = []
-        for name, amount in (("rpm", 1.0), ("itpm", float(e.input_tokens)), ("otpm", float(e.max_output_tokens))):
-            b = cls.buckets[name]
-            if amount > b.capacity + 1e-9:
-                return self._impossible(e, f"{e.model_class}:{name} needs {amount:g} > capacity {b.capacity:g}")
-            floor = frac * b.capacity
-            hold = cls.holds.get(name)
-            if hold is not None:
-                if hold.expires <= now:
-                    del cls.holds[name]
-                elif hold.request_id != e.request_id and rank >= hold.rank:
-                    floor += hold.amount
-            # a request too big to fit above its floor waits for a full bucket rather than never running: it
-            # may then dip into the reserve, once
-            needs.append((f"{e.model_class}:{name}", b, amount, min(floor, b.capacity - amount)))
-        if e.user_id is not None:
-            u = self._user(e.user_id)
-            u.last_used = now
-            for name, b, amount in (("rpm", u.rpm, 1.0), ("tpm", u.tpm, float(e.input_tokens + e.max_output_tokens))):
-                if b is None:
-                    continue
-                if amount > b.capacity + 1e-9:
-                    return self._impossible(e, f"user:{e.user_id}:{name} needs {amount:g} > cap {b.capacity:g}")
-                needs.append((f"user:{e.user_id}:{name}", b, amount, 0.0))
-
-        wait, reason = 0.0, ""
-        if cls.paused_until > now:
-            wait, reason = cls.paused_until - now, f"{e.model_class}:paused"
-        for label, b, amount, floor in needs:
-            w = b.wait_time(amount, floor)
-            if w > wait:
-                wait, reason = w, label
-        # a scheduled grant can run ahead of the server's bucket by up to one horizon of refill (a refund that
-        # lands before its send lets the bucket count refill the server loses to its cap): the safety margin
-        # must cover that, so the horizon never exceeds what the margin absorbs
         horizon = min(self._settings.schedule_ahead_s, self._settings.safety_margin * _PERIOD)
+        # each candidate group's plan; the grant goes to the soonest, then to the one with the most headroom
+        best = None
+        impossible = None
+        for group in (e.groups or (DEFAULT_GROUP,)):
+            key = class_key(group, e.model_class)
+            cls = self._classes.get(key)
+            if cls is None:
+                impossible = impossible or f"unknown model class {key!r}"
+                continue
+            plan = self._plan(e, key, cls, frac, rank, now)
+            if isinstance(plan, str):
+                impossible = impossible or plan
+                continue
+            needs, wait, reason, headroom = plan
+            score = (max(wait, 0.0) if wait <= horizon else wait, -headroom * self._weights.get(group, 1.0))
+            if best is None or score < best[0]:
+                best = (score, group, key, cls, needs, wait, reason)
+        if best is None:
+            return self._impossible(e, impossible or "no limit group")
+        _, group, key, cls, needs, wait, reason = best
         if wait > horizon or (wait > 0.0 and cls.paused_until > now):
             self.stats["refused"] += 1
             if not math.isinf(wait):
@@ -237,7 +254,6 @@ class Admission:
         # wait <= horizon: take the capacity now and tell the caller when to send (the bucket runs into a debt
         # that the refill repays by then). Callers then never sleep past the moment capacity frees, so the
         # pipeline stays full without a retry round trip per request.
-
         seqs: dict[str, int] = {}
         for label, b, amount, _ in needs:
             # a bucket that is not the binding one would refill past its capacity before the send: the server
@@ -250,10 +266,50 @@ class Admission:
             del cls.holds[name]
         self._seq += 1
         lease_id = f"{self._prefix}-{self._seq}"
-        self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now, seqs)
+        self._leases[lease_id] = _Lease(key, e.user_id, e.input_tokens, e.max_output_tokens, now, seqs)
         self.stats["granted"] += 1
         return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id,
-                     delay_s=wait)
+                     delay_s=wait, group=group)
+
+    def _plan(self, e: Estimate, key: str, cls: _ClassState, frac: float, rank: int, now: float):
+        """What granting ``e`` on one bucket set needs: (needs, wait, binding reason, headroom) or, when it can
+        never fit, the reason as a string."""
+        needs: list[tuple[str, TokenBucket, float, float]] = []
+        headroom = 1.0
+        for name, amount in (("rpm", 1.0), ("itpm", float(e.input_tokens)), ("otpm", float(e.max_output_tokens))):
+            b = cls.buckets[name]
+            if amount > b.capacity + 1e-9:
+                return f"{key}:{name} needs {amount:g} > capacity {b.capacity:g}"
+            floor = frac * b.capacity
+            hold = cls.holds.get(name)
+            if hold is not None:
+                if hold.expires <= now:
+                    del cls.holds[name]
+                elif hold.request_id != e.request_id and rank >= hold.rank:
+                    floor += hold.amount
+            # a request too big to fit above its floor waits for a full bucket rather than never running: it
+            # may then dip into the reserve, once
+            needs.append((f"{key}:{name}", b, amount, min(floor, b.capacity - amount)))
+            headroom = min(headroom, (b.level - floor) / b.capacity)
+        if e.user_id is not None:
+            u = self._user(e.user_id, e.tenant)
+            if u is not None:
+                u.last_used = now
+                for name, b, amount in (("rpm", u.rpm, 1.0),
+                                        ("tpm", u.tpm, float(e.input_tokens + e.max_output_tokens))):
+                    if b is None:
+                        continue
+                    if amount > b.capacity + 1e-9:
+                        return f"user:{e.user_id}:{name} needs {amount:g} > cap {b.capacity:g}"
+                    needs.append((f"user:{e.user_id}:{name}", b, amount, 0.0))
+        wait, reason = 0.0, ""
+        if cls.paused_until > now:
+            wait, reason = cls.paused_until - now, f"{key}:paused"
+        for label, b, amount, floor in needs:
+            w = b.wait_time(amount, floor)
+            if w > wait:
+                wait, reason = w, label
+        return needs, wait, reason, headroom
 
     @staticmethod
     def _hold(cls: _ClassState, e: Estimate, rank: int, needs: list, expires: float) -> None:
@@ -293,6 +349,80 @@ class Admission:
     def reconcile_many(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
             self.reconcile(o)
+
+    # -- capacity leases (runtime/leases.py) ------------------------------------------------------------------
+    def lease(self, req) -> "object | None":
+        """A slice of one bucket set for a caller to admit requests on by itself, or None (near a limit, or
+        paused, or the class unknown). Only capacity above every priority floor is leased, and at most
+        ``lease_share`` of it, split among the leases already out; it is taken like a grant."""
+        from runtime.leases import CapacityLease
+
+        now = self._clock()
+        self._housekeep(now)
+        key = class_key(req.group, req.model_class)
+        cls = self._classes.get(key)
+        if cls is None or cls.paused_until > now or req.requests < 1 or cls.holds:
+            return None  # a held bucket has a waiter the lease would starve
+        floor = self._settings.critical_reserve + self._settings.bulk_headroom
+        out_now = sum(1 for le in self._cap_leases.values() if le.key == key)
+        frac = 1.0
+        for name, want in (("rpm", req.requests), ("itpm", req.input_tokens), ("otpm", req.output_tokens)):
+            b = cls.buckets[name]
+            spare = (b.level - floor * b.capacity) * self._settings.lease_share / (out_now + 1)
+            if spare <= 0:
+                return None
+            if want > 0:
+                frac = min(frac, spare / want)
+        n = int(req.requests * frac)
+        if n < 1:
+            return None
+        amounts = {"rpm": float(n), "itpm": float(int(req.input_tokens * n / req.requests)),
+                   "otpm": float(int(req.output_tokens * n / req.requests))}
+        term = self._settings.lease_term_s
+        seqs = {}
+        for name, v in amounts.items():
+            b = cls.buckets[name]
+            # leased capacity may be sent at any time in the term; the server loses refill to its cap meanwhile,
+            # so this bucket must not count that refill either (as for a scheduled grant): taking it now leaves
+            # the bucket where sending everything at the end of the term would
+            lost = max(0.0, b.level + b.rate * term - b.capacity)
+            seqs[name] = b.take(v + lost)
+        self._seq += 1
+        lease_id = f"{self._prefix}-L{self._seq}"
+        self._cap_leases[lease_id] = _CapLease(key, amounts, seqs, now + 2 * term + self._lease_timeout)
+        self.stats["leases"] = self.stats.get("leases", 0) + 1
+        return CapacityLease(lease_id, req.group, req.model_class, n, int(amounts["itpm"]), int(amounts["otpm"]),
+                             term)
+
+    def lease_many(self, reqs: Iterable) -> list:
+        return [self.lease(r) for r in reqs]
+
+    def return_lease(self, ret) -> None:
+        """A lease handed back with what was really used: the rest is refunded (capped by the buckets' peaks
+        since it was taken, as any refund), and the responses' headers are learned from."""
+        le = self._cap_leases.pop(ret.lease_id, None)
+        if le is None:
+            self.stats["ignored_outcomes"] += 1
+            return
+        cls = self._classes.get(le.key)
+        if cls is None:
+            return
+        for name, used in (("rpm", ret.requests_used), ("itpm", ret.input_used), ("otpm", ret.output_used)):
+            self._adjust(cls.buckets[name], float(used) - le.amounts[name], le.seqs[name])
+        self.stats["leases_returned"] = self.stats.get("leases_returned", 0) + 1
+        if ret.headers:
+            self._learn(le.key, cls, Outcome(ret.lease_id, None, 200, ret.headers, ret.received_at))
+
+    def return_many(self, rets: Iterable) -> None:
+        for r in rets:
+            self.return_lease(r)
+
+    def report(self, group: str, model_class: str, status: int, headers: dict[str, str], received_at: float) -> None:
+        """A response seen under a lease that the limiter must hear at once (a 429: pause the class)."""
+        key = class_key(group, model_class)
+        cls = self._classes.get(key)
+        if cls is not None and headers:
+            self._learn(key, cls, Outcome("", None, status, headers, received_at))
 
     @staticmethod
     def _adjust(bucket: TokenBucket | None, delta: float, seq: int | None) -> None:
@@ -358,6 +488,9 @@ class Admission:
 
     # -- housekeeping -------------------------------------------------------------------------------------
     def _housekeep(self, now: float) -> None:
+        for lid in [lid for lid, le in self._cap_leases.items() if le.expires <= now]:
+            del self._cap_leases[lid]  # its caller died: its capacity has long refilled
+            self.stats["expired"] += 1
         cutoff = now - self._lease_timeout
         leases = self._leases
         while leases:
@@ -382,29 +515,38 @@ class Admission:
         self._housekeep(now)
 
     # -- configuration and views --------------------------------------------------------------------------
-    def set_limits(self, limits: dict[str, ClassLimits] | None = None, user_limits: UserLimits | None = None,
-                   limiter: LimiterSettings | None = None) -> None:
-        """Change limits live; levels keep their absolute deficit, new classes start full."""
+    def set_limits(self, limits: dict[str, ClassLimits] | None = None,
+                   user_limits: dict[str, UserLimits] | UserLimits | None = None,
+                   limiter: LimiterSettings | None = None, groups: dict[str, dict[str, ClassLimits]] | None = None,
+                   group_weights: dict[str, float] | None = None) -> None:
+        """Change limits live; levels keep their absolute deficit, new classes and groups start full."""
         if limiter is not None:
             self._settings = limiter
             for st in self._classes.values():
                 for name, b in st.buckets.items():
                     b.set_capacity(st.limits[name] * (1.0 - limiter.safety_margin))
         margin = self._settings.safety_margin
-        for c, lim in (limits or {}).items():
-            st = self._classes.get(c)
-            if st is None:
-                self._classes[c] = _ClassState(lim, margin, self._clock)
-                continue
-            for name, v in (("rpm", lim.rpm), ("itpm", lim.itpm), ("otpm", lim.otpm)):
-                st.limits[name] = v
-                st.buckets[name].set_capacity(v * (1.0 - margin))
+        if group_weights is not None:
+            self._weights = dict(group_weights)
+        for group, lims in [(DEFAULT_GROUP, limits or {}), *((groups or {}).items())]:
+            for c, lim in lims.items():
+                key = class_key(group, c)
+                st = self._classes.get(key)
+                if st is None:
+                    self._classes[key] = _ClassState(lim, margin, self._clock)
+                    continue
+                for name, v in (("rpm", lim.rpm), ("itpm", lim.itpm), ("otpm", lim.otpm)):
+                    st.limits[name] = v
+                    st.buckets[name].set_capacity(v * (1.0 - margin))
+            if group != DEFAULT_GROUP:
+                self._add_group(group, {})
         if user_limits is not None:
-            self._user_limits = user_limits
-            for u in self._users.values():
-                m = 1.0 - self._settings.safety_margin
-                u.rpm = _recap(u.rpm, user_limits.rpm * m, self._clock)
-                u.tpm = _recap(u.tpm, user_limits.tpm * m, self._clock)
+            self._user_limits = _caps_table(user_limits)
+            m = 1.0 - self._settings.safety_margin
+            for uid, u in list(self._users.items()):
+                caps = user_caps(self._user_limits, uid, u.tenant) or UserLimits()
+                u.rpm = _recap(u.rpm, caps.rpm * m, self._clock)
+                u.tpm = _recap(u.tpm, caps.tpm * m, self._clock)
 
     def snapshot(self) -> dict:
         now = self._clock()
@@ -447,3 +589,11 @@ def _num(v: str | None) -> float | None:
     except (TypeError, ValueError):
         return None  # e.g. an HTTP-date retry-after: not worth a parser, the fallback backoff covers it
     return x if math.isfinite(x) else None
+
+
+def _caps_table(user_limits: dict[str, UserLimits] | UserLimits | None) -> dict[str, UserLimits]:
+    if user_limits is None:
+        return {}
+    if isinstance(user_limits, UserLimits):
+        return {"*": user_limits}
+    return dict(user_limits)

@@ -31,12 +31,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, SENT_NO_ANSWER, Estimate, Grant, Outcome
+from runtime.budget import CANNOT_FIT
 from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequest, OverloadedAfterFallback,
                             UpstreamError, UpstreamTimeout)
 from runtime.estimate import TokenEstimator, input_upper_bound
@@ -44,11 +46,13 @@ from runtime.fallback import CircuitBreaker, FallbackPolicy, FallbackRun, Move, 
 from runtime.intents import Begin, Begun, Owner
 from runtime.pricing import bound_cost, price
 from runtime.records import Record
-from runtime.request import NormalizedRequest
+from runtime.request import AUTO, NormalizedRequest
 from runtime.result import Result
 from runtime.router import route
-from runtime.settings import Settings
+from runtime.settings import Settings, UpstreamSettings
+from runtime.streaming import message_events
 from runtime.transport import CallFailed, Transport
+from runtime.upstreams import pick
 from runtime.usage import Usage
 
 log = logging.getLogger("claude_runtime.pipeline")
@@ -89,10 +93,14 @@ class CachePort(Protocol):
 
 @dataclass
 class Ports:
+    """``transport`` alone serves a single unnamed upstream; with several upstreams, ``transports`` maps each
+    upstream's name to its transport (and the pipeline is given the upstreams' settings)."""
+
     admission: AdmissionPort
     ledger: LedgerPort
-    transport: Transport
+    transport: Transport | None = None
     cache: CachePort | None = None
+    transports: dict[str, Transport] = field(default_factory=dict)
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -117,10 +125,17 @@ class Pipeline:
     def __init__(self, settings: Settings, ports: Ports, *, caller: str = "local", life: str | None = None,
                  estimator: TokenEstimator | None = None, breaker: CircuitBreaker | None = None,
                  policy: FallbackPolicy | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 wall: Callable[[], float] = time.time, sleep: Callable[[float], Any] = asyncio.sleep,
+                 upstreams: list[UpstreamSettings] | None = None, rng: random.Random | None = None) -> None:
         self.settings = settings
         self.ports = ports
+        self.upstreams = {u.name: u for u in (upstreams or [])}
+        if set(self.upstreams) - set(ports.transports):
+            raise ValueError(f"no transport for upstreams {sorted(set(self.upstreams) - set(ports.transports))}")
+        if not self.upstreams and ports.transport is None:
+            raise ValueError("a pipeline needs a transport or upstreams with transports")
+        self.rng = rng or random.Random()
+        self._detached: set[asyncio.Task] = set()  # streams whose consumer left, read to their end
         self.caller = caller
         self.life = life or uuid.uuid4().hex[:12]
         self.estimator = estimator or TokenEstimator()
@@ -142,7 +157,42 @@ class Pipeline:
         except ClaudeRuntimeError as exc:
             raise exc.with_request_id(req.request_id)
 
-    async def _run(self, req: NormalizedRequest, t0: float) -> Result:
+    async def stream(self, req: NormalizedRequest) -> AsyncIterator[dict[str, Any]]:
+        """The same path as ``run``, yielding the API's stream events (dicts) as they arrive; a cache hit is
+        streamed from the stored message. Fallback and retries happen only before the first event; a stream
+        cut after it began is a typed error, and its call is booked (unreconciled: its bill is unknown).
+
+        A consumer that stops reading does not stop the call: the upstream stream is read to its end, so the
+        answer is billed, recorded and (when complete) cached all the same."""
+        self.stats["requests"] += 1
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def produce() -> None:
+            try:
+                await self._run(req, self.clock(), emit=queue.put_nowait)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait(exc.with_request_id(req.request_id) if isinstance(exc, ClaudeRuntimeError)
+                                 else exc)
+            finally:
+                queue.put_nowait(done)
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                # the consumer left: the answer is still paid for, so read it to the end and settle
+                self._detached.add(task)
+                task.add_done_callback(self._detached.discard)
+
+    async def _run(self, req: NormalizedRequest, t0: float, emit: Callable[[dict], None] | None = None) -> Result:
         s = self.settings
         chosen = route(req.requested_model, req.params, s)
         model, reason = chosen.model, chosen.reason
@@ -155,7 +205,11 @@ class Pipeline:
             outcome = await cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled,
                                          owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()))
             if outcome.kind in ("exact", "semantic"):
-                return await self._cache_hit(req, outcome, t0, reason)
+                result = await self._cache_hit(req, outcome, t0, reason)
+                if emit is not None:
+                    for event in message_events(outcome.message):
+                        emit(event)
+                return result
         # no cache configured, cache=False or a real-time prompt: the answer neither came from nor goes to it
         cache_kind = "miss" if outcome is not None and outcome.kind == "miss" else "bypass"
         leading = outcome is not None and outcome.kind == "miss" and getattr(outcome, "leader", False)
@@ -163,7 +217,7 @@ class Pipeline:
         try:
             holder = cache.holding(outcome) if leading else contextlib.nullcontext()
             async with holder:
-                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run)
+                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run, emit)
         except BaseException as exc:
             await self._clean_up(req, model, run, outcome if leading else None, exc, t0)
             raise
@@ -209,30 +263,53 @@ class Pipeline:
                       route_reason=reason, user_id=req.user_id, tenant=req.tenant)
 
     # -- sizing ------------------------------------------------------------------------------------------------
+    # -- upstreams ----------------------------------------------------------------------------------------------
+    def _upstream_names(self, model: str) -> list[str]:
+        return list(self.upstreams) or [""]
+
+    def _transport(self, name: str) -> Transport:
+        return self.ports.transports[name] if name else self.ports.transport
+
+    def _price_factor(self, name: str | None = None) -> float:
+        """An upstream's price factor; without one, the dearest (a reservation made before the upstream is
+        chosen must cover whichever it turns out to be)."""
+        if name:
+            return self.upstreams[name].price_factor
+        return max((u.price_factor for u in self.upstreams.values()), default=1.0)
+
+    # -- sizing ------------------------------------------------------------------------------------------------
     async def _reservation(self, req: NormalizedRequest, model: str, deadline_at: float) -> float:
         """The most this attempt can cost: an upper bound of the bill, never an estimate of it."""
         s = self.settings
+        f = self._price_factor()
         bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
         if mode == "always" or (mode == "auto" and not bound.sure):
             counted = await self._count_tokens(req, model, deadline_at)
             if counted is not None:
-                return bound_cost(model, counted, req.max_tokens, s)
+                return bound_cost(model, counted, req.max_tokens, s, price_factor=f)
         if bound.sure:
             est = self.estimator.estimate(req.params, s.models[model].tokenizer)
-            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s)
+            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, price_factor=f)
         # no count to be had: the structural bound, priced at the dearest tier it could fall in
-        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True)
+        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, price_factor=f)
 
     async def _count_tokens(self, req: NormalizedRequest, model: str, deadline_at: float) -> int | None:
+        # Bedrock has no token counting: ask an upstream that does
+        names = [n for n, u in self.upstreams.items() if u.kind != "bedrock"] if self.upstreams else [""]
+        if not names:
+            return None
+        name = names[0]
+        group = self.upstreams[name].group if name else None
         e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
-                     priority=req.priority, input_tokens=0, max_output_tokens=0)
+                     priority=req.priority, input_tokens=0, max_output_tokens=0,
+                     groups=(group,) if group else ())
         try:
             grant = await self.ports.admission.acquire(e, deadline_s=max(0.0, deadline_at - self.clock()))
         except ClaudeRuntimeError:
             return None
         try:
-            n = await self.ports.transport.count_tokens(model, req.params)
+            n = await self._transport(name).count_tokens(model, req.params)
         except CallFailed as f:
             self.ports.admission.reconcile(Outcome(grant.lease_id, None, f.status if f.sent == "yes" else
                                                    NOT_SENT, f.headers, self.wall()))
@@ -243,11 +320,11 @@ class Pipeline:
 
     # -- calls, with fallback ------------------------------------------------------------------------------
     async def _call(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
-                    deadline_at: float, run: _Attempts) -> Result:
+                    deadline_at: float, run: _Attempts, emit: Callable[[dict], None] | None = None) -> Result:
         s = self.settings
         routed = model
         fb = FallbackRun(fallback_chain(model, s), self.policy, self.breaker, deadline_at=deadline_at,
-                         clock=self.clock)
+                         clock=self.clock, upstreams=self._upstream_names)
         step = fb.start()
         need_begin = True          # the next attempt needs a (new) budget reservation
         intent_written = False     # the next attempt's intent is already written (by a downgrade's begin)
@@ -263,30 +340,41 @@ class Pipeline:
                 reason = step.why
             info = s.models[model]
             est = self.estimator.estimate(req.params, info.tokenizer)
+            candidates = [self.upstreams[n] for n in step.upstreams if n in self.upstreams]
+            # the limiter grants on whichever candidate group has the most headroom
+            groups = tuple(dict.fromkeys(u.group for u in candidates))
             estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens)
+                                priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens,
+                                groups=groups, tenant=req.tenant)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
             grant_task = asyncio.ensure_future(self.ports.admission.acquire(
                 estimate, deadline_s=max(0.0, deadline_at - self.clock())))
             try:
                 if need_begin:
-                    begun = await self._begin(req, model, run, deadline_at)
+                    may_downgrade = (not downgrade_checked and req.priority != "critical"
+                                     and info.model_class != "haiku" and model == routed)
+                    begun = await self._begin(req, model, run, deadline_at, raise_refusal=not may_downgrade)
                     need_begin = False
-                    if (not downgrade_checked and begun.reservation.state in ("downgrade", "stop")
-                            and req.priority != "critical" and info.model_class != "haiku"
-                            and model == routed):
-                        # at 80 % of a budget non-critical traffic goes to Haiku: re-reserve for it under the
-                        # same attempt number (the intent's model is updated before anything is sent)
-                        downgrade_checked = True
+                    downgrade_checked = True
+                    res = begun.reservation
+                    if not res.granted and res.reason != CANNOT_FIT:
+                        raise res.refusal(req.request_id)  # no room before the deadline: Haiku would not help
+                    if may_downgrade and (not res.granted or res.state in ("downgrade", "stop")):
+                        # at 80 % of a budget (settled spend + the expected cost of what is in flight), or when
+                        # the routed model's worst case can never fit beside the settled spend, non-critical
+                        # traffic goes to Haiku: re-reserve for it, under the same attempt number when the first
+                        # reservation was granted (the intent's model is updated before anything is sent)
                         self._drop_grant(grant_task)
+                        grant_task = None
                         haiku = s.router.haiku_model
-                        await self._begin(req, haiku, run, deadline_at, attempt=run.attempt)
-                        reason = f"budget {begun.reservation.state}: downgraded to haiku"
+                        await self._begin(req, haiku, run, deadline_at,
+                                          attempt=run.attempt if res.granted else None)
+                        reason = (f"budget {res.state}: downgraded to haiku" if res.granted else
+                                  f"budget refused {model} ({res.reason}): downgraded to haiku")
                         step = fb.restart(fallback_chain(haiku, s), why="budget downgrade")
                         intent_written = True
                         continue
-                    downgrade_checked = True
                 elif intent_written:
                     intent_written = False
                 else:
@@ -302,11 +390,17 @@ class Pipeline:
                 # never sent: its intent is void
                 run.void.append(run.attempt)
                 raise
+            upstream = pick(candidates, grant.group, self.rng).name if candidates else ""
             try:
                 run.calls += 1
                 self.stats["calls"] += 1
-                resp = await self.ports.transport.create(model, req.params, request_id=req.request_id,
-                                                         attempt=run.attempt, max_tokens=req.max_tokens)
+                transport = self._transport(upstream)
+                if emit is None:
+                    resp = await transport.create(model, req.params, request_id=req.request_id,
+                                                  attempt=run.attempt, max_tokens=req.max_tokens)
+                else:
+                    resp = await transport.stream(model, req.params, request_id=req.request_id,
+                                                  attempt=run.attempt, max_tokens=req.max_tokens, emit=emit)
             except CallFailed as f:
                 last_failure = f
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, _limiter_status(f), f.headers,
@@ -316,31 +410,42 @@ class Pipeline:
                     need_begin = True
                 else:
                     run.void.append(run.attempt)
-                step = fb.failed(f.status, f.retry_after)
+                step = fb.failed(f.status, f.retry_after, upstream)
+                if f.emitted:  # the consumer has part of this answer: another attempt cannot continue it
+                    raise self._surface(req, f, fb.history)
                 continue
             except BaseException:
                 # cancelled mid-call (the caller is shutting down): the request went out
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, SENT_NO_ANSWER, {}, self.wall()))
                 raise
-            return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est)
+            return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est, upstream)
 
     async def _begin(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
-                     attempt: int | None = None) -> Begun:
+                     attempt: int | None = None, *, raise_refusal: bool = True) -> Begun:
+        """Reserve the attempt's worst case and write its intent. When the budget has no room now but the
+        worst case fits beside the settled spend, the ledger answers once room comes (or the request's deadline
+        passes). A refusal raises ``BudgetExceeded`` with the figures, or with ``raise_refusal=False`` comes
+        back in the ``Begun`` (nothing is held then)."""
         if attempt is None and run.attempt > 0:
             attempt = run.attempt + 1  # a new reservation for a later attempt of this execution
         amount = await self._reservation(req, model, deadline_at)
         begun = await self.ports.ledger.begin(Begin(
             request_id=req.request_id, owner=str(run.owner), attempt=attempt, model=model, user_id=req.user_id,
-            tenant=req.tenant, priority=req.priority, reserve_usd=amount))
+            tenant=req.tenant, priority=req.priority, reserve_usd=amount, unique=not req.id_given,
+            # the ledger's clock is the wall clock; the request's deadline is on ours
+            deadline_at=self.wall() + max(0.0, deadline_at - self.clock()),
+            route="auto" if req.requested_model == AUTO else "requested", max_tokens=req.max_tokens))
+        self.stats["unreconciled"] += begun.unreconciled
         if begun.duplicate_of is not None:
             raise InvalidRequest(f"request_id {req.request_id!r} is already in flight; request ids must be "
                                  "unique per request", request_id=req.request_id, field="request_id")
         if not begun.reservation.granted:
-            raise begun.reservation.refusal(req.request_id)
+            if raise_refusal:
+                raise begun.reservation.refusal(req.request_id)
+            return begun
         run.attempt = begun.attempt
         run.reserved_usd = amount
         run.holds_reservation = True
-        self.stats["unreconciled"] += begun.unreconciled
         return begun
 
     async def _unreconciled(self, req: NormalizedRequest, model: str, run: _Attempts) -> None:
@@ -355,14 +460,14 @@ class Pipeline:
         self.stats["unreconciled"] += 1
 
     async def _settle(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
-                      run: _Attempts, fb: FallbackRun, grant: Grant, resp: Any, est: int) -> Result:
+                      run: _Attempts, fb: FallbackRun, grant: Grant, resp: Any, est: int, upstream: str) -> Result:
         s = self.settings
         message = resp.message
         usage = Usage.from_api(message.usage)
         self.ports.admission.reconcile(Outcome(grant.lease_id, usage, 200, resp.headers, self.wall()))
-        fb.succeeded()
+        fb.succeeded(upstream)
         self.estimator.observe(est, usage.itpm_tokens + usage.cache_read_tokens, s.models[model].tokenizer)
-        cost = price(usage, model, s)
+        cost = price(usage, model, s, price_factor=self._price_factor(upstream) if upstream else 1.0)
         if cost.total_usd > run.reserved_usd + 1e-9:
             self.stats["reservation_exceeded"] += 1
             log.error("request %s billed $%.6f over its reservation $%.6f", req.request_id, cost.total_usd,
@@ -373,17 +478,19 @@ class Pipeline:
             request_id=req.request_id, attempt=run.attempt, message_id=message.id, ts=self.wall(),
             user_id=req.user_id, tenant=req.tenant, priority=req.priority, model=model, usage=usage,
             cost=cost, cache=cache_kind, saved_usd=0.0, latency_s=latency, attempts=run.attempt, status="ok",
-            error_type=None, environment=s.environment, void_attempts=tuple(run.void),
+            error_type=None, environment=s.environment, void_attempts=tuple(run.void), upstream=upstream or None,
         ), tries=4)
         run.holds_reservation = False
         run.void.clear()
         return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                       attempts=run.attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
-                      user_id=req.user_id, tenant=req.tenant, history=fb.history)
+                      user_id=req.user_id, tenant=req.tenant, history=fb.history, upstream=upstream or None)
 
     # -- failures ----------------------------------------------------------------------------------------------
-    def _drop_grant(self, task: asyncio.Future) -> None:
-        """Give back a grant whose request will not be sent (or stop waiting for one)."""
+    def _drop_grant(self, task: asyncio.Future | None) -> None:
+        """Give back a grant whose request will not be sent (or stop waiting for one); None: already done."""
+        if task is None:
+            return
         if not task.done():
             task.cancel()  # the admission port refunds a grant that arrives for a cancelled waiter
         elif not task.cancelled() and task.exception() is None:

@@ -42,6 +42,7 @@ class NormalizedRequest:
     cache_enabled: bool = True
     deadline_s: float | None = None   # how long the caller may wait for admission
     meta: dict[str, Any] = field(default_factory=dict)
+    id_given: bool = False            # the caller chose the request id (it may collide with a running one)
 
 
 def _fail(msg: str, field_name: str, request_id: str) -> InvalidRequest:
@@ -149,7 +150,9 @@ def validate(
     cache: bool = True,
     request_id: str | None = None,
     deadline_s: float | None = None,
+    streaming: bool = False,
 ) -> NormalizedRequest:
+    """``streaming``: the request is for ``rt.stream`` (``stream=True`` in it is then allowed, and implied)."""
     rid = check_request_id(request_id) if request_id is not None else f"req_{uuid.uuid4().hex}"
     if not isinstance(request, dict):
         raise _fail(f"a request is a dict like messages.create takes, not {type(request).__name__}", "request", rid)
@@ -170,9 +173,10 @@ def validate(
     if removed:
         raise _fail(f"{', '.join(removed)}: removed in the current API version (the API answers 400); "
                     "use 'effort' / thinking settings instead", removed[0], rid)
-    if request.get("stream"):
-        raise _fail("stream: submit() returns whole messages; streaming is not supported through submit()",
-                    "stream", rid)
+    if request.get("stream") and not streaming:
+        raise _fail("stream: submit() returns whole messages; use rt.stream(...) for events", "stream", rid)
+    if "stream" in request and not isinstance(request["stream"], bool):
+        raise _fail("stream must be true or false", "stream", rid)
     unknown = sorted(set(request) - ALLOWED_PARAMS - {"stream"})
     if unknown:
         raise _fail(f"{', '.join(unknown)}: extra inputs are not permitted", unknown[0], rid)
@@ -250,6 +254,7 @@ def validate(
     return NormalizedRequest(
         request_id=rid, requested_model=model, params=params, max_tokens=max_tokens, user_id=user_id,
         tenant=tenant, priority=priority, cache_enabled=bool(cache), deadline_s=deadline_s,
+        id_given=request_id is not None,
     )
 
 

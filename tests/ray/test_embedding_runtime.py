@@ -8,7 +8,7 @@ import time
 import pytest
 import ray
 
-from actors.embedder import NAMESPACE, replica_name
+from actors.embedder import replica_name
 from runtime.request import validate
 from runtime.result import Result
 from tests.runtime_fixtures import fast_settings, start_local, user_msg
@@ -47,7 +47,7 @@ def test_a_killed_embedder_leaves_every_request_answered(rt):
     tenant = "kill"
     assert ray.get(rt.submit(user_msg(Q), tenant=tenant)).cache == "miss"
     assert ray.get(rt.submit(user_msg(PARA), tenant=tenant)).cache == "semantic"
-    emb = ray.get_actor(replica_name(0), namespace=NAMESPACE)
+    emb = ray.get_actor(replica_name(0), namespace=rt.namespace)
     life = ray.get(emb.ready.remote())["life"]
     bypasses_before = rt.stats()["cache"]["bypasses"]
     ray.kill(emb, no_restart=False)  # Ray restarts it; the model loads again (seconds)
