@@ -39,6 +39,7 @@ NAMESPACE = "claude_runtime"
 PREFIX = "embedder-"
 DISCOVER_EVERY_S = 10.0  # look for replicas other callers started
 PROBE_RETRY_S = 0.5
+START_TIMEOUT_S = 180.0  # model load on a busy node takes tens of seconds
 CHECK_TIMEOUT_S = 0.5  # a live replica answers ready() in milliseconds, even while its model is busy
 
 
@@ -148,10 +149,20 @@ def create_replica(settings: Any, index: int, **options: Any) -> Any:
                                  **options).remote(public, index)
 
 
-def start_pool(settings: Any, **options: Any) -> list[Any]:
-    """The floor of the pool (``min_replicas``), each with its model loaded."""
+def start_pool(settings: Any, *, timeout_s: float = START_TIMEOUT_S, **options: Any) -> list[Any]:
+    """The floor of the pool (``min_replicas``), waited for until each has its model loaded, or ``timeout_s``:
+    a replica the cluster cannot place yet (no free CPU or GPU) must not stop the runtime from starting; until
+    it serves, lookups go on without their semantic part."""
     handles = [create_replica(settings, i, **options) for i in range(settings.embedding.min_replicas)]
-    ray.get([h.ready.remote() for h in handles])
+    refs = [h.ready.remote() for h in handles]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(ready) < len(refs):
+        s = settings.embedding
+        log.warning("%d of %d embedding replicas not ready after %.0f s (each needs num_cpus=%s, num_gpus=%s): "
+                    "semantic lookups are bypassed until they are", len(refs) - len(ready), len(refs), timeout_s,
+                    s.num_cpus, s.num_gpus)
+    else:
+        ray.get(ready)  # a replica that failed to start says why here
     return handles
 
 
