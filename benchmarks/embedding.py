@@ -182,7 +182,7 @@ def private(pid):
 prompts = json.loads(sys.argv[1])
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 lim = {c: ClassLimits(rpm=60_000, itpm=50_000_000, otpm=10_000_000) for c in ("haiku", "sonnet", "opus", "fable")}
-rt = runtime.start(Settings(data_dir=tempfile.mkdtemp(prefix="rss_probe_"), limits=lim,
+rt = runtime.start(Settings(data_dir=tempfile.mkdtemp(prefix="rss_probe_"), limits=lim, fake_api=True,
                             user_limits=UserLimits(rpm=0, tpm=0)))
 kinds = Counter()
 for batch in (prompts[0::2], prompts[1::2]):  # the cached side first, then its paraphrases
