@@ -8,7 +8,8 @@
     enc = await emb.encode_async(texts, tokens=False)        # inside an async actor: concurrent calls share a batch
     vec = await emb.embed_async("how do I sort a list?")     # one (384,) vector
 
-The model runs in one worker thread so an async actor's event loop keeps serving while it encodes. Calls that
+The model runs in one worker thread so an async actor's event loop keeps serving while it encodes (a batch of
+one or two texts is encoded on the loop itself: its thread hops would cost more than it blocks). Calls that
 arrive while a batch is encoding form the next batch (runtime.groupsubmit with one send in flight): no added
 delay on an idle embedder, full batches under load. A small LRU of recent texts serves the hot prompts
 (single-flight waiters all ask the same text); token embeddings are always computed.
@@ -32,6 +33,8 @@ from runtime.embedding_types import DIM, Encoded  # noqa: E402
 from runtime.groupsubmit import GroupSubmitter  # noqa: E402
 
 __all__ = ["DIM", "Embedder", "Encoded", "default_model_path", "get_embedder"]
+
+INLINE_MAX_TEXTS = 2  # batches this small are encoded on the event loop itself (see Embedder._send)
 
 
 def default_model_path() -> str:
@@ -165,8 +168,13 @@ class Embedder:
     async def _send(self, items: list[tuple[str, bool]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         texts = [t for t, _ in items]
         want = any(w for _, w in items)
-        loop = asyncio.get_running_loop()
-        enc = await loop.run_in_executor(self._pool, lambda: self.encode(texts, tokens=want))
+        if len(items) <= INLINE_MAX_TEXTS:
+            # a lone request is latency: two thread hops cost ~2 ms on a busy node, more than the event loop
+            # loses by waiting one short encode; calls arriving meanwhile still join the next batch
+            enc = self.encode(texts, tokens=want)
+        else:
+            loop = asyncio.get_running_loop()
+            enc = await loop.run_in_executor(self._pool, lambda: self.encode(texts, tokens=want))
         return [(enc.vectors[i], enc.tokens[i] if (w and enc.tokens is not None) else None)
                 for i, (_, w) in enumerate(items)]
 
