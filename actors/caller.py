@@ -56,7 +56,8 @@ class CallerActor:
         # the caller is the one place that holds credentials: each upstream gets its SDK client here
         self.settings = settings.without_secrets()
         self._fingerprint = secrets_fingerprint(upstreams)
-        ports = Ports(
+        self._upstreams = [u.without_secrets() for u in upstreams]
+        self._ports = ports = Ports(
             admission=LimiterClient(self._limiter, settings.limiter.max_wait_s),
             ledger=LedgerClient(self._ledger),
             transports={u.name: build_transport(u, settings.retry) for u in upstreams},
@@ -99,3 +100,83 @@ class CallerActor:
         ``num_returns="streaming"``)."""
         async for event in self.pipeline.stream(req):
             yield event
+
+    # -- beside the pipeline: token counting for the front door, cache probes for batch jobs ----------------
+    async def count_tokens(self, req: NormalizedRequest) -> int:
+        """``messages.count_tokens`` for a validated request (its model routed as the pipeline would), admitted
+        against the count_tokens rate limit like the pipeline's own counts."""
+        from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, Estimate, Outcome
+        from runtime.errors import OverloadedAfterFallback, UpstreamError
+        from runtime.errors import AuthenticationError as UpstreamAuthError
+        from runtime.router import route
+        from runtime.transport import CallFailed
+        from runtime.usage import Usage
+
+        model = route(req.requested_model, req.params, self.settings).model
+        ups = [u for u in self._upstreams if u.kind != "bedrock"]
+        if self._upstreams and not ups:
+            raise UpstreamError("no upstream of this runtime counts tokens (Bedrock has no count_tokens)",
+                                request_id=req.request_id, status=None, error_type="not_supported")
+        name = ups[0].name if ups else ""
+        groups = (ups[0].group,) if ups else ()
+        e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
+                     priority=req.priority, input_tokens=0, max_output_tokens=0, groups=groups)
+        ports = self._ports
+        grant = await ports.admission.acquire(e, deadline_s=req.deadline_s)
+        transport = ports.transports[name] if name else ports.transport
+        try:
+            n = await transport.count_tokens(model, req.params)
+        except CallFailed as f:
+            ports.admission.reconcile(Outcome(grant.lease_id, None, f.status if f.sent == "yes" else NOT_SENT,
+                                              f.headers, time.time()))
+            common = dict(request_id=req.request_id, status=f.status, error_type=f.error_type, attempts=[])
+            if f.status in (401, 403):
+                raise UpstreamAuthError(f"{f.status} {f.error_type}: {f.message}", **common) from None
+            if f.status in (0, 408, 409, 429) or f.status >= 500:
+                raise OverloadedAfterFallback(f"count_tokens failed: {f.status} {f.error_type}: {f.message}",
+                                              **common) from None
+            raise UpstreamError(f"{f.status} {f.error_type}: {f.message}", **common) from None
+        ports.admission.reconcile(Outcome(grant.lease_id, Usage(), 200, {}, time.time()))
+        return n
+
+    async def cache_probe(self, items: list[tuple[dict, str, str | None, bool]]) -> list[dict | None]:
+        """For batch jobs: per (params, routed model, tenant, cache enabled), the cached answer as
+        ``{"kind", "message", "saved_usd"}``, or None. Never waits for, nor keeps, a single-flight claim: a
+        batch answers hours later, so the live path must not wait for it."""
+        import asyncio
+
+        if self._cache is None:
+            return [None] * len(items)
+
+        async def one(params: dict, model: str, tenant: str | None, enabled: bool) -> dict | None:
+            out = await self._cache.lookup(params, model, tenant, cache_enabled=enabled, wait_s=0.0)
+            if out.hit:
+                return {"kind": out.kind, "message": out.message, "saved_usd": out.saved_usd}
+            await self._cache.release(out)
+            return None
+
+        return list(await asyncio.gather(*(one(*it) for it in items)))
+
+    async def cache_put(self, items: list[tuple[dict, str, str | None, dict, float]]) -> int:
+        """For batch jobs: store answers (params, model, tenant, message, cost) the way a live miss stores
+        its own; requests the cache bypasses (real-time prompts) are skipped. Returns how many were stored."""
+        import asyncio
+
+        from runtime import cache_policy as policy
+
+        if self._cache is None:
+            return 0
+        cs = self.settings.cache
+
+        async def one(params: dict, model: str, tenant: str | None, message: dict, cost: float) -> bool:
+            if policy.bypass_reason(params, cs, True) is not None:
+                return False
+            from actors.cache import CacheOutcome
+
+            outcome = CacheOutcome("miss", None, 0.0, key=policy.exact_key(params, model, tenant),
+                                   scope_id=policy.scope_for(params, model, tenant).scope_id(), vector=None,
+                                   leader=False, reason=None, prompt=policy.last_user_text(params),
+                                   tenant=tenant or "", max_tokens=params.get("max_tokens"), model=model)
+            return await self._cache.store(outcome, message, model, cost)
+
+        return sum(await asyncio.gather(*(one(*it) for it in items)))

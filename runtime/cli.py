@@ -1,4 +1,4 @@
-"""The `claude-runtime` command: fake-api, demo, report, status."""
+"""The `claude-runtime` command: fake-api, demo, report, status, reconcile, serve, keys."""
 
 from __future__ import annotations
 
@@ -96,6 +96,87 @@ def status() -> None:
 
     rt = runtime.connect()
     typer.echo(json.dumps(rt.stats(), indent=2, default=str))
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP front door (stored hashed under data_dir).")
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(data_dir: Optional[Path]):
+    from runtime.keys import KeyStore
+    from runtime.settings import Settings
+
+    return KeyStore.in_dir(Settings(data_dir=data_dir).data_dir if data_dir else Settings().data_dir)
+
+
+_DATA_DIR = typer.Option(None, "--data-dir", help="the runtime's data_dir (default: from settings)")
+
+
+@keys_app.command("create")
+def keys_create(user: str = typer.Option(..., help="the user every request of this key runs as"),
+                tenant: Optional[str] = typer.Option(None, help="the tenant (cache scope, budgets, caps)"),
+                budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="this key's daily budget"),
+                rpm: Optional[int] = typer.Option(None, help="this key's requests per minute"),
+                label: Optional[str] = typer.Option(None, help="a note for `keys list`"),
+                data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """Create a key; it is printed once, as the last word of the output, and stored only as a hash."""
+    store = _key_store(data_dir)
+    key, entry = store.create(user, tenant, budget_usd=budget_usd, rpm=rpm, label=label)
+    typer.echo(f"created key {entry.key_id} for user {user}"
+               + (f" (tenant {tenant})" if tenant else "") + f"; it is shown only now: {key}")
+
+
+@keys_app.command("list")
+def keys_list(all_keys: bool = typer.Option(False, "--all", help="include revoked keys"),
+              data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """The keys (ids, users, limits; never the keys themselves)."""
+    import json
+
+    for e in _key_store(data_dir).list(include_revoked=all_keys):
+        typer.echo(json.dumps(e.public()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the key id (or the key)"),
+                data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """Revoke a key: its next request gets 401."""
+    if not _key_store(data_dir).revoke(key_id):
+        typer.echo(f"no active key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to bind"),
+          port: int = typer.Option(8000, help="port to listen on"),
+          name: str = typer.Option("default", help="the runtime to serve (runtime.start(name=...))"),
+          replicas: int = typer.Option(1, min=1, help="front-door replicas (a key's rpm is split among them)"),
+          access_log: bool = typer.Option(False, "--access-log", help="log every request")) -> None:
+    """Serve the Anthropic-compatible HTTP front door (POST /v1/messages, /v1/messages/count_tokens) on Ray
+    Serve. Attaches to a running runtime, or starts one from the settings (env / CLAUDE_RUNTIME_CONFIG)."""
+    import ray
+
+    import runtime
+    from actors.serve import run_front_door
+    from runtime.errors import ConfigurationError
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address="auto")
+        except ConnectionError:
+            ray.init()
+    try:
+        runtime.connect(name)
+    except ConfigurationError:
+        runtime.start(runtime.Settings(), name=name)
+    url = run_front_door(host=host, port=port, runtime_name=name, replicas=replicas, access_log=access_log)
+    typer.echo(f"claude-runtime front door on {url} (ANTHROPIC_BASE_URL={url}; keys: claude-runtime keys create)")
+    try:
+        import threading
+
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":
