@@ -10,11 +10,10 @@ import itertools
 import os
 import re
 import time
-import uuid
 from collections import deque
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -26,6 +25,21 @@ from runtime.settings import Settings
 NAMESPACE = "claude_runtime"
 CALLER_PREFIX = "caller-"
 from runtime.upstreams import FAKE_API_KEY  # noqa: E402 - re-exported: tests and tools use it
+
+
+_END = object()
+
+
+async def _await_value(ref_or_exc: Any) -> Any:
+    """A submitted request's result, or its typed error as a value."""
+    if isinstance(ref_or_exc, BaseException):
+        return ref_or_exc
+    try:
+        return await ref_or_exc
+    except ray.exceptions.RayTaskError as exc:
+        return exc.cause if getattr(exc, "cause", None) is not None else exc
+    except Exception as exc:  # noqa: BLE001 - errors as values
+        return exc
 
 
 def _since_ts(since: float | str | datetime | None) -> float | None:
@@ -128,6 +142,68 @@ class Runtime:
         finally:
             bar.close()
 
+    async def amap(self, requests: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]], *,
+                   ordered: bool = False, max_in_flight: int = 256, request_id: str | None = None,
+                   with_index: bool = False, **kwargs: Any) -> AsyncIterator[Any]:
+        """``map``'s async twin for large inputs: ``async for res in rt.amap(requests): ...``.
+
+        The input (an iterable or an async iterable, e.g. a generator over a file of 10M requests) is consumed
+        lazily: at most ``max_in_flight`` requests are submitted and not yet yielded, so neither the input nor
+        the answers pile up. Each result, or its typed error (errors as values), is yielded as soon as it
+        completes (``ordered=False``), or in input order (``ordered=True``: a slow request then holds back
+        the ones after it, and the window). ``with_index=True`` yields ``(i, value)``. ``request_id`` is a
+        prefix, as in ``map``; other keyword arguments go to ``submit``."""
+        import asyncio
+
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequest("request_id must be a string prefix", field="request_id")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError("max_in_flight must be a positive integer")
+        source = requests.__aiter__() if hasattr(requests, "__aiter__") else iter(requests)
+        is_async = hasattr(source, "__anext__")
+        pending: dict[asyncio.Future, int] = {}
+        ready: dict[int, Any] = {}  # ordered: finished, waiting for the ones before them
+        next_out = 0
+        count = 0
+        exhausted = False
+
+        async def pull() -> Any:
+            if is_async:
+                try:
+                    return await source.__anext__()
+                except StopAsyncIteration:
+                    return _END
+            return next(source, _END)
+
+        try:
+            while True:
+                while not exhausted and len(pending) + len(ready) < max_in_flight:
+                    req = await pull()
+                    if req is _END:
+                        exhausted = True
+                        break
+                    ref = self._submit_value(req, kwargs, request_id, count)
+                    pending[asyncio.ensure_future(_await_value(ref))] = count
+                    count += 1
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                finished = sorted((pending.pop(f), f.result()) for f in done) if ordered else \
+                    [(pending.pop(f), f.result()) for f in done]
+                for i, value in finished:
+                    if not ordered:
+                        yield (i, value) if with_index else value
+                    else:
+                        ready[i] = value
+                while next_out in ready:
+                    value = ready.pop(next_out)
+                    yield (next_out, value) if with_index else value
+                    next_out += 1
+        finally:
+            # the consumer left early: stop waiting (the requests themselves run on and are billed)
+            for f in pending:
+                f.cancel()
+
     def _submit_value(self, req: dict[str, Any], kwargs: dict[str, Any], prefix: str | None = None,
                       i: int = 0) -> Any:
         try:
@@ -151,122 +227,51 @@ class Runtime:
     def submit_batch(self, requests: Iterable[dict[str, Any]], *, user_id: str | None = None,
                      tenant: str | None = None, priority: str = "bulk", poll_s: float = 2.0,
                      progress: bool = True, timeout_s: float = 24 * 3600.0) -> list[Any]:
-        """Run offline work through the Message Batches API at the batch discount and wait for it.
+        """Run offline work through the Message Batches API at the batch discount and wait for it: ``batch``
+        (see there), then ``wait`` and ``results``. Past ``timeout_s`` the job is cancelled; what the API had
+        already answered is kept.
 
-        Every request is validated first (``InvalidRequest`` is raised before anything is sent), routed, and
-        its worst-case batch cost reserved against the budgets with a write-ahead intent; refused ones come
-        back as ``BudgetExceeded``. Returns, in input order, a ``Result`` or a typed error per request; every
-        billed result is in the ledger (``batch`` set) exactly once.
+        Every request is validated first (``InvalidRequest`` is raised before anything is sent); cache hits
+        are answered at once; each request sent has its worst-case batch cost reserved against the budgets with
+        a write-ahead intent (refused ones come back as ``BudgetExceeded``). Returns, in input order, a
+        ``Result`` or a typed error per request; every billed result is in the ledger (``batch`` set) once.
+        A batch the API certainly did not create releases its reservations and closes its intents, and this
+        raises ``UpstreamError``."""
+        job = self.batch(requests, user_id=user_id, tenant=tenant, priority=priority)
+        if not job.wait(timeout_s, poll_s=poll_s, progress=progress):
+            job.cancel()
+            job.wait(poll_s=poll_s, progress=progress)
+        return job.results(wait=False)
 
-        Nothing leaks on failure: a batch the API certainly did not create releases its reservations and closes
-        its intents; one whose creation is in doubt (the connection dropped after the send) keeps them, so the
-        ledger books it as unreconciled until ``reconcile``. The batch id is recorded in the ledger as soon as
-        it is known.
-        """
-        import anthropic
-        from tqdm.auto import tqdm
+    def batch(self, requests: Iterable[dict[str, Any]], *, user_id: str | None = None, tenant: str | None = None,
+              priority: str = "bulk", cache: bool = True, max_requests_per_batch: int | None = None,
+              max_bytes_per_batch: int | None = None) -> Any:
+        """Start a batch job (``runtime.batchjob.BatchJob``) and return once its batches are created: requests
+        validated and kept under data_dir (``InvalidRequest`` first, nothing sent), cache hits answered at once,
+        repeats inside the job answered from their first occurrence's answer, the rest sent as Message Batches
+        split to the API's limits (100,000 requests or 256 MB each), budget-reserved with write-ahead intents.
+        ``job.wait()`` collects and bills the results (from any driver: ``runtime.connect().batch_job(id)``
+        resumes a job whose driver died, and nothing is lost or billed twice)."""
+        from runtime.batch import MAX_BATCH_BYTES, MAX_BATCH_REQUESTS
+        from runtime.batchjob import BatchJob
 
-        from runtime.batch import BatchItem, batch_entry, settle
-        from runtime.errors import RequestLost, UpstreamError
-        from runtime.intents import Begin, Owner
-        from runtime.pricing import bound_cost
-        from runtime.estimate import input_upper_bound
-        from runtime.records import Record
-        from runtime.router import route
-        from runtime.transport import classify
+        job = BatchJob.create(self, requests, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
+                              max_requests_per_batch=max_requests_per_batch or MAX_BATCH_REQUESTS,
+                              max_bytes_per_batch=max_bytes_per_batch or MAX_BATCH_BYTES)
+        job.step()
+        return job
 
-        s = self.settings
-        norms = [validate(r, s, user_id=user_id, tenant=tenant, priority=priority) for r in requests]
-        if not norms:
-            return []
-        owner = str(Owner("batch", uuid.uuid4().hex[:12], uuid.uuid4().hex[:8]))
-        items = []
-        for n in norms:
-            chosen = route(n.requested_model, n.params, s)
-            items.append(BatchItem(n, chosen.model, chosen.reason))
-        begins = ray.get([self.ledger.begin.remote(Begin(
-            request_id=it.request.request_id, owner=owner, attempt=None, model=it.model,
-            user_id=it.request.user_id, tenant=it.request.tenant, priority=it.request.priority,
-            reserve_usd=bound_cost(it.model, input_upper_bound(it.request.params).tokens, it.request.max_tokens,
-                                   s, batch=True, worst_tier=True))) for it in items])
-        out: dict[str, Any] = {}
-        to_send = []
-        for it, b in zip(items, begins):
-            rid = it.request.request_id
-            if b.duplicate_of is not None:
-                out[rid] = InvalidRequest(f"request_id {rid!r} is already in flight", request_id=rid,
-                                          field="request_id")
-            elif not b.reservation.granted:
-                out[rid] = b.reservation.refusal(rid)
-            else:
-                it.attempt = b.attempt
-                to_send.append(it)
-        if to_send:
-            client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=0)
-            started = time.time()
-            by_id = {it.request.request_id: it for it in to_send}
-            try:
-                batch = client.messages.batches.create(requests=[batch_entry(it) for it in to_send])
-            except Exception as exc:  # noqa: BLE001
-                f = classify(exc)
-                if f.sent != "maybe":
-                    # certainly not created: nothing will be billed
-                    ray.get([self.ledger.commit.remote(Record(
-                        request_id=rid, attempt=it.attempt, message_id=None, ts=time.time(), user_id=it.request.user_id,
-                        tenant=it.request.tenant, priority=it.request.priority, model=it.model, status="error",
-                        error_type=f.error_type, batch=True, environment=s.environment,
-                        void_attempts=(it.attempt,))) for rid, it in by_id.items()])
-                    ray.get([self.ledger.release.remote(rid, owner) for rid in by_id])
-                raise UpstreamError(f"creating the batch failed: {f.status} {f.error_type}: {f.message}"
-                                    + (" (it may have been created: its intents stay open for reconcile)"
-                                       if f.sent == "maybe" else ""),
-                                    status=f.status, error_type=f.error_type, attempts=[]) from None
-            ray.get(self.ledger.note_batch.remote(batch.id, list(by_id), owner))
-            bar = tqdm(total=len(to_send), disable=not progress, desc=f"batch {batch.id}", unit="req")
-            deadline = time.monotonic() + timeout_s
-            failures = 0
-            try:
-                while batch.processing_status != "ended":
-                    if time.monotonic() > deadline and batch.processing_status == "in_progress":
-                        client.messages.batches.cancel(batch.id)
-                    time.sleep(poll_s)
-                    try:
-                        batch = client.messages.batches.retrieve(batch.id)
-                        failures = 0
-                    except (anthropic.APIConnectionError, anthropic.InternalServerError):
-                        failures += 1  # a blip while polling: the batch goes on regardless
-                        if failures > 10:
-                            raise
-                        continue
-                    c = batch.request_counts
-                    bar.n = c.succeeded + c.errored + c.canceled + c.expired
-                    bar.refresh()
-                bar.n = len(to_send)
-                bar.refresh()
-            finally:
-                bar.close()
-            records = []
-            for entry in client.messages.batches.results(batch.id):
-                it = by_id.get(entry.custom_id)
-                if it is None:
-                    continue
-                record, value = settle(it, entry.result, s, started)
-                records.append(record)
-                out[entry.custom_id] = value
-            for r in ray.get(self.ledger.commit_many.remote(records)):
-                if isinstance(r, BaseException):
-                    raise r
-            missing = [rid for rid in by_id if rid not in out]
-            ray.get([self.ledger.commit.remote(Record(
-                request_id=rid, attempt=by_id[rid].attempt, message_id=None, ts=time.time(),
-                user_id=by_id[rid].request.user_id, tenant=by_id[rid].request.tenant,
-                priority=by_id[rid].request.priority, model=by_id[rid].model, status="error",
-                error_type="missing", batch=True, environment=s.environment,
-                void_attempts=(by_id[rid].attempt,))) for rid in missing])
-            ray.get([self.ledger.release.remote(rid, owner) for rid in missing])
-            for rid in missing:
-                out[rid] = RequestLost("the batch ended without a result for this request", request_id=rid)
-        return [out[n.request_id] for n in norms]
+    def batch_job(self, job_id: str) -> Any:
+        """A handle on a batch job started by any driver (this one, or one that died): ``wait()`` resumes it."""
+        from runtime.batchjob import BatchJob
+
+        return BatchJob(self, job_id)
+
+    def batch_jobs(self) -> list[dict[str, Any]]:
+        """The batch jobs under data_dir, newest first (id, state, size)."""
+        from runtime.batchjob import list_jobs
+
+        return list_jobs(self.settings)
 
     def reconcile(self, *, billing: str | Path | None = None, admin_key: str | None = None,
                   min_age_s: float = 0.0) -> dict[str, Any]:
