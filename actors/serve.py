@@ -164,11 +164,9 @@ class FrontDoor:
             raise InvalidRequest("stream must be true or false", request_id=rid, field="stream")
         req = self._validated(body, entry, rid, opts, stream)
         ticket = await self._admit(entry, req)
-        kw = dict(user_id=entry.user_id, tenant=entry.tenant, priority=opts["priority"], cache=opts["cache"],
-                  request_id=rid)
         if not stream:
             try:
-                res = await self.rt.submit(body, **kw)
+                res = await self.rt.submit_validated(req)
             except BaseException as exc:
                 if isinstance(_cause(exc), InvalidRequest):
                     self.gate.settle(ticket, 0.0)  # refused before anything was reserved or sent
@@ -182,7 +180,7 @@ class FrontDoor:
                             media_type="application/json")
 
         self.stats["streams"] += 1
-        events = self.rt.astream(body, **kw)
+        events = self.rt.astream_validated(req)
         try:
             # a failure before the first event is an HTTP error, as the API answers it
             first = await events.__anext__()

@@ -83,6 +83,11 @@ class Runtime:
         before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``."""
         req = validate(request, self.settings, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
                        request_id=request_id, deadline_s=deadline_s)
+        return self.submit_validated(req)
+
+    def submit_validated(self, req: Any) -> ray.ObjectRef:
+        """``submit`` for a request already through ``runtime.request.validate`` (the front door validates
+        first, to size a key's budget reservation, and need not do it twice)."""
         caller = self.callers[next(self._rr) % len(self.callers)]
         return caller.handle.remote(req)
 
@@ -97,17 +102,23 @@ class Runtime:
 
     async def astream(self, request: dict[str, Any], **kwargs: Any):
         """``stream``'s async twin: ``async for event in rt.astream(request): ...``."""
-        gen = self._stream_refs(request, kwargs)
-        async for ref in gen:
+        async for event in self.astream_validated(validate(request, self.settings, streaming=True, **kwargs)):
+            yield event
+
+    def _stream_refs(self, request: dict[str, Any], kwargs: dict[str, Any]):
+        return self._stream_validated(validate(request, self.settings, streaming=True, **kwargs))
+
+    def _stream_validated(self, req: Any):
+        caller = self.callers[next(self._rr) % len(self.callers)]
+        return caller.handle_stream.options(num_returns="streaming").remote(req)
+
+    async def astream_validated(self, req: Any):
+        """``astream`` for a request already through ``validate(..., streaming=True)``."""
+        async for ref in self._stream_validated(req):
             try:
                 yield await ref
             except ray.exceptions.RayTaskError as exc:
                 raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
-
-    def _stream_refs(self, request: dict[str, Any], kwargs: dict[str, Any]):
-        req = validate(request, self.settings, streaming=True, **kwargs)
-        caller = self.callers[next(self._rr) % len(self.callers)]
-        return caller.handle_stream.options(num_returns="streaming").remote(req)
 
     @staticmethod
     def _unwrap(ref: Any) -> Any:
