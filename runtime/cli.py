@@ -151,7 +151,10 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind"),
           port: int = typer.Option(8000, help="port to listen on"),
           name: str = typer.Option("default", help="the runtime to serve (runtime.start(name=...))"),
           replicas: int = typer.Option(1, min=1, help="front-door replicas (a key's rpm is split among them)"),
-          access_log: bool = typer.Option(False, "--access-log", help="log every request")) -> None:
+          access_log: bool = typer.Option(False, "--access-log", help="log every request"),
+          address: Optional[str] = typer.Option(
+              None, help="Ray cluster to join ('local' starts one here; default: RAY_ADDRESS, else a running "
+                         "cluster, else a new local one)")) -> None:
     """Serve the Anthropic-compatible HTTP front door (POST /v1/messages, /v1/messages/count_tokens) on Ray
     Serve. Attaches to a running runtime, or starts one from the settings (env / CLAUDE_RUNTIME_CONFIG)."""
     import ray
@@ -160,7 +163,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind"),
     from actors.serve import run_front_door
     from runtime.errors import ConfigurationError
 
-    if not ray.is_initialized():
+    if address is not None:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
         try:
             ray.init(address="auto")
         except ConnectionError:
@@ -171,12 +178,21 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind"),
         runtime.start(runtime.Settings(), name=name)
     url = run_front_door(host=host, port=port, runtime_name=name, replicas=replicas, access_log=access_log)
     typer.echo(f"claude-runtime front door on {url} (ANTHROPIC_BASE_URL={url}; keys: claude-runtime keys create)")
-    try:
-        import threading
+    import signal
+    import time
 
-        threading.Event().wait()
+    # serve until told to stop (Ctrl-C or SIGTERM), then take the front door down cleanly
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
-        pass
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
 
 
 if __name__ == "__main__":
