@@ -10,6 +10,8 @@ Three ways in, measured alternately so they share the machine's noise:
     direct      the anthropic SDK straight to the fake API (no runtime: the floor)
     in-process  rt.submit / rt.stream from the driver (the runtime, no HTTP)
     front door  the anthropic SDK to `claude-runtime serve` (Ray Serve -> runtime), with a key
+    serve echo  the anthropic SDK to a Ray Serve deployment that answers a fixed message at once: what Serve
+                alone costs on this machine (its proxy and replica hops), the floor under any front door on it
 
 Targets (issue 11): front door p50 <= 5 ms over in-process submit, >= 500 requests/s.
 ``--direct-ingress`` sets RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (Serve's replicas take HTTP themselves, no proxy
@@ -36,6 +38,22 @@ HAIKU = "claude-haiku-5-5"
 def _req(i: int, tag: str, max_tokens: int = 32) -> dict:
     return {"model": HAIKU, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": f"{tag} front door probe number {i}"}]}
+
+
+_CANNED = {"id": "msg_echo", "type": "message", "role": "assistant", "model": HAIKU,
+           "content": [{"type": "text", "text": "echo"}], "stop_reason": "end_turn", "stop_sequence": None,
+           "usage": {"input_tokens": 5, "output_tokens": 1}}
+
+
+class Echo:
+    """A Serve deployment doing no work: reads the body, answers a fixed message."""
+
+    async def __call__(self, request):
+        import orjson
+        from starlette.responses import Response
+
+        await request.body()
+        return Response(orjson.dumps(_CANNED), media_type="application/json")
 
 
 def main() -> None:
@@ -77,6 +95,11 @@ def main() -> None:
                                         callers={"num_callers": 2}, data_dir=data_dir))
             key, _ = KeyStore.in_dir(rt.settings.data_dir).create("bench", "bench")
             url = run_front_door(port=free_port(), replicas=args.replicas)
+            serve.run(serve.deployment(Echo, name="Echo").options(
+                max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0},
+                logging_config={"enable_access_log": False, "log_level": "WARNING"}).bind(),
+                name="echo", route_prefix="/echo")
+            echo = anthropic.Anthropic(base_url=url + "/echo", api_key=key, max_retries=0)
             direct = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
             door = anthropic.Anthropic(base_url=url, api_key=key, max_retries=0,
                                        default_headers={"x-claude-runtime-cache": "off"})
@@ -85,9 +108,10 @@ def main() -> None:
                 direct.messages.create(**_req(i, "warm"))
                 ray.get(rt.submit(_req(i, "warm"), cache=False))
                 door.messages.create(**_req(i, "warm-door"))
+                echo.messages.create(**_req(i, "warm-echo"))
 
             # -- sequential latency ----------------------------------------------------------------------------
-            lat = {"direct": [], "in-process": [], "front door": []}
+            lat = {"direct": [], "in-process": [], "front door": [], "serve echo": []}
             for i in tqdm(range(args.n), desc="sequential", unit="round"):
                 t0 = time.perf_counter()
                 direct.messages.create(**_req(i, "direct"))
@@ -98,6 +122,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 door.messages.create(**_req(i, "door"))
                 lat["front door"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                echo.messages.create(**_req(i, "echo"))
+                lat["serve echo"].append(time.perf_counter() - t0)
 
             # -- streaming: time to the first text delta -------------------------------------------------------
             ttft = {"direct": [], "in-process": [], "front door": []}
@@ -148,7 +175,8 @@ def main() -> None:
             rps = {"direct": asyncio.run(hammer(fake.url, {"x-api-key": "bench-key"}, "tp-direct")),
                    "in-process": asyncio.run(inproc_rate()),
                    "front door": asyncio.run(hammer(url, {"x-api-key": key, "x-claude-runtime-cache": "off"},
-                                                    "tp-door"))}
+                                                    "tp-door")),
+                   "serve echo": asyncio.run(hammer(url + "/echo", {"x-api-key": key}, "tp-echo"))}
             serve.shutdown()
             rt.shutdown()
         finally:
@@ -160,24 +188,30 @@ def main() -> None:
     rows = {}
     for name in lat:
         rows[name] = {"p50_ms": ms(lat[name], 50), "p99_ms": ms(lat[name], 99),
-                      "mean_ms": statistics.mean(lat[name]) * 1000, "ttft_p50_ms": ms(ttft[name], 50),
-                      "ttft_p99_ms": ms(ttft[name], 99), "requests_per_s": rps[name]}
+                      "mean_ms": statistics.mean(lat[name]) * 1000,
+                      "ttft_p50_ms": ms(ttft[name], 50) if name in ttft else None,
+                      "ttft_p99_ms": ms(ttft[name], 99) if name in ttft else None, "requests_per_s": rps[name]}
     added = {"front_door_over_in_process_p50_ms": rows["front door"]["p50_ms"] - rows["in-process"]["p50_ms"],
              "front_door_over_in_process_p99_ms": rows["front door"]["p99_ms"] - rows["in-process"]["p99_ms"],
              "front_door_ttft_over_in_process_p50_ms":
                  rows["front door"]["ttft_p50_ms"] - rows["in-process"]["ttft_p50_ms"],
-             "front_door_ttft_over_direct_p50_ms": rows["front door"]["ttft_p50_ms"] - rows["direct"]["ttft_p50_ms"]}
+             "front_door_ttft_over_direct_p50_ms": rows["front door"]["ttft_p50_ms"] - rows["direct"]["ttft_p50_ms"],
+             "serve_alone_p50_ms": rows["serve echo"]["p50_ms"],
+             "front_door_own_work_p50_ms": rows["front door"]["p50_ms"] - rows["in-process"]["p50_ms"]
+             - rows["serve echo"]["p50_ms"]}
     t = Table(title=f"front door vs in-process vs direct ({args.n} sequential, {args.stream_n} streamed, "
                     f"{args.throughput_n} at concurrency {args.concurrency}; load avg {load[0]:.1f})")
     for col in ("path", "p50 ms", "p99 ms", "TTFT p50 ms", "TTFT p99 ms", "req/s"):
         t.add_column(col, justify="right")
     for name, r in rows.items():
-        t.add_row(name, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['ttft_p50_ms']:.2f}",
-                  f"{r['ttft_p99_ms']:.2f}", f"{r['requests_per_s']:.0f}")
+        ttft_cells = ((f"{r['ttft_p50_ms']:.2f}", f"{r['ttft_p99_ms']:.2f}") if r["ttft_p50_ms"] is not None
+                      else ("-", "-"))
+        t.add_row(name, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", *ttft_cells, f"{r['requests_per_s']:.0f}")
     console.print(t)
     console.print(f"front door adds p50 {added['front_door_over_in_process_p50_ms']:.2f} ms (target <= 5), "
                   f"TTFT p50 {added['front_door_ttft_over_in_process_p50_ms']:.2f} ms over in-process; "
-                  f"{rows['front door']['requests_per_s']:.0f} req/s (target >= 500)")
+                  f"{rows['front door']['requests_per_s']:.0f} req/s (target >= 500); Serve alone (echo) p50 "
+                  f"{added['serve_alone_p50_ms']:.2f} ms, {rows['serve echo']['requests_per_s']:.0f} req/s")
     path = write_json("frontdoor" + ("_direct_ingress" if args.direct_ingress else ""),
                       {"n": args.n, "stream_n": args.stream_n, "throughput_n": args.throughput_n,
                        "concurrency": args.concurrency, "replicas": args.replicas,
