@@ -138,3 +138,34 @@ def test_a_killed_driver_is_resumed_from_the_job_id_losing_nothing_and_billing_n
         assert r.message.content[0].text == out[firsts[i]].message.content[0].text
     assert sum(r.cache == "exact" for r in out) == 150
     _assert_billed_once_at_half_price(rt, job_id, out, 350)
+
+
+def test_a_batch_created_just_before_the_driver_died_is_adopted_not_sent_again(rt):
+    from runtime.batchjob import BatchJob
+
+    reqs = [user_msg(f"charlie: a line about lighthouse {i} on the coast.", 200) for i in range(12)]
+    job = BatchJob.create(rt, reqs, tenant="charlie", cache=False, max_requests_per_batch=5)
+    api = job._api()
+    real_create = api.messages.batches.create
+    created = []
+
+    def create_then_die(**kw):
+        batch = real_create(**kw)
+        created.append(batch.id)
+        if len(created) == 2:
+            # the process dies after the API created the batch, before its id was written anywhere
+            raise SystemExit("driver killed")
+        return batch
+
+    api.messages.batches.create = create_then_die
+    with pytest.raises(SystemExit):
+        job.step()
+    chunks = json.loads((job.dir / "job.json").read_text())["chunks"]
+    assert [c["state"] for c in chunks] == ["created", "creating", "planned"]
+
+    resumed = runtime.connect().batch_job(job.id)
+    assert resumed.wait(poll_s=0.1, progress=False)
+    out = resumed.results()
+    assert len(out) == 12 and all(isinstance(r, Result) for r in out)
+    assert resumed.progress()["batches"][:2] == created  # the orphan was adopted, not sent again
+    _assert_billed_once_at_half_price(rt, job.id, out, 12)
