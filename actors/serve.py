@@ -117,6 +117,9 @@ class FrontDoor:
     async def _admit(self, entry: Any, req: Any) -> Ticket:
         if entry.budget_usd is not None and self.gate.needs_refresh(entry):
             asked = time.time()
+            # callers journal their records and drain them to the ledger in the background: push what they
+            # hold first, so the ledger's figure has every cost settled before ``asked``
+            await asyncio.gather(*(c.flush.remote() for c in self.rt.callers), return_exceptions=True)
             got = await self.rt.ledger.request_spend.remote(request_prefix(entry.key_id),
                                                             float(int(asked) // 86400 * 86400))
             self.gate.refreshed(entry.key_id, got["usd"], asked)
