@@ -20,7 +20,7 @@ from pydantic import SecretStr
 
 from actors.cache import CacheClient
 from actors.ledger import LedgerClient
-from actors.limiter import LimiterClient
+from actors.limiter import LimiterClient, PrefixClient
 from runtime.errors import ClaudeRuntimeError
 from runtime.pipeline import Pipeline, Ports
 from runtime.request import NormalizedRequest
@@ -42,6 +42,7 @@ class CallerActor:
             transport=SdkTransport(settings.retry, api_key=api_key.get_secret_value() if api_key else None,
                                    base_url=base_url),
             cache=self._cache,
+            prefixes=PrefixClient(limiter, settings),
         )
         self.pipeline = Pipeline(settings, ports, caller=self._name, life=self._life)
         self._node_id = ray.get_runtime_context().get_node_id()

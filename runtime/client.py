@@ -61,11 +61,15 @@ class Runtime:
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
                priority: str = "normal", cache: bool = True, request_id: str | None = None,
-               deadline_s: float | None = None) -> ray.ObjectRef:
+               deadline_s: float | None = None, prompt_cache: bool | None = None) -> ray.ObjectRef:
         """Send one request; returns a ref to a ``runtime.Result``. Bad input raises ``InvalidRequest`` here,
-        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``."""
+        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``.
+
+        ``prompt_cache``: automatic ``cache_control`` on the request's stable prefixes (None: as
+        ``Settings.prompt_caching`` says; False: send it exactly as given; True: place markers even when the
+        settings say "off"). The response cache and the ledger see the request as given either way."""
         req = validate(request, self.settings, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
-                       request_id=request_id, deadline_s=deadline_s)
+                       request_id=request_id, deadline_s=deadline_s, prompt_cache=prompt_cache)
         caller = self.callers[next(self._rr) % len(self.callers)]
         return caller.handle.remote(req)
 

@@ -14,6 +14,13 @@ circuit breaker); everything durable or shared sits behind a port:
                     ``release`` (a reservation that will not be billed)
     CachePort       ``lookup`` / ``store`` / ``release``, and ``holding`` a single-flight claim alive
     Transport       ``create`` (one call; raises ``CallFailed``) and ``count_tokens``
+    PrefixPort      prompt-cache prefixes (runtime/prefixes.py): ``claim`` (warm / lead / pass, waiting out
+                    another request's write), ``finish`` / ``abandon``; default: one tracker in this process
+
+Automatic prompt caching (runtime/prompt_cache.py) changes only what is sent: each attempt's params get
+``cache_control`` at their stable prefixes (``Settings.prompt_caching``, ``NormalizedRequest.prompt_cache``).
+The response cache and the ledger see the request as given. The admission estimate leaves out a prefix
+believed warm (cache reads do not count toward ITPM); the budget reservation stays a bound for any outcome.
 
 ``actors/caller.py`` builds the real ports (actor handles, the SDK); tests build in-memory ones and run every
 path in milliseconds.
@@ -42,7 +49,10 @@ from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequ
 from runtime.estimate import TokenEstimator, input_upper_bound
 from runtime.fallback import CircuitBreaker, FallbackPolicy, FallbackRun, Move, fallback_chain
 from runtime.intents import Begin, Begun, Owner
+from runtime.prefixes import LocalPrefixes, PrefixAsk, PrefixPort
 from runtime.pricing import bound_cost, price
+from runtime.prompt_cache import Decision, Plan, admission_input_tokens, outcome, plan as place_markers, \
+    prefix_params
 from runtime.records import Record
 from runtime.request import NormalizedRequest
 from runtime.result import Result
@@ -93,6 +103,7 @@ class Ports:
     ledger: LedgerPort
     transport: Transport
     cache: CachePort | None = None
+    prefixes: PrefixPort | None = None
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -107,6 +118,17 @@ class _Attempts:
     holds_reservation: bool = False
     void: list[int] = field(default_factory=list)
     calls: int = 0
+    prompt: "_PromptUse | None" = None   # the current attempt's prompt-cache placement and decision
+
+
+@dataclass
+class _PromptUse:
+    """One attempt's automatic prompt caching: what is sent, and what the tracker is owed afterwards."""
+
+    plan: Plan
+    model: str
+    decision: Decision | None = None   # None: no tracked prefix
+    owed: bool = False                 # a finish (a response came) or an abandon (none did) is still due
 
 
 class Pipeline:
@@ -131,7 +153,10 @@ class Pipeline:
         self.wall = wall
         self.sleep = sleep
         self.stats = {"requests": 0, "hits": 0, "calls": 0, "count_tokens": 0, "unreconciled": 0,
-                      "reservation_exceeded": 0}
+                      "reservation_exceeded": 0, "prompt_cache_placed": 0}
+        self.prefixes: PrefixPort = ports.prefixes or LocalPrefixes(settings)
+        # placements per request and model, so the reservation and the call price and send the same markers
+        self._plans: dict[str, dict[str, Plan]] = {}
 
     # -- entry point -------------------------------------------------------------------------------------------
     async def run(self, req: NormalizedRequest) -> Result:
@@ -141,6 +166,8 @@ class Pipeline:
             return await self._run(req, t0)
         except ClaudeRuntimeError as exc:
             raise exc.with_request_id(req.request_id)
+        finally:
+            self._plans.pop(req.request_id, None)
 
     async def _run(self, req: NormalizedRequest, t0: float) -> Result:
         s = self.settings
@@ -178,6 +205,7 @@ class Pipeline:
                         exc: BaseException, t0: float) -> None:
         # each step on its own: one failing must not skip the others (a leaked reservation would hold budget
         # until the sweep; unclosed intents would turn into unreconciled rows)
+        self._prompt_done(run, None)
         steps = []
         if outcome is not None:
             steps.append(self.ports.cache.release(outcome))
@@ -214,15 +242,70 @@ class Pipeline:
         s = self.settings
         bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
+        markers = self._cache_bound(req, model)
         if mode == "always" or (mode == "auto" and not bound.sure):
             counted = await self._count_tokens(req, model, deadline_at)
             if counted is not None:
-                return bound_cost(model, counted, req.max_tokens, s)
+                return bound_cost(model, counted, req.max_tokens, s, **markers)
         if bound.sure:
             est = self.estimator.estimate(req.params, s.models[model].tokenizer)
-            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s)
+            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, **markers)
         # no count to be had: the structural bound, priced at the dearest tier it could fall in
-        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True)
+        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, **markers)
+
+    def _cache_bound(self, req: NormalizedRequest, model: str) -> dict[str, Any]:
+        """What the markers this request is sent with allow to be written or read: the part up to the last one
+        (a structural token bound, so it holds however the estimate errs), at their longest TTL. Nothing
+        known about the markers (caching off: the user's own are not looked at): every token at any rate."""
+        p = self._plan(req, model)
+        if p.reason == "off" or p.cacheable_upto is None:
+            return {"cache_ttl": p.max_ttl} if p.reason != "off" else {}
+        part = prefix_params(p.params, p.cacheable_upto)
+        return {"cacheable_tokens_bound": input_upper_bound(part).tokens if part else 0, "cache_ttl": p.max_ttl}
+
+    # -- automatic prompt caching ------------------------------------------------------------------------------
+    def _plan(self, req: NormalizedRequest, model: str) -> Plan:
+        plans = self._plans.setdefault(req.request_id, {})
+        p = plans.get(model)
+        if p is None:
+            p = plans[model] = place_markers(req.params, model, self.settings, self.estimator,
+                                             prompt_cache=req.prompt_cache)
+        return p
+
+    async def _prompt_cache(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
+                            est: int) -> int:
+        """Place this attempt's markers and, for a tracked prefix, claim it (waiting briefly while another
+        request writes it). Returns the input tokens to reserve against ITPM."""
+        self._prompt_done(run, None)  # an earlier attempt's claim (a retry, a downgrade) ends here
+        p = self._plan(req, model)
+        if p.added:
+            self.stats["prompt_cache_placed"] += 1
+        if p.prefix_hash is None:
+            run.prompt = _PromptUse(p, model)
+            return est
+        d = await self.prefixes.claim(PrefixAsk(p.prefix_hash, model, p.prefix_tokens,
+                                                deadline_in_s=max(0.0, deadline_at - self.clock())))
+        if p.added and d.ttl != p.ttl and not run.holds_reservation:
+            # the reservation (made next, in _begin) prices this TTL; an attempt that runs under an earlier
+            # reservation keeps the TTL that one priced
+            p = p.with_ttl(d.ttl)
+            self._plans[req.request_id][model] = p
+        run.prompt = _PromptUse(p, model, d, owed=True)
+        return admission_input_tokens(est, p.prefix_tokens if d.kind == "warm" else 0)
+
+    def _prompt_done(self, run: _Attempts, usage: Usage | None) -> None:
+        """Tell the tracker what the current attempt's tracked prefix got: the response's usage, or no response
+        (``usage`` None: a failed call, a cancellation, a change of model)."""
+        use = run.prompt
+        if use is None or not use.owed or use.decision is None:
+            return
+        use.owed = False
+        p, d = use.plan, use.decision
+        if usage is not None:
+            wrote, read = outcome(usage)
+            self.prefixes.finish(p.prefix_hash, use.model, wrote, read, ttl=p.ttl, token=d.token)
+        elif d.kind == "lead":
+            self.prefixes.abandon(p.prefix_hash, use.model, d.token)
 
     async def _count_tokens(self, req: NormalizedRequest, model: str, deadline_at: float) -> int | None:
         e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
@@ -263,8 +346,9 @@ class Pipeline:
                 reason = step.why
             info = s.models[model]
             est = self.estimator.estimate(req.params, info.tokenizer)
+            itpm = await self._prompt_cache(req, model, run, deadline_at, est)
             estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens)
+                                priority=req.priority, input_tokens=itpm, max_output_tokens=req.max_tokens)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
             grant_task = asyncio.ensure_future(self.ports.admission.acquire(
@@ -305,10 +389,11 @@ class Pipeline:
             try:
                 run.calls += 1
                 self.stats["calls"] += 1
-                resp = await self.ports.transport.create(model, req.params, request_id=req.request_id,
+                resp = await self.ports.transport.create(model, run.prompt.plan.params, request_id=req.request_id,
                                                          attempt=run.attempt, max_tokens=req.max_tokens)
             except CallFailed as f:
                 last_failure = f
+                self._prompt_done(run, None)
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, _limiter_status(f), f.headers,
                                                        self.wall()))
                 if f.maybe_billed:
@@ -359,6 +444,7 @@ class Pipeline:
         s = self.settings
         message = resp.message
         usage = Usage.from_api(message.usage)
+        self._prompt_done(run, usage)
         self.ports.admission.reconcile(Outcome(grant.lease_id, usage, 200, resp.headers, self.wall()))
         fb.succeeded()
         self.estimator.observe(est, usage.itpm_tokens + usage.cache_read_tokens, s.models[model].tokenizer)

@@ -7,7 +7,8 @@ from runtime.fake_api.tokenizer import count_text
 from runtime.settings import ClassLimits
 from tests.fake_api_fixtures import HAIKU, SONNET, client, start_server, user
 
-LONG = "Shared instructions for every request in this tenant. " * 200  # 3,000 v2 tokens
+# 4,500 v2 tokens: above Haiku 5.5's minimum cacheable prefix (4,096), which the fake applies per model
+LONG = "Shared instructions for every request in this tenant. " * 300
 
 
 def _system(ttl=None):
