@@ -295,9 +295,20 @@ class Runtime:
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
+    def prompt_cache_savings(self, since: float | str | datetime | None = None) -> dict[str, Any]:
+        """What prompt caching did, from the ledger's billed rows: ``calls``, ``reads`` / ``writes`` (calls
+        that read / wrote the cache), ``read_tokens``, ``write_tokens``, ``read_usd``, ``write_usd``,
+        ``as_input_usd`` (the same tokens at the plain input price) and ``saved_usd`` (the difference), in
+        total and ``by_model``."""
+        return ray.get(self.ledger.prompt_cache.remote(_since_ts(since)))
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
-                               "limiter": ray.get(self.limiter.snapshot.remote())}
+                               "limiter": ray.get(self.limiter.snapshot.remote()),
+                               # the cluster's prefix tracker: decisions by kind (a waiter's re-asks count
+                               # each time), responses that wrote / read, writes freed unanswered
+                               "prompt_cache": {"tracker": ray.get(self.limiter.prefix_stats.remote()),
+                                                **ray.get(self.ledger.prompt_cache.remote(None))}}
         if self.cache is not None:
             out["cache"] = ray.get(self.cache.stats.remote())
         if self.fake_api is not None:
