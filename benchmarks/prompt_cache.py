@@ -9,9 +9,9 @@ cache_control automatically but lets every request go at once (no single-flight:
     python benchmarks/prompt_cache.py --duration 60 --burst 100
 
 The server is `claude-runtime fake-api` in its own process: 4,000 RPM / 60,000 ITPM / 400,000 OTPM (ITPM is the
-limit that binds uncached traffic), 50 ms to first token, a billing log. The fake API makes a cache entry
-readable only once its writer's response begins, as the real API does, so concurrent first requests with a new
-prefix each pay the write unless something makes them wait.
+limit that binds), 500 ms to first token (--latency-ms), a billing log. The fake API makes a cache entry readable
+only once its writer's response begins, as the real API does, so concurrent first requests with a new prefix
+each pay the write unless something makes them wait.
 
 Two phases per variant, each against a fresh server state:
 * burst: --burst requests with a brand-new system prompt, all submitted at once (the issue's scenario):
@@ -44,8 +44,8 @@ MODEL = "claude-sonnet-5-5"
 MAX_TOKENS = 16
 VARIANTS = {
     "off": {"prompt_caching": "off"},
-    "auto, no single-flight": {"prompt_cache": {"write_wait_s": 0.0}},
-    "auto, one write per prefix": {},
+    "auto (no single-flight)": {"prompt_cache": {"write_wait_s": 0.0}},
+    "auto (one write per prefix)": {},
 }
 
 
@@ -86,7 +86,8 @@ async def closed_loop(rt, tag: str, duration: float, concurrency: int, rotate_s:
     done: list[tuple[float, str]] = []       # (seconds into the run, request id)
     errors: dict[str, int] = {}
     counter = iter(range(10**9))
-    bar = tqdm(total=None, desc=tag, unit="req", leave=False)
+    bar = tqdm(total=None, desc=tag, unit="req", leave=False, mininterval=5.0)
+    in_flight: dict[int, ray.ObjectRef] = {}
 
     async def loop(w: int) -> None:
         while time.monotonic() - t0 < duration:
@@ -94,18 +95,24 @@ async def closed_loop(rt, tag: str, duration: float, concurrency: int, rotate_s:
             version = int((time.monotonic() - t0) // rotate_s)
             rid = f"{tag}-{w}-{i}"
             try:
-                await rt.submit(request(version, rid), request_id=rid, cache=False, deadline_s=600)
+                in_flight[w] = ref = rt.submit(request(version, rid), request_id=rid, cache=False, deadline_s=600)
+                await ref
                 done.append((time.monotonic() - t0, rid))
                 bar.update(1)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # noqa: BLE001 - counted by type
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
     tasks = [asyncio.ensure_future(loop(w)) for w in range(concurrency)]
     # requests still waiting for admission when the time is up are not waited for (uncached traffic queues
-    # for minutes); what completed within the run is what counts
+    # for minutes): they are cancelled (never sent, their reservations released); what completed counts
     await asyncio.wait(tasks, timeout=duration + 15)
-    for t in tasks:
-        t.cancel()
+    for w, t in enumerate(tasks):
+        if not t.done():
+            t.cancel()
+            ray.cancel(in_flight[w])
+    await asyncio.gather(*tasks, return_exceptions=True)
     bar.close()
     return {"done": done, "errors": errors, "wall0": wall0}
 
@@ -139,10 +146,11 @@ def run_variant(name: str, over: dict, fake: FakeApiProcess, args, data_root: Pa
     done = loop["done"]
     ids = {rid for _, rid in done}
     lines = [b for b in lines_of(billing, f"{tag}c-") if b["runtime_request_id"] in ids]
-    w0 = 0.25 * args.duration
-    steady = [t for t, _ in done if t >= w0]
-    window_min = (args.duration - w0) / 60
-    in_window = [b for b in lines if b["ts"] - loop["wall0"] >= w0]
+    # the steady window: from a quarter into the run (the initial full bucket spent) until the load stops
+    w0, w1 = 0.25 * args.duration, args.duration
+    steady = [t for t, _ in done if w0 <= t < w1]
+    window_min = (w1 - w0) / 60
+    in_window = [b for b in lines if w0 <= b["ts"] - loop["wall0"] < w1]
     out.update(
         completed=len(done), req_per_min=len(steady) / window_min,
         itpm_used_per_min=sum(b["input_tokens"] + b["cache_creation_input_tokens"] for b in in_window) / window_min,
@@ -157,14 +165,16 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rotate-s", type=float, default=30.0, help="a new system prompt version this often")
     ap.add_argument("--burst", type=int, default=300, help="requests in the burst phase (0: skip)")
+    ap.add_argument("--latency-ms", type=float, default=500.0,
+                    help="the server's time to first token (a cache entry is readable from then on)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
 
-    console = Console()
+    console = Console(width=200)
     data_root = Path(tempfile.mkdtemp(prefix="prompt_cache_bench_"))
     args.billing = str(data_root / "billing.jsonl")
     fake = FakeApiProcess("--rpm", str(LIMITS["rpm"]), "--itpm", str(LIMITS["itpm"]), "--otpm",
-                          str(LIMITS["otpm"]), "--latency-ms", "50", "--billing", args.billing)
+                          str(LIMITS["otpm"]), "--latency-ms", str(args.latency_ms), "--billing", args.billing)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     rows = []
     try:
@@ -182,7 +192,7 @@ def main() -> None:
     uncached_burst_min = args.burst * (prompt_tokens + 20) / LIMITS["itpm"]
     t = Table(title=f"prompt caching, {prompt_tokens:,}-token shared system prompt, {LIMITS['itpm']:,} ITPM "
                     f"({args.duration:.0f} s closed loop, {args.concurrency} in flight, new prompt every "
-                    f"{args.rotate_s:.0f} s)")
+                    f"{args.rotate_s:.0f} s, {args.latency_ms:.0f} ms to first token)")
     for col in ("variant", "req/min", "ITPM used/min", "$ per 1,000 req", "writes paid (loop)", "reads (loop)",
                 f"burst of {args.burst}: wall s", "burst: writes paid", "server 429s", "failed"):
         t.add_column(col, justify="right")
@@ -195,6 +205,7 @@ def main() -> None:
                   str(sum(r["errors"].values())))
     console.print(t)
     path = write_json("prompt_cache", {"limits": LIMITS, "model": MODEL, "prompt_tokens": prompt_tokens,
+                                       "latency_ms": args.latency_ms,
                                        "duration_s": args.duration, "concurrency": args.concurrency,
                                        "rotate_s": args.rotate_s, "burst": args.burst, "rows": rows})
     console.print(f"wrote {path}")

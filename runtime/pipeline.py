@@ -258,8 +258,10 @@ class Pipeline:
         (a structural token bound, so it holds however the estimate errs), at their longest TTL. Nothing
         known about the markers (caching off: the user's own are not looked at): every token at any rate."""
         p = self._plan(req, model)
-        if p.reason == "off" or p.cacheable_upto is None:
-            return {"cache_ttl": p.max_ttl} if p.reason != "off" else {}
+        if p.reason == "off":
+            return {}
+        if p.cacheable_upto is None:   # a marker in the last turn: the whole prompt may be written
+            return {"cache_ttl": p.max_ttl}
         part = prefix_params(p.params, p.cacheable_upto)
         return {"cacheable_tokens_bound": input_upper_bound(part).tokens if part else 0, "cache_ttl": p.max_ttl}
 
@@ -389,7 +391,8 @@ class Pipeline:
             try:
                 run.calls += 1
                 self.stats["calls"] += 1
-                resp = await self.ports.transport.create(model, run.prompt.plan.params, request_id=req.request_id,
+                sent = run.prompt.plan.params   # the request, with the markers automatic caching placed
+                resp = await self.ports.transport.create(model, sent, request_id=req.request_id,
                                                          attempt=run.attempt, max_tokens=req.max_tokens)
             except CallFailed as f:
                 last_failure = f

@@ -214,3 +214,13 @@ def _ask():
 
     pl = plan(req().params, SONNET, S, Pipeline(S, Ports(Admission(), Ledger(), EngineTransport())).estimator)
     return PrefixAsk(pl.prefix_hash, SONNET, pl.prefix_tokens, deadline_in_s=10.0)
+
+
+def test_prompt_cache_must_be_none_or_a_bool():
+    from runtime.errors import InvalidRequest
+
+    assert req(prompt_cache=None).prompt_cache is None and req(prompt_cache=False).prompt_cache is False
+    for bad in ("yes", 1, 0.0):
+        with pytest.raises(InvalidRequest) as exc:
+            req(prompt_cache=bad)
+        assert exc.value.field == "prompt_cache"
