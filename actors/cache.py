@@ -570,9 +570,10 @@ class CacheService:
 CacheActor = ray.remote(num_cpus=0, max_restarts=-1, max_concurrency=10_000)(CacheService)
 
 
-def get_or_create_cache(settings: Any, *, scheduling_strategy: Any = None, **kwargs: Any) -> Any:
+def get_or_create_cache(settings: Any, *, scheduling_strategy: Any = None, namespace: str = NAMESPACE,
+                        **kwargs: Any) -> Any:
     """The cluster's cache singleton; many racing creators get one actor."""
-    return CacheActor.options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
+    return CacheActor.options(name=ACTOR_NAME, namespace=namespace, lifetime="detached",
                               get_if_exists=True, scheduling_strategy=scheduling_strategy
                               ).remote(settings, **kwargs)
 

@@ -11,12 +11,13 @@ number the re-run's attempts after it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 import uuid
 
 import ray
-from pydantic import SecretStr
 
 from actors.cache import CacheClient
 from actors.ledger import LedgerClient
@@ -25,31 +26,46 @@ from runtime.errors import ClaudeRuntimeError
 from runtime.pipeline import Pipeline, Ports
 from runtime.request import NormalizedRequest
 from runtime.result import Result
-from runtime.settings import Settings
-from runtime.transport import SdkTransport
+from runtime.settings import Settings, UpstreamSettings
+from runtime.transport import build_transport
+
+
+def secrets_fingerprint(upstreams: list[UpstreamSettings]) -> str:
+    """A digest of the upstreams' credentials: lets ``runtime.start`` tell that a key changed without the key
+    ever leaving the process that holds it."""
+    blob = json.dumps([[u.name, {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else v)
+                                 for k, v in u.secrets().items()}] for u in upstreams], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class CallerActor:
-    def __init__(self, settings: Settings, base_url: str | None, api_key: SecretStr | None,
-                 limiter, ledger, cache=None, name: str | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, upstreams: list[UpstreamSettings], limiter, ledger, cache=None,
+                 name: str | None = None) -> None:
         self._life = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._name = name or ray.get_runtime_context().get_actor_name() or "caller"
+        self._limiter, self._ledger = limiter, ledger
         self._cache = CacheClient(cache, settings) if cache is not None else None
-        ports = Ports(
-            admission=LimiterClient(limiter, settings.limiter.max_wait_s),
-            ledger=LedgerClient(ledger),
-            transport=SdkTransport(settings.retry, api_key=api_key.get_secret_value() if api_key else None,
-                                   base_url=base_url),
-            cache=self._cache,
-            prefixes=PrefixClient(limiter, settings),
-        )
-        self.pipeline = Pipeline(settings, ports, caller=self._name, life=self._life)
         self._node_id = ray.get_runtime_context().get_node_id()
         self._started = time.time()
+        self._build(settings, upstreams)
         if self._cache is not None:
             # load the embedding model before the first request, not during it (seconds on a cold process)
             self._cache.embedder.embed(["warm up"])
+
+    def _build(self, settings: Settings, upstreams: list[UpstreamSettings]) -> None:
+        # the caller is the one place that holds credentials: each upstream gets its SDK client here
+        self.settings = settings.without_secrets()
+        self._fingerprint = secrets_fingerprint(upstreams)
+        ports = Ports(
+            admission=LimiterClient(self._limiter, settings.limiter.max_wait_s),
+            ledger=LedgerClient(self._ledger),
+            transports={u.name: build_transport(u, settings.retry) for u in upstreams},
+            cache=self._cache,
+            # prompt-cache prefixes: the limiter actor's tracker, so one write per new prefix cluster-wide
+            prefixes=PrefixClient(self._limiter, settings),
+        )
+        self.pipeline = Pipeline(self.settings, ports, caller=self._name, life=self._life,
+                                 upstreams=[u.without_secrets() for u in upstreams])
 
     def ready(self) -> str:
         return self._node_id
@@ -60,7 +76,16 @@ class CallerActor:
 
     def get_settings(self) -> Settings:
         # for runtime.connect(): everything but the secrets
-        return self.settings.without_secrets()
+        return self.settings
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> str:
+        """New limits, retry policy and upstreams for requests that start from now on (running ones finish
+        under the settings they started with)."""
+        self._build(settings, upstreams)
+        return self._life
 
     def pipeline_stats(self) -> dict:
         return dict(self.pipeline.stats)
@@ -70,3 +95,9 @@ class CallerActor:
             return await self.pipeline.run(req)
         except ClaudeRuntimeError as exc:
             raise exc.with_request_id(req.request_id)
+
+    async def handle_stream(self, req: NormalizedRequest):
+        """The answer as the API's stream events (a Ray streaming generator: call with
+        ``num_returns="streaming"``)."""
+        async for event in self.pipeline.stream(req):
+            yield event

@@ -40,8 +40,8 @@ class FakeApiActor:
 
 
 def get_or_create_fake_api(settings: Settings, overrides: dict[str, Any] | None = None, *,
-                           scheduling_strategy: Any = None):
+                           scheduling_strategy: Any = None, namespace: str = NAMESPACE):
     return FakeApiActor.options(
-        name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        name=NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
         scheduling_strategy=scheduling_strategy,
     ).remote(settings, overrides)

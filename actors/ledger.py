@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS batches (
 _INSERT_RECORD = (f"INSERT OR IGNORE INTO records ({', '.join(ROW_COLUMNS)}) "
                   f"VALUES ({', '.join('?' for _ in ROW_COLUMNS)})")
 _BY = {"model": "model", "user": "user_id", "tenant": "tenant",
-       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment", "status": "status"}
+       "day": "strftime('%Y-%m-%d', ts, 'unixepoch')", "environment": "environment", "status": "status",
+       "upstream": "upstream"}
 
 
 @dataclass
@@ -111,6 +112,10 @@ class LedgerStore:
             if col not in have:
                 self.conn.execute(f"ALTER TABLE intents ADD COLUMN {col} {decl}")
         self.conn.execute("CREATE INDEX IF NOT EXISTS intents_open ON intents(state, ts)")
+        have = {r["name"] for r in self.conn.execute("PRAGMA table_info(records)")}
+        for col in ROW_COLUMNS:
+            if col not in have:
+                self.conn.execute(f"ALTER TABLE records ADD COLUMN {col} {_COLUMN_TYPES.get(col, 'TEXT')}")
 
     def write(self, items: list[tuple[str, Any]]) -> list[Written]:
         """One durable transaction for a batch; per item, what it did. A record item's payload is
@@ -610,7 +615,7 @@ class Ledger:
         ``since`` (runtime/prompt_cache.savings_summary)."""
         from runtime.prompt_cache import savings_summary
 
-        rows = await self._read("SELECT model, message_id, batch, input_tokens, output_tokens, "
+        rows = await self._read("SELECT model, message_id, batch, upstream, input_tokens, output_tokens, "
                                 "cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens FROM records "
                                 "WHERE ts >= ? AND message_id IS NOT NULL",
                                 (since if since is not None else float("-inf"),))
@@ -645,6 +650,13 @@ class Ledger:
 
     async def ping(self) -> bool:
         return True
+
+    async def reconfigure(self, settings: Settings) -> None:
+        """New budgets and alert thresholds, live (``runtime.start(..., reconfigure=True)``); what is spent and
+        reserved stays."""
+        self.settings = settings.without_secrets(keep_webhook=True)
+        self.book.cfg = settings.budgets
+        self.monitor.cfg = settings.alerts
 
 
 def _intent_of(row: dict[str, Any]) -> OpenIntent:
@@ -700,9 +712,9 @@ class LedgerClient:
 LedgerActor = ray.remote(num_cpus=0, max_concurrency=256, max_restarts=-1, max_task_retries=-1)(Ledger)
 
 
-def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None):
+def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None, namespace: str = NAMESPACE):
     """The cluster's one ledger: a named detached actor that racing creators all resolve to."""
     return LedgerActor.options(
-        name=LEDGER_NAME, namespace=NAMESPACE, lifetime="detached", max_restarts=-1, max_task_retries=-1,
+        name=LEDGER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_task_retries=-1,
         get_if_exists=True, scheduling_strategy=scheduling_strategy,
     ).remote(settings)

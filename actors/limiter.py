@@ -45,9 +45,12 @@ ACTOR_NAME = "limiter"
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class LimiterActor:
-    def __init__(self, limits: dict[str, ClassLimits], user_limits: UserLimits, limiter: LimiterSettings,
-                 lease_timeout_s: float = 600.0, settings: Any = None) -> None:
-        self._adm = Admission(limits, user_limits, limiter, lease_timeout_s=lease_timeout_s)
+    def __init__(self, limits: dict[str, ClassLimits], user_limits: dict[str, UserLimits] | UserLimits,
+                 limiter: LimiterSettings, lease_timeout_s: float = 600.0,
+                 groups: dict[str, dict[str, ClassLimits]] | None = None,
+                 group_weights: dict[str, float] | None = None, settings: Any = None) -> None:
+        self._adm = Admission(limits, user_limits, limiter, lease_timeout_s=lease_timeout_s, groups=groups,
+                              group_weights=group_weights)
         if settings is None:
             from runtime.settings import Settings
 
@@ -77,27 +80,31 @@ class LimiterActor:
     def snapshot(self) -> dict[str, Any]:
         return self._adm.snapshot()
 
-    def set_limits(self, limits: dict[str, ClassLimits] | None = None, user_limits: UserLimits | None = None,
-                   limiter: LimiterSettings | None = None) -> None:
-        self._adm.set_limits(limits, user_limits, limiter)
+    def set_limits(self, limits: dict[str, ClassLimits] | None = None,
+                   user_limits: dict[str, UserLimits] | UserLimits | None = None,
+                   limiter: LimiterSettings | None = None, groups: dict[str, dict[str, ClassLimits]] | None = None,
+                   group_weights: dict[str, float] | None = None) -> None:
+        self._adm.set_limits(limits, user_limits, limiter, groups, group_weights)
 
     def ping(self) -> bool:
         return True
 
 
 def get_or_create_limiter(settings: Any, *, name: str = ACTOR_NAME, namespace: str = NAMESPACE,
-                          lease_timeout_s: float = 600.0, scheduling_strategy: Any = None
-                          ) -> "ray.actor.ActorHandle":
+                          lease_timeout_s: float = 600.0, scheduling_strategy: Any = None,
+                          groups: dict[str, dict[str, ClassLimits]] | None = None,
+                          group_weights: dict[str, float] | None = None) -> "ray.actor.ActorHandle":
     """The cluster's limiter singleton; racing creators all get the same actor.
 
-    ``settings`` is a ``runtime.Settings`` (its limits, user_limits and limiter sections are used). The
-    arguments only matter to whoever creates it; change live limits with ``set_limits``.
+    ``settings`` is a ``runtime.Settings`` (its limits, user_limits and limiter sections are used); ``groups``
+    the upstreams' limit groups (runtime/upstreams.py). The arguments only matter to whoever creates it;
+    change live limits with ``set_limits``.
     """
     return LimiterActor.options(
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
         scheduling_strategy=scheduling_strategy,
-    ).remote(dict(settings.limits), settings.user_limits, settings.limiter, lease_timeout_s,
-             settings.without_secrets() if hasattr(settings, "without_secrets") else None)
+    ).remote(dict(settings.limits), dict(settings.user_limits), settings.limiter, lease_timeout_s, groups,
+             group_weights, settings.without_secrets() if hasattr(settings, "without_secrets") else None)
 
 
 class LimiterClient:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from runtime.buckets import Clock, TokenBucket
-from runtime.settings import ClassLimits, LimiterSettings, UserLimits
+from runtime.settings import ClassLimits, LimiterSettings, UserLimits, user_caps
 from runtime.usage import Usage
 
 INF = float("inf")
@@ -44,6 +44,13 @@ NOT_SENT = -1
 SENT_NO_ANSWER = 0
 _PERIOD = 60.0
 COUNT_TOKENS_CLASS = "count_tokens"
+# buckets are per (limit group, model class): an upstream's workspace or platform has limits of its own
+DEFAULT_GROUP = "default"
+
+
+def class_key(group: str, model_class: str) -> str:
+    """The name of a (group, class) bucket set: the bare class for the default group."""
+    return model_class if group == DEFAULT_GROUP else f"{group}/{model_class}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,10 @@ class Estimate:
     priority: str  # "critical" | "normal" | "bulk"
     input_tokens: int
     max_output_tokens: int
+    # the limit groups that could carry the request (its model's upstreams); the limiter grants on the one
+    # with the most headroom. Empty: the default group
+    groups: tuple[str, ...] = ()
+    tenant: str | None = None  # for per-tenant user caps
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ class Grant:
     user_id: str | None
     # send no earlier than this many seconds from the decision: the capacity is already set aside for it
     delay_s: float = 0.0
+    group: str = DEFAULT_GROUP  # the limit group whose buckets carry this grant
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class Outcome:
 
 @dataclass
 class _Lease:
-    model_class: str
+    model_class: str  # the (group, class) bucket set's key
     user_id: str | None
     input_tokens: int
     max_output_tokens: int
@@ -120,9 +132,10 @@ class _ClassState:
 
 
 class _UserState:
-    __slots__ = ("rpm", "tpm", "last_used")
+    __slots__ = ("rpm", "tpm", "last_used", "tenant")
 
-    def __init__(self, limits: UserLimits, clock: Clock, margin: float = 0.0) -> None:
+    def __init__(self, limits: UserLimits, clock: Clock, margin: float = 0.0, tenant: str | None = None) -> None:
+        self.tenant = tenant
         # user caps are our own policy, so nothing in flight needs absorbing, but a scheduled grant is taken at
         # its decision and sent up to one horizon later: the same margin that keeps class buckets under the
         # server's limit keeps sends under the cap
@@ -137,20 +150,21 @@ class _UserState:
 class Admission:
     """Admission decisions over per-class and per-user token buckets; see the module docstring."""
 
-    def __init__(self, limits: dict[str, ClassLimits], user_limits: UserLimits, limiter: LimiterSettings,
-                 clock: Clock = time.monotonic, *, wall_clock: Clock = time.time,
-                 lease_timeout_s: float = 600.0, user_sweep_s: float = 60.0) -> None:
+    def __init__(self, limits: dict[str, ClassLimits], user_limits: dict[str, UserLimits] | UserLimits,
+                 limiter: LimiterSettings, clock: Clock = time.monotonic, *, wall_clock: Clock = time.time,
+                 lease_timeout_s: float = 600.0, user_sweep_s: float = 60.0,
+                 groups: dict[str, dict[str, ClassLimits]] | None = None,
+                 group_weights: dict[str, float] | None = None) -> None:
         self._clock = clock
         # converts a response's unix received_at into "seconds ago" for header learning
         self._wall = wall_clock
         self._settings = limiter
-        self._user_limits = user_limits
-        self._classes: dict[str, _ClassState] = {c: _ClassState(lim, limiter.safety_margin, clock)
-                                                 for c, lim in limits.items()}
-        # messages.count_tokens has a request limit of its own, admitted like a model class
-        if COUNT_TOKENS_CLASS not in self._classes:
-            self._classes[COUNT_TOKENS_CLASS] = _ClassState(
-                ClassLimits(rpm=limiter.count_tokens_rpm, itpm=10**12, otpm=10**12), limiter.safety_margin, clock)
+        self._user_limits = _caps_table(user_limits)
+        self._classes: dict[str, _ClassState] = {}
+        self._weights: dict[str, float] = dict(group_weights or {})
+        self._add_group(DEFAULT_GROUP, limits)
+        for g, lims in (groups or {}).items():
+            self._add_group(g, lims)
         self._users: dict[str, _UserState] = {}
         # insertion order is grant order, so expiry pops from the front
         self._leases: dict[str, _Lease] = {}
@@ -173,61 +187,55 @@ class Admission:
             return self._settings.critical_reserve + self._settings.bulk_headroom
         return None
 
-    def _user(self, user_id: str) -> _UserState:
+    def _add_group(self, group: str, limits: dict[str, ClassLimits]) -> None:
+        margin = self._settings.safety_margin
+        for c, lim in limits.items():
+            self._classes[class_key(group, c)] = _ClassState(lim, margin, self._clock)
+        # messages.count_tokens has a request limit of its own, admitted like a model class
+        key = class_key(group, COUNT_TOKENS_CLASS)
+        if key not in self._classes:
+            self._classes[key] = _ClassState(
+                ClassLimits(rpm=self._settings.count_tokens_rpm, itpm=10**12, otpm=10**12), margin, self._clock)
+
+    def _user(self, user_id: str, tenant: str | None) -> _UserState | None:
         u = self._users.get(user_id)
         if u is None:
-            u = self._users[user_id] = _UserState(self._user_limits, self._clock, self._settings.safety_margin)
+            caps = user_caps(self._user_limits, user_id, tenant)
+            if caps is None or not (caps.rpm or caps.tpm):
+                return None  # nothing configured for this user: no buckets to keep
+            u = self._users[user_id] = _UserState(caps, self._clock, self._settings.safety_margin, tenant)
         return u
 
     def acquire(self, e: Estimate) -> Grant | RetryAfter:
         now = self._clock()
         self._housekeep(now)
-        cls = self._classes.get(e.model_class)
-        if cls is None:
-            return self._impossible(e, f"unknown model class {e.model_class!r}")
         frac = self._floor_frac(e.priority)
         if frac is None:
             return self._impossible(e, f"unknown priority {e.priority!r}")
         if e.input_tokens < 0 or e.max_output_tokens < 0:
             return self._impossible(e, "negative token estimate")
-
         rank = _RANK[e.priority]
-        needs: list[tuple[str, TokenBucket, float, float]] = []
-        for name, amount in (("rpm", 1.0), ("itpm", float(e.input_tokens)), ("otpm", float(e.max_output_tokens))):
-            b = cls.buckets[name]
-            if amount > b.capacity + 1e-9:
-                return self._impossible(e, f"{e.model_class}:{name} needs {amount:g} > capacity {b.capacity:g}")
-            floor = frac * b.capacity
-            hold = cls.holds.get(name)
-            if hold is not None:
-                if hold.expires <= now:
-                    del cls.holds[name]
-                elif hold.request_id != e.request_id and rank >= hold.rank:
-                    floor += hold.amount
-            # a request too big to fit above its floor waits for a full bucket rather than never running: it
-            # may then dip into the reserve, once
-            needs.append((f"{e.model_class}:{name}", b, amount, min(floor, b.capacity - amount)))
-        if e.user_id is not None:
-            u = self._user(e.user_id)
-            u.last_used = now
-            for name, b, amount in (("rpm", u.rpm, 1.0), ("tpm", u.tpm, float(e.input_tokens + e.max_output_tokens))):
-                if b is None:
-                    continue
-                if amount > b.capacity + 1e-9:
-                    return self._impossible(e, f"user:{e.user_id}:{name} needs {amount:g} > cap {b.capacity:g}")
-                needs.append((f"user:{e.user_id}:{name}", b, amount, 0.0))
-
-        wait, reason = 0.0, ""
-        if cls.paused_until > now:
-            wait, reason = cls.paused_until - now, f"{e.model_class}:paused"
-        for label, b, amount, floor in needs:
-            w = b.wait_time(amount, floor)
-            if w > wait:
-                wait, reason = w, label
-        # a scheduled grant can run ahead of the server's bucket by up to one horizon of refill (a refund that
-        # lands before its send lets the bucket count refill the server loses to its cap): the safety margin
-        # must cover that, so the horizon never exceeds what the margin absorbs
         horizon = min(self._settings.schedule_ahead_s, self._settings.safety_margin * _PERIOD)
+        # each candidate group's plan; the grant goes to the soonest, then to the one with the most headroom
+        best = None
+        impossible = None
+        for group in (e.groups or (DEFAULT_GROUP,)):
+            key = class_key(group, e.model_class)
+            cls = self._classes.get(key)
+            if cls is None:
+                impossible = impossible or f"unknown model class {key!r}"
+                continue
+            plan = self._plan(e, key, cls, frac, rank, now)
+            if isinstance(plan, str):
+                impossible = impossible or plan
+                continue
+            needs, wait, reason, headroom = plan
+            score = (max(wait, 0.0) if wait <= horizon else wait, -headroom * self._weights.get(group, 1.0))
+            if best is None or score < best[0]:
+                best = (score, group, key, cls, needs, wait, reason)
+        if best is None:
+            return self._impossible(e, impossible or "no limit group")
+        _, group, key, cls, needs, wait, reason = best
         if wait > horizon or (wait > 0.0 and cls.paused_until > now):
             self.stats["refused"] += 1
             if not math.isinf(wait):
@@ -237,7 +245,6 @@ class Admission:
         # wait <= horizon: take the capacity now and tell the caller when to send (the bucket runs into a debt
         # that the refill repays by then). Callers then never sleep past the moment capacity frees, so the
         # pipeline stays full without a retry round trip per request.
-
         seqs: dict[str, int] = {}
         for label, b, amount, _ in needs:
             # a bucket that is not the binding one would refill past its capacity before the send: the server
@@ -250,10 +257,50 @@ class Admission:
             del cls.holds[name]
         self._seq += 1
         lease_id = f"{self._prefix}-{self._seq}"
-        self._leases[lease_id] = _Lease(e.model_class, e.user_id, e.input_tokens, e.max_output_tokens, now, seqs)
+        self._leases[lease_id] = _Lease(key, e.user_id, e.input_tokens, e.max_output_tokens, now, seqs)
         self.stats["granted"] += 1
         return Grant(lease_id, e.request_id, e.model_class, e.input_tokens, e.max_output_tokens, e.user_id,
-                     delay_s=wait)
+                     delay_s=wait, group=group)
+
+    def _plan(self, e: Estimate, key: str, cls: _ClassState, frac: float, rank: int, now: float):
+        """What granting ``e`` on one bucket set needs: (needs, wait, binding reason, headroom) or, when it can
+        never fit, the reason as a string."""
+        needs: list[tuple[str, TokenBucket, float, float]] = []
+        headroom = 1.0
+        for name, amount in (("rpm", 1.0), ("itpm", float(e.input_tokens)), ("otpm", float(e.max_output_tokens))):
+            b = cls.buckets[name]
+            if amount > b.capacity + 1e-9:
+                return f"{key}:{name} needs {amount:g} > capacity {b.capacity:g}"
+            floor = frac * b.capacity
+            hold = cls.holds.get(name)
+            if hold is not None:
+                if hold.expires <= now:
+                    del cls.holds[name]
+                elif hold.request_id != e.request_id and rank >= hold.rank:
+                    floor += hold.amount
+            # a request too big to fit above its floor waits for a full bucket rather than never running: it
+            # may then dip into the reserve, once
+            needs.append((f"{key}:{name}", b, amount, min(floor, b.capacity - amount)))
+            headroom = min(headroom, (b.level - floor) / b.capacity)
+        if e.user_id is not None:
+            u = self._user(e.user_id, e.tenant)
+            if u is not None:
+                u.last_used = now
+                for name, b, amount in (("rpm", u.rpm, 1.0),
+                                        ("tpm", u.tpm, float(e.input_tokens + e.max_output_tokens))):
+                    if b is None:
+                        continue
+                    if amount > b.capacity + 1e-9:
+                        return f"user:{e.user_id}:{name} needs {amount:g} > cap {b.capacity:g}"
+                    needs.append((f"user:{e.user_id}:{name}", b, amount, 0.0))
+        wait, reason = 0.0, ""
+        if cls.paused_until > now:
+            wait, reason = cls.paused_until - now, f"{key}:paused"
+        for label, b, amount, floor in needs:
+            w = b.wait_time(amount, floor)
+            if w > wait:
+                wait, reason = w, label
+        return needs, wait, reason, headroom
 
     @staticmethod
     def _hold(cls: _ClassState, e: Estimate, rank: int, needs: list, expires: float) -> None:
@@ -382,29 +429,38 @@ class Admission:
         self._housekeep(now)
 
     # -- configuration and views --------------------------------------------------------------------------
-    def set_limits(self, limits: dict[str, ClassLimits] | None = None, user_limits: UserLimits | None = None,
-                   limiter: LimiterSettings | None = None) -> None:
-        """Change limits live; levels keep their absolute deficit, new classes start full."""
+    def set_limits(self, limits: dict[str, ClassLimits] | None = None,
+                   user_limits: dict[str, UserLimits] | UserLimits | None = None,
+                   limiter: LimiterSettings | None = None, groups: dict[str, dict[str, ClassLimits]] | None = None,
+                   group_weights: dict[str, float] | None = None) -> None:
+        """Change limits live; levels keep their absolute deficit, new classes and groups start full."""
         if limiter is not None:
             self._settings = limiter
             for st in self._classes.values():
                 for name, b in st.buckets.items():
                     b.set_capacity(st.limits[name] * (1.0 - limiter.safety_margin))
         margin = self._settings.safety_margin
-        for c, lim in (limits or {}).items():
-            st = self._classes.get(c)
-            if st is None:
-                self._classes[c] = _ClassState(lim, margin, self._clock)
-                continue
-            for name, v in (("rpm", lim.rpm), ("itpm", lim.itpm), ("otpm", lim.otpm)):
-                st.limits[name] = v
-                st.buckets[name].set_capacity(v * (1.0 - margin))
+        if group_weights is not None:
+            self._weights = dict(group_weights)
+        for group, lims in [(DEFAULT_GROUP, limits or {}), *((groups or {}).items())]:
+            for c, lim in lims.items():
+                key = class_key(group, c)
+                st = self._classes.get(key)
+                if st is None:
+                    self._classes[key] = _ClassState(lim, margin, self._clock)
+                    continue
+                for name, v in (("rpm", lim.rpm), ("itpm", lim.itpm), ("otpm", lim.otpm)):
+                    st.limits[name] = v
+                    st.buckets[name].set_capacity(v * (1.0 - margin))
+            if group != DEFAULT_GROUP:
+                self._add_group(group, {})
         if user_limits is not None:
-            self._user_limits = user_limits
-            for u in self._users.values():
-                m = 1.0 - self._settings.safety_margin
-                u.rpm = _recap(u.rpm, user_limits.rpm * m, self._clock)
-                u.tpm = _recap(u.tpm, user_limits.tpm * m, self._clock)
+            self._user_limits = _caps_table(user_limits)
+            m = 1.0 - self._settings.safety_margin
+            for uid, u in list(self._users.items()):
+                caps = user_caps(self._user_limits, uid, u.tenant) or UserLimits()
+                u.rpm = _recap(u.rpm, caps.rpm * m, self._clock)
+                u.tpm = _recap(u.tpm, caps.tpm * m, self._clock)
 
     def snapshot(self) -> dict:
         now = self._clock()
@@ -447,3 +503,11 @@ def _num(v: str | None) -> float | None:
     except (TypeError, ValueError):
         return None  # e.g. an HTTP-date retry-after: not worth a parser, the fallback backoff covers it
     return x if math.isfinite(x) else None
+
+
+def _caps_table(user_limits: dict[str, UserLimits] | UserLimits | None) -> dict[str, UserLimits]:
+    if user_limits is None:
+        return {}
+    if isinstance(user_limits, UserLimits):
+        return {"*": user_limits}
+    return dict(user_limits)

@@ -25,7 +25,7 @@ from runtime.settings import Settings
 
 NAMESPACE = "claude_runtime"
 CALLER_PREFIX = "caller-"
-FAKE_API_KEY = "fake-local-key"  # the embedded API accepts any non-empty key; a real key never has this shape
+from runtime.upstreams import FAKE_API_KEY  # noqa: E402 - re-exported: tests and tools use it
 
 
 def _since_ts(since: float | str | datetime | None) -> float | None:
@@ -42,21 +42,24 @@ def _since_ts(since: float | str | datetime | None) -> float | None:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None) -> None:
+    def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None,
+                 namespace: str = NAMESPACE) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
         # the handle travels to tasks and actors: it keeps the secrets only in the process that has them
-        self._secret_settings = settings if settings.api_key is not None else None
+        self._secret_settings = settings if settings.configured_upstreams() else None
         self.settings = settings.without_secrets()
         self.callers = callers
         self.limiter = limiter
         self.ledger = ledger
         self.cache = cache
         self.fake_api = fake_api
+        self.namespace = namespace
         self._rr = itertools.count()
 
     def __reduce__(self):  # the round-robin counter is per process, and no secret is pickled
-        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api))
+        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api,
+                          self.namespace))
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
@@ -72,6 +75,36 @@ class Runtime:
                        request_id=request_id, deadline_s=deadline_s, prompt_cache=prompt_cache)
         caller = self.callers[next(self._rr) % len(self.callers)]
         return caller.handle.remote(req)
+
+    def stream(self, request: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The answer as the API's stream events (``message_start``, ``content_block_delta``, ...,
+        ``message_stop``), as dicts, through a Ray streaming generator; same keyword arguments as ``submit``.
+        A cache hit streams too. Bad input raises ``InvalidRequest`` here; later failures are raised from the
+        iteration, typed."""
+        gen = self._stream_refs(request, kwargs)
+        for ref in gen:
+            yield self._unwrap(ref)
+
+    async def astream(self, request: dict[str, Any], **kwargs: Any):
+        """``stream``'s async twin: ``async for event in rt.astream(request): ...``."""
+        gen = self._stream_refs(request, kwargs)
+        async for ref in gen:
+            try:
+                yield await ref
+            except ray.exceptions.RayTaskError as exc:
+                raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
+
+    def _stream_refs(self, request: dict[str, Any], kwargs: dict[str, Any]):
+        req = validate(request, self.settings, streaming=True, **kwargs)
+        caller = self.callers[next(self._rr) % len(self.callers)]
+        return caller.handle_stream.options(num_returns="streaming").remote(req)
+
+    @staticmethod
+    def _unwrap(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
 
     def map(self, requests: Iterable[dict[str, Any]], *, max_in_flight: int = 256, progress: bool = True,
             request_id: str | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -268,18 +301,26 @@ class Runtime:
         applied = ray.get(self.ledger.apply_reconcile.remote(plan.changes)) if plan.changes else {"applied": 0}
         return {**plan.summary(), **applied}
 
+    def _batch_upstream(self):
+        """The Anthropic upstream that runs Message Batches (the first one configured)."""
+        s = self._secret_settings or self.settings
+        ups = [u for u in s.configured_upstreams() if u.kind == "anthropic"]
+        return ups[0] if ups else None
+
     def _base_url(self) -> str | None:
         if self.fake_api is not None:
             return ray.get(self.fake_api.url.remote())
-        if self._secret_settings is not None:
-            return self._secret_settings.base_url
+        u = self._batch_upstream() if self._secret_settings is not None else None
+        if u is not None:
+            return u.base_url
         return os.environ.get("ANTHROPIC_BASE_URL") or self.settings.base_url
 
     def _api_key(self) -> str:
         if self.fake_api is not None:
             return FAKE_API_KEY
-        if self._secret_settings is not None:
-            return self._secret_settings.api_key.get_secret_value()
+        u = self._batch_upstream() if self._secret_settings is not None else None
+        if u is not None and u.api_key is not None:
+            return u.api_key.get_secret_value()
         key = os.environ.get("ANTHROPIC_API_KEY")
         if not key:
             raise ConfigurationError("this handle carries no API key (handles never pickle secrets): call from "
@@ -288,8 +329,8 @@ class Runtime:
 
     # -- ledger queries ------------------------------------------------------------------------------------
     def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
-        if by not in ("model", "user", "tenant", "day"):
-            raise ValueError("by must be one of model, user, tenant, day")
+        if by not in ("model", "user", "tenant", "day", "upstream"):
+            raise ValueError("by must be one of model, user, tenant, day, upstream")
         return ray.get(self.ledger.spend.remote(_since_ts(since), by))
 
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
@@ -327,16 +368,73 @@ class Runtime:
                 ray.kill(actor, no_restart=True)
 
 
-def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any] | None = None) -> Runtime:
-    """Create (or attach to) the runtime's singletons and callers. With no API key and no base URL the embedded
-    local API is started and used, so nothing is spent."""
+def namespace_for(name: str) -> str:
+    """Each named runtime has its own namespace; the default one keeps the historical ``claude_runtime``."""
+    if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise ConfigurationError(f"a runtime name is letters, digits, - and _, not {name!r}", field="name")
+    return NAMESPACE if name == "default" else f"{NAMESPACE}-{name}"
+
+
+def _settings_diff(running: Settings, wanted: Settings) -> list[str]:
+    a, b = running.model_dump(mode="json"), wanted.model_dump(mode="json")
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _source_limits(settings: Settings, ups: list) -> tuple[Settings, list]:
+    """Read each upstream's configured limits from the Admin API where an admin key is given, instead of
+    guessing; a failure keeps the configured values (and says so)."""
+    import logging
+
+    from runtime.admission import DEFAULT_GROUP
+    from runtime.upstreams import fetch_rate_limits, limits_from_rate_limits_api
+
+    out = []
+    for u in ups:
+        if u.kind == "anthropic" and u.admin_api_key is not None:
+            try:
+                fetched = limits_from_rate_limits_api(fetch_rate_limits(u), settings.models)
+            except Exception as exc:  # noqa: BLE001 - start with the configured limits
+                logging.getLogger("claude_runtime").warning(
+                    "could not read rate limits for upstream %s (%s): using the configured ones", u.name,
+                    type(exc).__name__)
+                fetched = {}
+            if fetched:
+                if u.group == DEFAULT_GROUP:
+                    settings = settings.model_copy(update={"limits": {**settings.limits, **fetched}})
+                else:
+                    u = u.model_copy(update={"limits": {**(u.limits or settings.limits), **fetched}})
+        out.append(u)
+    return settings, out
+
+
+def start(settings: Settings | None = None, *, name: str = "default", reconfigure: bool = False,
+          fake_api_overrides: dict[str, Any] | None = None) -> Runtime:
+    """Create (or attach to) a runtime's singletons and callers.
+
+    It calls the upstreams in ``settings`` (``upstreams``, or the ``api_key`` / ``base_url`` shorthand, read from
+    ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL). The embedded local API is used only when asked for
+    (``Settings(fake_api=True)`` or ``CLAUDE_RUNTIME_FAKE_API=1``); with neither, this raises
+    ``ConfigurationError`` rather than answer with made-up text.
+
+    A runtime of the same ``name`` already running with other settings is an error, unless
+    ``reconfigure=True``: then its limits, budgets and upstreams change live. Another ``name`` starts a second,
+    independent runtime (its own actors, namespace and, by default, its own folder under ``data_dir``)."""
     from actors.cache import get_or_create_cache
-    from actors.caller import CallerActor
+    from actors.caller import CallerActor, secrets_fingerprint
     from actors.fake_api import get_or_create_fake_api
     from actors.ledger import get_or_create_ledger
     from actors.limiter import get_or_create_limiter
+    from runtime.upstreams import limit_groups, resolve
 
     settings = settings or Settings()
+    namespace = namespace_for(name)
+    if not settings.uses_fake_api and not settings.configured_upstreams():
+        raise ConfigurationError(
+            "no upstream to call: set ANTHROPIC_API_KEY (or Settings(api_key=..., upstreams=[...])) to call Claude, "
+            "or opt in to the embedded local API with Settings(fake_api=True) / CLAUDE_RUNTIME_FAKE_API=1 for "
+            "development and tests", field="upstreams")
+    if name != "default" and settings.ledger.path is None and settings.cache.path is None:
+        settings = settings.model_copy(update={"data_dir": settings.data_dir / name})
     if not ray.is_initialized():
         ray.init()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -344,50 +442,77 @@ def start(settings: Settings | None = None, *, fake_api_overrides: dict[str, Any
     # so a restart finds its files instead of starting empty on another node. Surviving the loss of this node
     # needs data_dir on shared storage and a soft pin; see README.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    base_url, api_key, fake = settings.base_url, settings.api_key, None
+    fake = None
+    fake_url = None
     if settings.uses_fake_api:
-        from pydantic import SecretStr
-
-        fake = get_or_create_fake_api(settings.without_secrets(), fake_api_overrides, scheduling_strategy=here)
-        base_url, api_key = ray.get(fake.url.remote()), SecretStr(FAKE_API_KEY)
-    # the singletons never call the API: none of them receives the key (the ledger keeps the alert webhook)
+        fake = get_or_create_fake_api(settings.without_secrets(), fake_api_overrides, scheduling_strategy=here,
+                                      namespace=namespace)
+        fake_url = ray.get(fake.url.remote())
+    ups = resolve(settings, fake_url=fake_url)
+    settings, ups = _source_limits(settings, ups)
+    groups, weights = limit_groups(settings, ups)
+    # the singletons never call the API: none of them receives a key (the ledger keeps the alert webhook)
     public = settings.without_secrets()
-    limiter = get_or_create_limiter(public, scheduling_strategy=here)
-    ledger = get_or_create_ledger(settings.without_secrets(keep_webhook=True), scheduling_strategy=here)
-    cache = get_or_create_cache(public, scheduling_strategy=here) if settings.cache.enabled else None
+    running = _running_callers(namespace)
+    if running:
+        old = ray.get(running[0].get_settings.remote())
+        diff = _settings_diff(old, public)
+        if ray.get(running[0].fingerprint.remote()) != secrets_fingerprint(ups):
+            diff.append("credentials")
+        if diff and not reconfigure:
+            raise ConfigurationError(
+                f"a runtime named {name!r} is already running with different settings ({', '.join(diff)}): pass "
+                "reconfigure=True to apply them live, or start another runtime with name=...", field=diff[0])
+    limiter = get_or_create_limiter(public, scheduling_strategy=here, namespace=namespace, groups=groups,
+                                    group_weights=weights)
+    ledger = get_or_create_ledger(settings.without_secrets(keep_webhook=True), scheduling_strategy=here,
+                                  namespace=namespace)
+    cache = get_or_create_cache(public, scheduling_strategy=here, namespace=namespace) if settings.cache.enabled else None
     cs = settings.callers
     # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
     callers = [
         ray.remote(CallerActor).options(
-            name=f"{CALLER_PREFIX}{i}", namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+            name=f"{CALLER_PREFIX}{i}", namespace=namespace, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=-1, max_concurrency=cs.max_concurrency, num_cpus=cs.num_cpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
-        ).remote(public, base_url, api_key, limiter, ledger, cache, f"{CALLER_PREFIX}{i}")
+        ).remote(public, ups, limiter, ledger, cache, f"{CALLER_PREFIX}{i}")
         for i in range(cs.num_callers)
     ]
     ray.get([c.ready.remote() for c in callers])
-    return Runtime(settings, callers, limiter, ledger, cache, fake)
+    if running and reconfigure:
+        ray.get(limiter.set_limits.remote(dict(public.limits), dict(public.user_limits), public.limiter, groups,
+                                          weights))
+        ray.get(ledger.reconfigure.remote(settings.without_secrets(keep_webhook=True)))
+        ray.get([c.reconfigure.remote(public, ups) for c in callers])
+        for extra in running[len(callers):]:  # fewer callers than before
+            ray.kill(extra, no_restart=True)
+    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace)
 
 
-def connect() -> Runtime:
+def _running_callers(namespace: str) -> list:
+    out = []
+    for i in itertools.count():
+        try:
+            out.append(ray.get_actor(f"{CALLER_PREFIX}{i}", namespace=namespace))
+        except ValueError:
+            return out
+
+
+def connect(name: str = "default") -> Runtime:
     """Attach to a running runtime from any driver, task or actor in the cluster."""
     if not ray.is_initialized():
         ray.init(address="auto")
-    callers = []
-    for i in itertools.count():
-        try:
-            callers.append(ray.get_actor(f"{CALLER_PREFIX}{i}", namespace=NAMESPACE))
-        except ValueError:
-            break
+    namespace = namespace_for(name)
+    callers = _running_callers(namespace)
     if not callers:
-        raise ConfigurationError("no running claude-runtime found: call runtime.start() first")
+        raise ConfigurationError(f"no running claude-runtime named {name!r} found: call runtime.start() first")
     settings = ray.get(callers[0].get_settings.remote())
 
-    def opt(name: str):
+    def opt(actor: str):
         try:
-            return ray.get_actor(name, namespace=NAMESPACE)
+            return ray.get_actor(actor, namespace=namespace)
         except ValueError:
             return None
 
-    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"))
+    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"), namespace)

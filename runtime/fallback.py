@@ -134,8 +134,12 @@ class CircuitBreaker:
 
 
 class Move(Enum):
-    CALL = "call"          # call ``model`` after ``delay_s``
+    CALL = "call"          # call ``model`` (on one of ``upstreams``) after ``delay_s``
     SURFACE = "surface"    # stop: the last failure is the request's answer
+
+
+# failures another upstream may not share: the same model is tried there before a cheaper model
+FAILOVER_STATUSES = frozenset({0, 408, 409, 429, 500, 502, 503, 504, 529})
 
 
 @dataclass(frozen=True)
@@ -144,28 +148,32 @@ class Step:
     model: str | None = None
     delay_s: float = 0.0
     why: str = ""
+    upstreams: tuple[str, ...] = ()  # where the call may go (empty: the only upstream)
 
 
 class FallbackRun:
-    """One request's walk down its fallback chain, as an explicit state machine.
+    """One request's walk down its fallback chain, across upstreams, as an explicit state machine.
 
-    States: TRYING(model, tries on it) -> success: DONE; failure -> one of
-    RETRY_SAME (same model, after a backoff that must end before the deadline), NEXT (the next model in the
-    chain whose circuit lets it through; the last model is always tried), SURFACE (nothing left, or a 4xx)::
+    States: TRYING(model, its upstreams, tries on the model) -> success: DONE; failure -> one of
+    FAILOVER (429 / 529 / 5xx / timeout: the same model on an upstream not yet tried, at once),
+    RETRY_SAME (same model, every upstream again, after a backoff that must end before the deadline),
+    NEXT (the next model in the chain with an upstream whose circuit lets it through; the last model is always
+    tried), SURFACE (nothing left, or a 4xx)::
 
-        run = FallbackRun(chain, policy, breaker, deadline_at=clock() + 30)
+        run = FallbackRun(chain, policy, breaker, deadline_at=clock() + 30, upstreams=lambda m: ["a", "b"])
         step = run.start()
         while step.move is Move.CALL:
-            ...call step.model after step.delay_s...
-            if ok: run.succeeded(); break
-            step = run.failed(status, retry_after_s)
+            ...call step.model on one of step.upstreams after step.delay_s...
+            if ok: run.succeeded(upstream); break
+            step = run.failed(status, retry_after_s, upstream)
 
-    The breaker is shared by every request of a caller (an overloaded model is skipped by all of them); the
-    policy decides per failure. Pure: time comes from ``clock``.
+    Circuit breakers are per (model, upstream) and shared by every request of a caller; the policy decides per
+    failure. Pure: time comes from ``clock``.
     """
 
     def __init__(self, chain: list[str], policy: FallbackPolicy, breaker: CircuitBreaker, *,
-                 deadline_at: float, clock: Callable[[], float] = time.monotonic) -> None:
+                 deadline_at: float, clock: Callable[[], float] = time.monotonic,
+                 upstreams: Callable[[str], list[str]] | None = None) -> None:
         if not chain:
             raise ValueError("a fallback chain needs at least one model")
         self.chain = list(chain)
@@ -173,8 +181,10 @@ class FallbackRun:
         self.breaker = breaker
         self.deadline_at = deadline_at
         self.clock = clock
+        self.upstreams_of = upstreams or (lambda model: [""])
         self.idx = 0
         self.tries_on_model = 0
+        self.excluded: set[str] = set()
         self.history: list[dict] = []
         self.done = False
 
@@ -182,14 +192,24 @@ class FallbackRun:
     def model(self) -> str:
         return self.chain[self.idx]
 
+    @staticmethod
+    def key(model: str, upstream: str) -> str:
+        return f"{model}@{upstream}" if upstream else model
+
     def _has_next(self) -> bool:
         return self.idx + 1 < len(self.chain)
 
+    def _open(self, model: str) -> list[str]:
+        return [u for u in self.upstreams_of(model)
+                if u not in self.excluded and self.breaker.allow(self.key(model, u))]
+
     def _enter(self, idx: int, delay_s: float = 0.0, why: str = "") -> Step:
-        """Move to chain[idx] or the first model after it whose circuit is closed (the last always runs)."""
+        """Move to chain[idx] or the first model after it with an upstream whose circuit is closed (the last
+        model always runs, on every upstream)."""
         self.idx = idx
         self.tries_on_model = 0
-        while self._has_next() and not self.breaker.allow(self.model):
+        self.excluded = set()
+        while self._has_next() and not self._open(self.model):
             self.history.append({"model": self.model, "status": "circuit_open"})
             self.idx += 1
             why = why or "circuit open"
@@ -197,7 +217,8 @@ class FallbackRun:
 
     def _call(self, delay_s: float, why: str) -> Step:
         self.tries_on_model += 1
-        return Step(Move.CALL, self.model, delay_s, why)
+        ups = self._open(self.model) or [u for u in self.upstreams_of(self.model) if u not in self.excluded]
+        return Step(Move.CALL, self.model, delay_s, why, tuple(ups or self.upstreams_of(self.model)))
 
     def start(self) -> Step:
         return self._enter(0)
@@ -207,22 +228,37 @@ class FallbackRun:
         self.chain = list(chain)
         return self._enter(0, why=why)
 
-    def failed(self, status: int, retry_after_s: float | None = None) -> Step:
+    def failed(self, status: int, retry_after_s: float | None = None, upstream: str = "") -> Step:
         model = self.model
-        self.breaker.record(model, status)
-        self.history.append({"model": model, "status": status})
+        self.breaker.record(self.key(model, upstream), status)
+        entry = {"model": model, "status": status}
+        if upstream:
+            entry["upstream"] = upstream
+        self.history.append(entry)
+        if status in FAILOVER_STATUSES and upstream:
+            self.excluded.add(upstream)
+            left = self._open(model)
+            if left:  # the same model elsewhere, at once: another upstream need not share this one's trouble
+                return Step(Move.CALL, model, 0.0, f"failover after {status} on {upstream}", tuple(left))
         d = self.policy.decide(status, self.tries_on_model, self._has_next(), retry_after_s)
         if d.action is Action.SURFACE:
             return Step(Move.SURFACE, model, why=f"{status} is not retried" if status not in
                         RETRY_SAME_STATUSES and status != 429 else "fallback chain exhausted")
-        if d.action is Action.NEXT_MODEL or (self.breaker.is_open(model) and self._has_next()):
-            # a retry of a model whose circuit this failure opened would hit the storm again: move on
+        if d.action is Action.NEXT_MODEL or (self._has_next() and not self._any_closed(model)):
+            # a retry of a model whose circuits this failure opened would hit the storm again: move on
             return self._enter(self.idx + 1, why=f"fallback after {status} on {model}")
         if self.clock() + d.delay_s > self.deadline_at:
             return Step(Move.SURFACE, model, why="deadline before the next retry")
+        self.excluded = set()
         return self._call(d.delay_s, f"retry after {status}")
 
-    def succeeded(self) -> None:
-        self.breaker.record(self.model, 200)
-        self.history.append({"model": self.model, "status": 200})
+    def _any_closed(self, model: str) -> bool:
+        return any(not self.breaker.is_open(self.key(model, u)) for u in self.upstreams_of(model))
+
+    def succeeded(self, upstream: str = "") -> None:
+        self.breaker.record(self.key(self.model, upstream), 200)
+        entry = {"model": self.model, "status": 200}
+        if upstream:
+            entry["upstream"] = upstream
+        self.history.append(entry)
         self.done = True

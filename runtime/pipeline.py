@@ -38,10 +38,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, SENT_NO_ANSWER, Estimate, Grant, Outcome
 from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequest, OverloadedAfterFallback,
@@ -57,8 +58,10 @@ from runtime.records import Record
 from runtime.request import NormalizedRequest
 from runtime.result import Result
 from runtime.router import route
-from runtime.settings import Settings
+from runtime.settings import Settings, UpstreamSettings
+from runtime.streaming import message_events
 from runtime.transport import CallFailed, Transport
+from runtime.upstreams import pick
 from runtime.usage import Usage
 
 log = logging.getLogger("claude_runtime.pipeline")
@@ -99,10 +102,14 @@ class CachePort(Protocol):
 
 @dataclass
 class Ports:
+    """``transport`` alone serves a single unnamed upstream; with several upstreams, ``transports`` maps each
+    upstream's name to its transport (and the pipeline is given the upstreams' settings)."""
+
     admission: AdmissionPort
     ledger: LedgerPort
-    transport: Transport
+    transport: Transport | None = None
     cache: CachePort | None = None
+    transports: dict[str, Transport] = field(default_factory=dict)
     prefixes: PrefixPort | None = None
 
 
@@ -127,6 +134,7 @@ class _PromptUse:
 
     plan: Plan
     model: str
+    key: str = ""                      # the tracked prefix, scoped to the attempt's upstreams
     decision: Decision | None = None   # None: no tracked prefix
     owed: bool = False                 # a finish (a response came) or an abandon (none did) is still due
 
@@ -139,10 +147,17 @@ class Pipeline:
     def __init__(self, settings: Settings, ports: Ports, *, caller: str = "local", life: str | None = None,
                  estimator: TokenEstimator | None = None, breaker: CircuitBreaker | None = None,
                  policy: FallbackPolicy | None = None, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
-                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+                 wall: Callable[[], float] = time.time, sleep: Callable[[float], Any] = asyncio.sleep,
+                 upstreams: list[UpstreamSettings] | None = None, rng: random.Random | None = None) -> None:
         self.settings = settings
         self.ports = ports
+        self.upstreams = {u.name: u for u in (upstreams or [])}
+        if set(self.upstreams) - set(ports.transports):
+            raise ValueError(f"no transport for upstreams {sorted(set(self.upstreams) - set(ports.transports))}")
+        if not self.upstreams and ports.transport is None:
+            raise ValueError("a pipeline needs a transport or upstreams with transports")
+        self.rng = rng or random.Random()
+        self._detached: set[asyncio.Task] = set()  # streams whose consumer left, read to their end
         self.caller = caller
         self.life = life or uuid.uuid4().hex[:12]
         self.estimator = estimator or TokenEstimator()
@@ -169,7 +184,42 @@ class Pipeline:
         finally:
             self._plans.pop(req.request_id, None)
 
-    async def _run(self, req: NormalizedRequest, t0: float) -> Result:
+    async def stream(self, req: NormalizedRequest) -> AsyncIterator[dict[str, Any]]:
+        """The same path as ``run``, yielding the API's stream events (dicts) as they arrive; a cache hit is
+        streamed from the stored message. Fallback and retries happen only before the first event; a stream
+        cut after it began is a typed error, and its call is booked (unreconciled: its bill is unknown).
+
+        A consumer that stops reading does not stop the call: the upstream stream is read to its end, so the
+        answer is billed, recorded and (when complete) cached all the same."""
+        self.stats["requests"] += 1
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def produce() -> None:
+            try:
+                await self._run(req, self.clock(), emit=queue.put_nowait)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                queue.put_nowait(exc.with_request_id(req.request_id) if isinstance(exc, ClaudeRuntimeError)
+                                 else exc)
+            finally:
+                queue.put_nowait(done)
+
+        task = asyncio.ensure_future(produce())
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not task.done():
+                # the consumer left: the answer is still paid for, so read it to the end and settle
+                self._detached.add(task)
+                task.add_done_callback(self._detached.discard)
+
+    async def _run(self, req: NormalizedRequest, t0: float, emit: Callable[[dict], None] | None = None) -> Result:
         s = self.settings
         chosen = route(req.requested_model, req.params, s)
         model, reason = chosen.model, chosen.reason
@@ -182,7 +232,11 @@ class Pipeline:
             outcome = await cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled,
                                          owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()))
             if outcome.kind in ("exact", "semantic"):
-                return await self._cache_hit(req, outcome, t0, reason)
+                result = await self._cache_hit(req, outcome, t0, reason)
+                if emit is not None:
+                    for event in message_events(outcome.message):
+                        emit(event)
+                return result
         # no cache configured, cache=False or a real-time prompt: the answer neither came from nor goes to it
         cache_kind = "miss" if outcome is not None and outcome.kind == "miss" else "bypass"
         leading = outcome is not None and outcome.kind == "miss" and getattr(outcome, "leader", False)
@@ -190,7 +244,7 @@ class Pipeline:
         try:
             holder = cache.holding(outcome) if leading else contextlib.nullcontext()
             async with holder:
-                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run)
+                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run, emit)
         except BaseException as exc:
             await self._clean_up(req, model, run, outcome if leading else None, exc, t0)
             raise
@@ -237,21 +291,38 @@ class Pipeline:
                       route_reason=reason, user_id=req.user_id, tenant=req.tenant)
 
     # -- sizing ------------------------------------------------------------------------------------------------
+    # -- upstreams ----------------------------------------------------------------------------------------------
+    def _upstream_names(self, model: str) -> list[str]:
+        return list(self.upstreams) or [""]
+
+    def _transport(self, name: str) -> Transport:
+        return self.ports.transports[name] if name else self.ports.transport
+
+    def _price_factor(self, name: str | None = None) -> float:
+        """An upstream's price factor; without one, the dearest (a reservation made before the upstream is
+        chosen must cover whichever it turns out to be)."""
+        if name:
+            return self.upstreams[name].price_factor
+        return max((u.price_factor for u in self.upstreams.values()), default=1.0)
+
+    # -- sizing ------------------------------------------------------------------------------------------------
     async def _reservation(self, req: NormalizedRequest, model: str, deadline_at: float) -> float:
         """The most this attempt can cost: an upper bound of the bill, never an estimate of it."""
         s = self.settings
+        f = self._price_factor()
         bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
         markers = self._cache_bound(req, model)
         if mode == "always" or (mode == "auto" and not bound.sure):
             counted = await self._count_tokens(req, model, deadline_at)
             if counted is not None:
-                return bound_cost(model, counted, req.max_tokens, s, **markers)
+                return bound_cost(model, counted, req.max_tokens, s, price_factor=f, **markers)
         if bound.sure:
             est = self.estimator.estimate(req.params, s.models[model].tokenizer)
-            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, **markers)
+            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, price_factor=f,
+                              **markers)
         # no count to be had: the structural bound, priced at the dearest tier it could fall in
-        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, **markers)
+        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, price_factor=f, **markers)
 
     def _cache_bound(self, req: NormalizedRequest, model: str) -> dict[str, Any]:
         """What the markers this request is sent with allow to be written or read: the part up to the last one
@@ -275,9 +346,10 @@ class Pipeline:
         return p
 
     async def _prompt_cache(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
-                            est: int) -> int:
+                            est: int, scope: str = "") -> int:
         """Place this attempt's markers and, for a tracked prefix, claim it (waiting briefly while another
-        request writes it). Returns the input tokens to reserve against ITPM."""
+        request writes it). ``scope``: the upstreams this attempt may go to (each keeps its own cache).
+        Returns the input tokens to reserve against ITPM."""
         self._prompt_done(run, None)  # an earlier attempt's claim (a retry, a downgrade) ends here
         p = self._plan(req, model)
         if p.added:
@@ -285,15 +357,28 @@ class Pipeline:
         if p.prefix_hash is None:
             run.prompt = _PromptUse(p, model)
             return est
-        d = await self.prefixes.claim(PrefixAsk(p.prefix_hash, model, p.prefix_tokens,
+        key = f"{p.prefix_hash}@{scope}" if scope else p.prefix_hash
+        d = await self.prefixes.claim(PrefixAsk(key, model, p.prefix_tokens,
                                                 deadline_in_s=max(0.0, deadline_at - self.clock())))
         if p.added and d.ttl != p.ttl and not run.holds_reservation:
             # the reservation (made next, in _begin) prices this TTL; an attempt that runs under an earlier
             # reservation keeps the TTL that one priced
             p = p.with_ttl(d.ttl)
             self._plans[req.request_id][model] = p
-        run.prompt = _PromptUse(p, model, d, owed=True)
+        run.prompt = _PromptUse(p, model, key, d, owed=True)
         return admission_input_tokens(est, p.prefix_tokens if d.kind == "warm" else 0)
+
+    def _on_start(self, run: _Attempts, emit: Callable[[dict], None]) -> Callable[[dict], None]:
+        """A streamed answer's first event already says what it wrote and read: tell the tracker then, so
+        requests waiting for this write need not wait for the whole answer."""
+        def watched(event: dict) -> None:
+            if isinstance(event, dict) and event.get("type") == "message_start":
+                usage = (event.get("message") or {}).get("usage")
+                if usage:
+                    self._prompt_done(run, Usage.from_api(usage))
+            emit(event)
+
+        return watched
 
     def _prompt_done(self, run: _Attempts, usage: Usage | None) -> None:
         """Tell the tracker what the current attempt's tracked prefix got: the response's usage, or no response
@@ -305,19 +390,26 @@ class Pipeline:
         p, d = use.plan, use.decision
         if usage is not None:
             wrote, read = outcome(usage)
-            self.prefixes.finish(p.prefix_hash, use.model, wrote, read, ttl=p.ttl, token=d.token)
+            self.prefixes.finish(use.key, use.model, wrote, read, ttl=p.ttl, token=d.token)
         elif d.kind == "lead":
-            self.prefixes.abandon(p.prefix_hash, use.model, d.token)
+            self.prefixes.abandon(use.key, use.model, d.token)
 
     async def _count_tokens(self, req: NormalizedRequest, model: str, deadline_at: float) -> int | None:
+        # Bedrock has no token counting: ask an upstream that does
+        names = [n for n, u in self.upstreams.items() if u.kind != "bedrock"] if self.upstreams else [""]
+        if not names:
+            return None
+        name = names[0]
+        group = self.upstreams[name].group if name else None
         e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
-                     priority=req.priority, input_tokens=0, max_output_tokens=0)
+                     priority=req.priority, input_tokens=0, max_output_tokens=0,
+                     groups=(group,) if group else ())
         try:
             grant = await self.ports.admission.acquire(e, deadline_s=max(0.0, deadline_at - self.clock()))
         except ClaudeRuntimeError:
             return None
         try:
-            n = await self.ports.transport.count_tokens(model, req.params)
+            n = await self._transport(name).count_tokens(model, req.params)
         except CallFailed as f:
             self.ports.admission.reconcile(Outcome(grant.lease_id, None, f.status if f.sent == "yes" else
                                                    NOT_SENT, f.headers, self.wall()))
@@ -328,11 +420,11 @@ class Pipeline:
 
     # -- calls, with fallback ------------------------------------------------------------------------------
     async def _call(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
-                    deadline_at: float, run: _Attempts) -> Result:
+                    deadline_at: float, run: _Attempts, emit: Callable[[dict], None] | None = None) -> Result:
         s = self.settings
         routed = model
         fb = FallbackRun(fallback_chain(model, s), self.policy, self.breaker, deadline_at=deadline_at,
-                         clock=self.clock)
+                         clock=self.clock, upstreams=self._upstream_names)
         step = fb.start()
         need_begin = True          # the next attempt needs a (new) budget reservation
         intent_written = False     # the next attempt's intent is already written (by a downgrade's begin)
@@ -348,9 +440,13 @@ class Pipeline:
                 reason = step.why
             info = s.models[model]
             est = self.estimator.estimate(req.params, info.tokenizer)
-            itpm = await self._prompt_cache(req, model, run, deadline_at, est)
+            candidates = [self.upstreams[n] for n in step.upstreams if n in self.upstreams]
+            # the limiter grants on whichever candidate group has the most headroom
+            groups = tuple(dict.fromkeys(u.group for u in candidates))
+            itpm = await self._prompt_cache(req, model, run, deadline_at, est, scope=",".join(step.upstreams))
             estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=itpm, max_output_tokens=req.max_tokens)
+                                priority=req.priority, input_tokens=itpm, max_output_tokens=req.max_tokens,
+                                groups=groups, tenant=req.tenant)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
             grant_task = asyncio.ensure_future(self.ports.admission.acquire(
@@ -388,12 +484,18 @@ class Pipeline:
                 # never sent: its intent is void
                 run.void.append(run.attempt)
                 raise
+            upstream = pick(candidates, grant.group, self.rng).name if candidates else ""
             try:
                 run.calls += 1
                 self.stats["calls"] += 1
+                transport = self._transport(upstream)
                 sent = run.prompt.plan.params   # the request, with the markers automatic caching placed
-                resp = await self.ports.transport.create(model, sent, request_id=req.request_id,
-                                                         attempt=run.attempt, max_tokens=req.max_tokens)
+                if emit is None:
+                    resp = await transport.create(model, sent, request_id=req.request_id,
+                                                  attempt=run.attempt, max_tokens=req.max_tokens)
+                else:
+                    resp = await transport.stream(model, sent, request_id=req.request_id, attempt=run.attempt,
+                                                  max_tokens=req.max_tokens, emit=self._on_start(run, emit))
             except CallFailed as f:
                 last_failure = f
                 self._prompt_done(run, None)
@@ -404,13 +506,15 @@ class Pipeline:
                     need_begin = True
                 else:
                     run.void.append(run.attempt)
-                step = fb.failed(f.status, f.retry_after)
+                step = fb.failed(f.status, f.retry_after, upstream)
+                if f.emitted:  # the consumer has part of this answer: another attempt cannot continue it
+                    raise self._surface(req, f, fb.history)
                 continue
             except BaseException:
                 # cancelled mid-call (the caller is shutting down): the request went out
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, SENT_NO_ANSWER, {}, self.wall()))
                 raise
-            return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est)
+            return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est, upstream)
 
     async def _begin(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
                      attempt: int | None = None) -> Begun:
@@ -443,15 +547,15 @@ class Pipeline:
         self.stats["unreconciled"] += 1
 
     async def _settle(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
-                      run: _Attempts, fb: FallbackRun, grant: Grant, resp: Any, est: int) -> Result:
+                      run: _Attempts, fb: FallbackRun, grant: Grant, resp: Any, est: int, upstream: str) -> Result:
         s = self.settings
         message = resp.message
         usage = Usage.from_api(message.usage)
         self._prompt_done(run, usage)
         self.ports.admission.reconcile(Outcome(grant.lease_id, usage, 200, resp.headers, self.wall()))
-        fb.succeeded()
+        fb.succeeded(upstream)
         self.estimator.observe(est, usage.itpm_tokens + usage.cache_read_tokens, s.models[model].tokenizer)
-        cost = price(usage, model, s)
+        cost = price(usage, model, s, price_factor=self._price_factor(upstream) if upstream else 1.0)
         if cost.total_usd > run.reserved_usd + 1e-9:
             self.stats["reservation_exceeded"] += 1
             log.error("request %s billed $%.6f over its reservation $%.6f", req.request_id, cost.total_usd,
@@ -462,13 +566,13 @@ class Pipeline:
             request_id=req.request_id, attempt=run.attempt, message_id=message.id, ts=self.wall(),
             user_id=req.user_id, tenant=req.tenant, priority=req.priority, model=model, usage=usage,
             cost=cost, cache=cache_kind, saved_usd=0.0, latency_s=latency, attempts=run.attempt, status="ok",
-            error_type=None, environment=s.environment, void_attempts=tuple(run.void),
+            error_type=None, environment=s.environment, void_attempts=tuple(run.void), upstream=upstream or None,
         ), tries=4)
         run.holds_reservation = False
         run.void.clear()
         return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                       attempts=run.attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
-                      user_id=req.user_id, tenant=req.tenant, history=fb.history)
+                      user_id=req.user_id, tenant=req.tenant, history=fb.history, upstream=upstream or None)
 
     # -- failures ----------------------------------------------------------------------------------------------
     def _drop_grant(self, task: asyncio.Future) -> None:

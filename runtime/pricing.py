@@ -49,10 +49,12 @@ def tier_for(info: ModelInfo, prompt_tokens: int) -> PriceTier:
     return info.prices[-1]
 
 
-def price(usage: Usage, model: str, settings: Settings, *, batch: bool = False) -> CostBreakdown:
+def price(usage: Usage, model: str, settings: Settings, *, batch: bool = False,
+          price_factor: float = 1.0) -> CostBreakdown:
+    """``price_factor``: the upstream's own price relative to the list (Bedrock or Vertex in some regions)."""
     info = settings.model_info(model)  # raises UnknownModel
     tier = tier_for(info, usage.prompt_tokens)
-    factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+    factor = _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0) * price_factor
     inp = usage.input_tokens * tier.input * factor
     out = usage.output_tokens * tier.output * factor
     # validation fills the cache rates, so they are never None here
@@ -70,7 +72,7 @@ def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Setti
 
 
 def bound_cost(model: str, input_tokens_bound: int, max_tokens: int, settings: Settings, *, batch: bool = False,
-               worst_tier: bool = False, cacheable_tokens_bound: int | None = None,
+               worst_tier: bool = False, price_factor: float = 1.0, cacheable_tokens_bound: int | None = None,
                cache_ttl: str | None = "1h") -> float:
     """The most one call can cost when its prompt is at most ``input_tokens_bound`` tokens and its answer at
     most ``max_tokens``: the tier that many tokens would reach (or the dearest tier, when even the bound is not
@@ -94,7 +96,7 @@ def bound_cost(model: str, input_tokens_bound: int, max_tokens: int, settings: S
             write = max(tier.cache_write_1h, tier.cache_write_5m) if cache_ttl == "1h" else tier.cache_write_5m
             cached_rate = max(tier.input, write, tier.cache_read)
         cost = max(cost, n * tier.input + c * (cached_rate - tier.input) + max(0, int(max_tokens)) * tier.output)
-    return cost * _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0)
+    return cost * _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0) * price_factor
 
 
 def token_factor(batch: bool = False) -> float:

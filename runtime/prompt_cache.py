@@ -715,8 +715,10 @@ def savings_summary(rows: Iterable[dict[str, Any]], settings: Settings) -> dict[
     ``calls`` billed calls, ``reads`` / ``writes`` calls that read / wrote the cache, ``read_tokens``,
     ``write_tokens`` (5 m + 1 h), ``read_usd`` / ``write_usd`` what they cost, ``as_input_usd`` what the same
     tokens would have cost as plain input, ``saved_usd`` the difference (negative: writes not yet repaid).
-    A model no longer in the configuration is counted in tokens but not priced (``unpriced_calls``).
+    A model no longer in the configuration is counted in tokens but not priced (``unpriced_calls``). A row's
+    ``upstream`` applies that upstream's ``price_factor``, as its bill did.
     """
+    factors = {u.name: u.price_factor for u in settings.upstreams}
     def empty() -> dict[str, Any]:
         return {"calls": 0, "reads": 0, "writes": 0, "read_tokens": 0, "write_tokens": 0, "read_usd": 0.0,
                 "write_usd": 0.0, "as_input_usd": 0.0, "saved_usd": 0.0, "unpriced_calls": 0}
@@ -739,7 +741,7 @@ def savings_summary(rows: Iterable[dict[str, Any]], settings: Settings) -> dict[
             except Exception:  # noqa: BLE001 - UnknownModel: a model since removed from the configuration
                 add["unpriced_calls"] = 1
             else:
-                f = token_factor(bool(r.get("batch")))
+                f = token_factor(bool(r.get("batch"))) * factors.get(r.get("upstream") or "", 1.0)
                 read = u.cache_read_tokens * float(tier.cache_read) * f  # type: ignore[arg-type]
                 write = (u.cache_write_5m_tokens * float(tier.cache_write_5m)  # type: ignore[arg-type]
                          + u.cache_write_1h_tokens * float(tier.cache_write_1h)) * f  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ ROW_COLUMNS: tuple[str, ...] = (
     "ident", "request_id", "attempt", "message_id", "ts", "user_id", "tenant", "priority", "model",
     "input_tokens", "output_tokens", "cache_write_5m_tokens", "cache_write_1h_tokens", "cache_read_tokens",
     "cost_input_usd", "cost_output_usd", "cost_cache_write_usd", "cost_cache_read_usd", "cost_usd",
-    "cache", "saved_usd", "latency_s", "attempts", "status", "error_type", "batch", "environment",
+    "cache", "saved_usd", "latency_s", "attempts", "status", "error_type", "batch", "environment", "upstream",
 )
 
 
@@ -60,6 +60,7 @@ class Record:
     error_type: str | None = None
     batch: bool = False
     environment: str = "dev"
+    upstream: str | None = None  # which upstream billed it ("fake-api": the embedded local API, not Claude)
     # attempts of this request that certainly were not billed (refused, never sent, answered with an error
     # status): the record closes their write-ahead intents. Not a column.
     void_attempts: tuple[int, ...] = ()
@@ -106,7 +107,7 @@ class Record:
             "cost_usd": c.total_usd if c else None,
             "cache": self.cache, "saved_usd": float(self.saved_usd), "latency_s": float(self.latency_s),
             "attempts": int(self.attempts), "status": self.status, "error_type": self.error_type,
-            "batch": bool(self.batch), "environment": self.environment,
+            "batch": bool(self.batch), "environment": self.environment, "upstream": self.upstream,
         }
 
     @classmethod
@@ -131,5 +132,5 @@ class Record:
             cache=row.get("cache") or "miss", saved_usd=float(row.get("saved_usd") or 0.0),
             latency_s=float(row.get("latency_s") or 0.0), attempts=int(row.get("attempts") or 1),
             status=row.get("status") or "ok", error_type=row.get("error_type"), batch=bool(row.get("batch")),
-            environment=row.get("environment") or "dev",
+            environment=row.get("environment") or "dev", upstream=row.get("upstream"),
         )

@@ -85,7 +85,7 @@ def summarize(records: list[dict[str, Any]], since: float, settings: Any = None)
 
 
 def _plot(summary: dict[str, Any], png_path: Path) -> None:
-    import matplotlib
+    import matplotlib  # the "report" extra
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,8 +148,11 @@ def render(records: list[dict[str, Any]], since: float, png_path: Path | None, c
                       f"{lost.get('reconciled', 0)} reconciled, {lost.get('void', 0)} void, "
                       f"{lost.get('estimated', 0)} estimated")
     if png_path is not None:
-        _plot(s, Path(png_path))
-        console.print(f"chart: {png_path}")
+        try:
+            _plot(s, Path(png_path))
+            console.print(f"chart: {png_path}")
+        except ImportError:
+            console.print("no chart: install the report extra (pip install 'claude-runtime[report]')")
     return s
 
 

@@ -151,8 +151,10 @@ def validate(
     cache: bool = True,
     request_id: str | None = None,
     deadline_s: float | None = None,
+    streaming: bool = False,
     prompt_cache: bool | None = None,
 ) -> NormalizedRequest:
+    """``streaming``: the request is for ``rt.stream`` (``stream=True`` in it is then allowed, and implied)."""
     rid = check_request_id(request_id) if request_id is not None else f"req_{uuid.uuid4().hex}"
     if not isinstance(request, dict):
         raise _fail(f"a request is a dict like messages.create takes, not {type(request).__name__}", "request", rid)
@@ -175,9 +177,10 @@ def validate(
     if removed:
         raise _fail(f"{', '.join(removed)}: removed in the current API version (the API answers 400); "
                     "use 'effort' / thinking settings instead", removed[0], rid)
-    if request.get("stream"):
-        raise _fail("stream: submit() returns whole messages; streaming is not supported through submit()",
-                    "stream", rid)
+    if request.get("stream") and not streaming:
+        raise _fail("stream: submit() returns whole messages; use rt.stream(...) for events", "stream", rid)
+    if "stream" in request and not isinstance(request["stream"], bool):
+        raise _fail("stream must be true or false", "stream", rid)
     unknown = sorted(set(request) - ALLOWED_PARAMS - {"stream"})
     if unknown:
         raise _fail(f"{', '.join(unknown)}: extra inputs are not permitted", unknown[0], rid)

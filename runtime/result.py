@@ -20,6 +20,7 @@ class Result:
     user_id: str | None = None
     tenant: str | None = None
     history: list[dict[str, Any]] = field(default_factory=list)   # one entry per try: model, status
+    upstream: str | None = None   # which upstream answered ("fake-api": the embedded local API, not Claude)
 
     @property
     def text(self) -> str:

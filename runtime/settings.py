@@ -173,10 +173,80 @@ def default_limits() -> dict[str, ClassLimits]:
 
 
 class UserLimits(_Strict):
-    """Per-user caps (the seed's 10 RPM / 5,000 TPM); tpm counts input + max output tokens. 0 disables."""
+    """Caps for one user: requests and tokens (input + max output) per minute; 0 disables a cap. The seed's
+    10 RPM / 5,000 TPM is an example (``user_limits={"*": {"rpm": 10, "tpm": 5000}}``), not a default."""
 
-    rpm: int = Field(default=10, ge=0)
-    tpm: int = Field(default=5_000, ge=0)
+    rpm: int = Field(default=0, ge=0)
+    tpm: int = Field(default=0, ge=0)
+
+
+def user_caps(table: dict[str, UserLimits], user_id: str | None, tenant: str | None) -> UserLimits | None:
+    """The caps that apply to a user: their own entry, else their tenant's (``"tenant:<name>"``, applied to each
+    user of the tenant), else ``"*"``; None when nothing is configured."""
+    if user_id is None:
+        return None
+    if user_id in table:
+        return table[user_id]
+    if tenant is not None and f"tenant:{tenant}" in table:
+        return table[f"tenant:{tenant}"]
+    return table.get("*")
+
+
+UpstreamKind = Literal["anthropic", "bedrock", "vertex"]
+
+
+class UpstreamSettings(_Strict):
+    """One way to reach Claude: an Anthropic key (or workspace), Claude on Bedrock, or on Vertex.
+
+    Keys of one workspace share its rate limits: give them the same ``limit_group`` (default: the upstream's
+    name, i.e. its own buckets). ``limits`` defaults to ``Settings.limits``. ``models`` maps registry ids to
+    this platform's ids where they differ (Bedrock and Vertex name models their own way; unmapped ids get the
+    platform's usual form). ``weight`` splits traffic between upstreams with equal headroom."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: UpstreamKind = "anthropic"
+    base_url: str | None = Field(default=None, repr=False)
+    api_key: SecretStr | None = Field(default=None, repr=False)
+    # an Admin API key (Anthropic only): the runtime reads the organisation's configured limits at start
+    admin_api_key: SecretStr | None = Field(default=None, repr=False)
+    # Bedrock: a region and AWS credentials (or a Bedrock API key in api_key)
+    aws_region: str | None = None
+    aws_access_key: SecretStr | None = Field(default=None, repr=False)
+    aws_secret_key: SecretStr | None = Field(default=None, repr=False)
+    aws_session_token: SecretStr | None = Field(default=None, repr=False)
+    # Vertex: a project, a region and an OAuth access token
+    project_id: str | None = None
+    region: str | None = None
+    access_token: SecretStr | None = Field(default=None, repr=False)
+    limits: dict[str, ClassLimits] | None = None
+    models: dict[str, str] = Field(default_factory=dict)
+    # list prices are the same on every platform; a platform with its own (a discount, a region surcharge)
+    # multiplies them
+    price_factor: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0)
+    limit_group: str | None = None
+
+    @property
+    def group(self) -> str:
+        return self.limit_group or self.name
+
+    def without_secrets(self) -> "UpstreamSettings":
+        return self.model_copy(update={k: None for k in _UPSTREAM_SECRETS} | {"base_url": redact_url(self.base_url)})
+
+    def secrets(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*_UPSTREAM_SECRETS, "base_url")}
+
+    def platform_model(self, model: str) -> str:
+        """This platform's id for a registry model id."""
+        if model in self.models:
+            return self.models[model]
+        if self.kind == "bedrock":
+            return f"anthropic.{model}-v1:0"
+        return model
+
+
+_UPSTREAM_SECRETS = ("api_key", "admin_api_key", "aws_access_key", "aws_secret_key", "aws_session_token",
+                     "access_token")
 
 
 class LimiterSettings(_Strict):
@@ -343,8 +413,11 @@ class CallerSettings(_Strict):
 
 
 class FakeApiSettings(_Strict):
-    """The embedded local API, started by runtime.start() when no API key is configured."""
+    """The embedded local API: opt-in (``Settings(fake_api=True)`` or ``CLAUDE_RUNTIME_FAKE_API=1``), for
+    development, tests and load tests without spending money. Everything it answers says so in results and
+    ledger rows (upstream "fake-api")."""
 
+    enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0)  # 0: pick a free port
     latency_ms: float = Field(default=0.0, ge=0)
@@ -352,6 +425,19 @@ class FakeApiSettings(_Strict):
     p500: float = Field(default=0.0, ge=0, le=1)
     seed: int = 0
     billing_path: Path | None = None  # default: <data_dir>/fake_api_billing.jsonl
+    output_tokens_per_s: float | None = Field(default=None, gt=0)  # None: answers come at once
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # Settings(fake_api=True) and CLAUDE_RUNTIME_FAKE_API=1 are the short forms of enabled=True
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return {"enabled": bool(value)}
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return {"enabled": value.strip().lower() in ("1", "true", "yes", "on")}
+        return value
 
 
 class Settings(BaseSettings):
@@ -359,22 +445,29 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="CLAUDE_RUNTIME_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        populate_by_name=True,
     )
 
+    # the shorthand for one Anthropic upstream; read from ANTHROPIC_* as the SDK does, never from bare API_KEY
     api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("api_key", "ANTHROPIC_API_KEY", "CLAUDE_RUNTIME_API_KEY"),
-        repr=False,
+        default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "CLAUDE_RUNTIME_API_KEY"), repr=False,
     )
     base_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("base_url", "ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
+        default=None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "CLAUDE_RUNTIME_BASE_URL"),
         repr=False,  # shown redacted by __repr_args__: a URL may carry credentials
     )
+    admin_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("ANTHROPIC_ADMIN_KEY", "CLAUDE_RUNTIME_ADMIN_API_KEY"),
+        repr=False,
+    )
+    upstreams: list[UpstreamSettings] = Field(default_factory=list)
     environment: str = "dev"  # keys per environment: the ledger and logs record it
     data_dir: Path = Field(default_factory=lambda: Path(os.environ.get("CLAUDE_RUNTIME_DATA_DIR",
                                                                        ".claude_runtime")))
     models: dict[str, ModelInfo] = Field(default_factory=default_models)
     limits: dict[str, ClassLimits] = Field(default_factory=default_limits)
-    user_limits: UserLimits = UserLimits()
+    # per-user caps where configured: {"*": {...}} for everyone, {"tenant:acme": {...}}, {"u1": {...}}
+    user_limits: dict[str, UserLimits] = Field(default_factory=dict)
     limiter: LimiterSettings = LimiterSettings()
     estimate: EstimateSettings = EstimateSettings()
     router: RouterSettings = RouterSettings()
@@ -405,6 +498,35 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
         return tuple(sources)
 
+    def __init__(self, **values: Any) -> None:
+        from pydantic import ValidationError
+
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            from runtime.errors import ConfigurationError
+
+            problems = [f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()]
+            first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+            raise ConfigurationError("invalid settings: " + "; ".join(problems),
+                                     field=".".join(str(p) for p in first["loc"]), reason=first["msg"]) from None
+
+    @field_validator("user_limits", mode="before")
+    @classmethod
+    def _user_limits_table(cls, value: Any) -> Any:
+        # a single set of caps means "everyone"
+        if isinstance(value, UserLimits):
+            return {"*": value}
+        if isinstance(value, dict) and value and set(value) <= {"rpm", "tpm"}:
+            return {"*": value}
+        return value
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        # actors, the CLI and the driver may run in different working directories: one folder for all
+        return Path(value).expanduser().resolve()
+
     @field_validator("models", "limits", mode="before")
     @classmethod
     def _merge_over_defaults(cls, value: Any, info: Any) -> Any:
@@ -432,7 +554,8 @@ class Settings(BaseSettings):
     def without_secrets(self, *, keep_webhook: bool = False) -> "Settings":
         """A copy for actors and handles that never call the API: no key, no credentials in the base URL and,
         unless kept (the ledger posts alerts), no webhook URL."""
-        update: dict[str, Any] = {"api_key": None, "base_url": redact_url(self.base_url)}
+        update: dict[str, Any] = {"api_key": None, "admin_api_key": None, "base_url": redact_url(self.base_url),
+                                  "upstreams": [u.without_secrets() for u in self.upstreams]}
         if not keep_webhook and self.alerts.webhook_url is not None:
             update["alerts"] = self.alerts.model_copy(update={"webhook_url": None})
         return self.model_copy(update=update)
@@ -459,8 +582,21 @@ class Settings(BaseSettings):
 
     @property
     def uses_fake_api(self) -> bool:
-        """No key and no base URL: run against the embedded local API."""
-        return self.api_key is None and self.base_url is None
+        """The embedded local API was asked for (it is never a silent fallback)."""
+        return self.fake_api.enabled
+
+    def configured_upstreams(self) -> list[UpstreamSettings]:
+        """The upstreams to call: ``upstreams`` as given, else the ``api_key`` / ``base_url`` shorthand as one
+        Anthropic upstream named "anthropic"; empty when nothing is configured."""
+        if self.upstreams:
+            return list(self.upstreams)
+        if self.api_key is not None or self.base_url is not None:
+            return [UpstreamSettings(name="anthropic", api_key=self.api_key, base_url=self.base_url,
+                                     admin_api_key=self.admin_api_key)]
+        return []
+
+    def user_caps(self, user_id: str | None, tenant: str | None) -> UserLimits | None:
+        return user_caps(self.user_limits, user_id, tenant)
 
     @property
     def cache_path(self) -> Path:

@@ -36,6 +36,10 @@ from runtime.settings import RetrySettings
 RUNTIME_REQUEST_ID_HEADER = "x-claude-runtime-request-id"
 RUNTIME_ATTEMPT_HEADER = "x-claude-runtime-attempt"
 
+# the events of the API's stream (the SDK adds convenience events of its own, which are not passed on)
+API_STREAM_EVENTS = frozenset({"message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                               "message_delta", "message_stop", "ping", "error"})
+
 # the parameters messages.count_tokens accepts (the rest of a create request does not change the count)
 COUNT_TOKENS_PARAMS = frozenset({"messages", "system", "tools", "tool_choice", "thinking", "output_config",
                                  "mcp_servers", "context_management"})
@@ -52,7 +56,7 @@ class CallFailed(Exception):
 
     def __init__(self, status: int, sent: str, *, error_type: str, message: str,
                  headers: dict[str, str] | None = None, retry_after: float | None = None,
-                 api_request_id: str | None = None) -> None:
+                 api_request_id: str | None = None, emitted: bool = False) -> None:
         super().__init__(f"{status} {error_type}: {message}")
         if sent not in ("no", "yes", "maybe"):
             raise ValueError(f"sent must be no / yes / maybe, not {sent!r}")
@@ -63,6 +67,8 @@ class CallFailed(Exception):
         self.headers = headers or {}
         self.retry_after = retry_after
         self.api_request_id = api_request_id
+        # part of the answer already went to the consumer (a stream): it cannot be retried transparently
+        self.emitted = emitted
 
     @property
     def maybe_billed(self) -> bool:
@@ -76,6 +82,12 @@ class CallFailed(Exception):
 class Transport(Protocol):
     async def create(self, model: str, params: dict[str, Any], *, request_id: str, attempt: int,
                      max_tokens: int) -> Response: ...
+
+    async def stream(self, model: str, params: dict[str, Any], *, request_id: str, attempt: int,
+                     max_tokens: int, emit: Any) -> Response:
+        """Stream the answer: ``emit(event)`` for each of the API's events (dicts, as the API sends them),
+        then return the accumulated message like ``create``."""
+        ...
 
     async def count_tokens(self, model: str, params: dict[str, Any]) -> int: ...
 
@@ -164,16 +176,21 @@ def classify(exc: BaseException, *, stream_started: bool = False) -> CallFailed:
 # -- the SDK implementation -----------------------------------------------------------------------------------
 
 class SdkTransport:
-    """``Transport`` over ``anthropic.AsyncAnthropic`` (``max_retries=0``: retry policy is the pipeline's)."""
+    """``Transport`` over the SDK's async client (``max_retries=0``: retry policy is the pipeline's):
+    ``AsyncAnthropic`` by default, or a platform client (``client=``) with its own model ids (``model_id``)."""
 
-    def __init__(self, retry: RetrySettings, *, api_key: str | None, base_url: str | None,
-                 http_client: httpx2.AsyncClient | None = None) -> None:
+    def __init__(self, retry: RetrySettings, *, api_key: str | None = None, base_url: str | None = None,
+                 http_client: httpx2.AsyncClient | None = None, client: Any = None,
+                 model_id: Any = None) -> None:
         self.retry = retry
-        kw: dict[str, Any] = {}
-        if http_client is not None:
-            kw["http_client"] = http_client
-        self.client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0,
-                                               timeout=retry.request_timeout_s, **kw)
+        self.model_id = model_id or (lambda model: model)
+        if client is None:
+            kw: dict[str, Any] = {}
+            if http_client is not None:
+                kw["http_client"] = http_client
+            client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url, max_retries=0,
+                                              timeout=retry.request_timeout_s, **kw)
+        self.client = client
 
     @staticmethod
     def _headers(request_id: str, attempt: int) -> dict[str, str]:
@@ -183,6 +200,7 @@ class SdkTransport:
                      max_tokens: int) -> Response:
         t = timeouts_for(max_tokens, self.retry)
         headers = self._headers(request_id, attempt)
+        model = self.model_id(model)
         if t.stream:
             return await self._streamed(model, params, headers, t)
         try:
@@ -221,10 +239,42 @@ class SdkTransport:
         except Exception as exc:  # noqa: BLE001
             raise classify(exc, stream_started=started) from None
 
+    async def stream(self, model: str, params: dict[str, Any], *, request_id: str, attempt: int,
+                     max_tokens: int, emit: Any) -> Response:
+        t = timeouts_for(max_tokens, self.retry)
+        headers = self._headers(request_id, attempt)
+        started = emitted = False
+
+        async def run() -> Response:
+            nonlocal started, emitted
+            async with self.client.messages.stream(model=self.model_id(model), **params, extra_headers=headers,
+                                                   timeout=t.httpx()) as stream:
+                stopped = False
+                async for event in stream:
+                    if event.type not in API_STREAM_EVENTS:
+                        continue  # the SDK's own convenience events (text, input_json, ...)
+                    if event.type == "message_start":
+                        started = True
+                    elif event.type == "message_stop":
+                        stopped = True
+                    emit(event.model_dump(mode="json", exclude_none=False))
+                    emitted = True
+                if not stopped:
+                    raise CallFailed(0, "maybe", error_type="stream_cut",
+                                     message="the stream ended before message_stop", emitted=emitted)
+                return Response(await stream.get_final_message(), ratelimit_headers(stream.response.headers))
+
+        try:
+            return await asyncio.wait_for(run(), timeout=t.total_s + t.connect_s)
+        except Exception as exc:  # noqa: BLE001
+            f = classify(exc, stream_started=started)
+            f.emitted = f.emitted or emitted
+            raise f from None
+
     async def count_tokens(self, model: str, params: dict[str, Any]) -> int:
         body = {k: v for k, v in params.items() if k in COUNT_TOKENS_PARAMS}
         try:
-            res = await self.client.messages.count_tokens(model=model, **body,
+            res = await self.client.messages.count_tokens(model=self.model_id(model), **body,
                                                           timeout=self.retry.connect_timeout_s + 20.0)
         except Exception as exc:  # noqa: BLE001
             raise classify(exc) from None
@@ -232,3 +282,30 @@ class SdkTransport:
         if n < 0 or not math.isfinite(n):
             raise CallFailed(0, "yes", error_type="bad_count", message="count_tokens answered a negative count")
         return n
+
+
+def build_transport(upstream: Any, retry: RetrySettings) -> SdkTransport:
+    """The transport for one upstream (``runtime.settings.UpstreamSettings``, with its secrets)."""
+    def secret(v: Any) -> str | None:
+        return v.get_secret_value() if v is not None else None
+
+    if upstream.kind == "bedrock":
+        from anthropic import AsyncAnthropicBedrock
+
+        kw: dict[str, Any] = {"aws_region": upstream.aws_region, "base_url": upstream.base_url,
+                              "max_retries": 0, "timeout": retry.request_timeout_s}
+        if upstream.api_key is not None:
+            kw["api_key"] = secret(upstream.api_key)
+        else:
+            kw.update(aws_access_key=secret(upstream.aws_access_key), aws_secret_key=secret(upstream.aws_secret_key),
+                      aws_session_token=secret(upstream.aws_session_token))
+        return SdkTransport(retry, client=AsyncAnthropicBedrock(**kw), model_id=upstream.platform_model)
+    if upstream.kind == "vertex":
+        from anthropic import AsyncAnthropicVertex
+
+        client = AsyncAnthropicVertex(region=upstream.region, project_id=upstream.project_id,
+                                      access_token=secret(upstream.access_token), base_url=upstream.base_url,
+                                      max_retries=0, timeout=retry.request_timeout_s)
+        return SdkTransport(retry, client=client, model_id=upstream.platform_model)
+    return SdkTransport(retry, api_key=secret(upstream.api_key), base_url=upstream.base_url,
+                        model_id=upstream.platform_model)

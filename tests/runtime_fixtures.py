@@ -26,6 +26,7 @@ def fast_settings(data_dir, **over: Any) -> Settings:
         data_dir=data_dir,
         limits=uniform_limits(60_000, 50_000_000, 10_000_000),
         user_limits=UserLimits(rpm=0, tpm=0),
+        fake_api=True,  # tests opt in to the embedded local API
         retry={"backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_cooldown_s": 1.0},
         callers={"num_callers": 2},
     )

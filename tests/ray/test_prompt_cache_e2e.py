@@ -24,7 +24,7 @@ SYSTEM = "\n".join(f"Policy {i}: answer support questions politely, cite section
 def _settings(tmp, **over):
     # RPM and OTPM generous, ITPM the account's 60k: uncached, 300 x 5,000 tokens would need ~25 minutes
     return fast_settings(tmp, cache={"enabled": False}, limits=uniform_limits(4_000, ITPM, 400_000),
-                         fake_api={"latency_ms": 50.0}, **over)
+                         fake_api={"enabled": True, "latency_ms": 50.0}, **over)
 
 
 @pytest.fixture(scope="module")

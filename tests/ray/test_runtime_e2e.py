@@ -190,3 +190,32 @@ def test_a_fallback_answer_is_not_cached_under_the_routed_model(rt):
     time.sleep(rt.settings.retry.breaker_cooldown_s + 0.1)  # opus's circuit may have opened: let it half-open
     again = ray.get(rt.submit(q, tenant="fallback-cache"))
     assert again.cache == "miss" and again.model == opus
+
+
+def test_stream_yields_events_whose_text_is_the_answer_and_its_row_equals_the_bill(rt):
+    from tests.runtime_fixtures import read_billing
+
+    q = user_msg("Stream an explanation of ocean tides for a curious child.", 300)
+    events = list(rt.stream(q, tenant="streaming", user_id="s1"))
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta"
+                   and e["delta"]["type"] == "text_delta")
+    mid = events[0]["message"]["id"]
+    assert text
+    (row,) = [r for r in rt.ledger_records() if r["message_id"] == mid]
+    (line,) = [b for b in read_billing(rt.settings) if b["id"] == mid]
+    assert (row["input_tokens"], row["output_tokens"]) == (line["input_tokens"], line["output_tokens"])
+    assert row["cost_usd"] == pytest.approx(line["cost_usd"])
+    # the complete streamed answer went to the cache: the same question streams back from it, for $0
+    again = list(rt.stream(q, tenant="streaming", user_id="s1"))
+    assert "".join(e["delta"]["text"] for e in again if e["type"] == "content_block_delta") == text
+    hits = [r for r in rt.ledger_records() if r["request_id"] != row["request_id"] and r["cache"] == "exact"
+            and r["user_id"] == "s1"]
+    assert hits and all(h["cost_usd"] is None for h in hits)
+
+
+async def test_awaiting_submit_and_async_streaming(rt):
+    res = await rt.submit(user_msg("Name a prime number.", 16), cache=False)
+    assert res.message.content[0].text
+    kinds = [e["type"] async for e in rt.astream(user_msg("Name an even number.", 16), cache=False)]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"

@@ -134,6 +134,24 @@ class Transport:
             return Response(nxt, {})
         return Response(message(model), {})
 
+    async def stream(self, model: str, params: dict, *, request_id: str, attempt: int, max_tokens: int,
+                     emit) -> Response:
+        from runtime.streaming import message_events
+
+        self.calls.append((model, attempt))
+        todo = self.script.get(model)
+        nxt = todo.pop(0) if todo else message(model)
+        if isinstance(nxt, BaseException):
+            raise nxt
+        events = list(message_events(nxt.model_dump(mode="json")))
+        cut = getattr(self, "cut_after", None)
+        for i, e in enumerate(events):
+            if cut is not None and i == cut:
+                raise CallFailed(0, "maybe", error_type="stream_cut", message="cut", emitted=True)
+            emit(e)
+            await asyncio.sleep(0)
+        return Response(nxt, {})
+
     async def count_tokens(self, model: str, params: dict) -> int:
         self.counted += 1
         if self.count is None:
@@ -382,3 +400,50 @@ def test_a_bill_over_its_reservation_is_reported():
     p, ports, _ = make({SONNET: [message(SONNET, inp=10_000_000, out=5)]})
     run(p, req())
     assert len(ports.ledger.exceeded) == 1 and p.stats["reservation_exceeded"] == 1
+
+
+# -- streaming --------------------------------------------------------------------------------------------------
+
+async def _collect(p, r, stop_after=None):
+    out = []
+    agen = p.stream(r)
+    async for e in agen:
+        out.append(e)
+        if stop_after is not None and len(out) >= stop_after:
+            await agen.aclose()
+            break
+    return out
+
+
+def test_a_stream_yields_the_api_events_and_bills_once():
+    p, ports, _ = make({SONNET: [fail(529), message(SONNET, text="streamed words here")]})
+    r = req()
+    events = asyncio.run(_collect(p, r))
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta")
+    assert text == "streamed words here"
+    assert ports.ledger.states(r.request_id) == {1: "void", 2: "billed"}  # a retry before the first event
+
+
+def test_a_stream_cut_after_it_began_is_a_typed_error_and_the_call_is_booked():
+    p, ports, _ = make()
+    ports.transport.cut_after = 3
+    r = req()
+    with pytest.raises(UpstreamTimeout):
+        asyncio.run(_collect(p, r))
+    assert ports.ledger.states(r.request_id) == {1: "unreconciled"}
+    assert len(ports.transport.calls) == 1  # never retried: the consumer had part of the answer
+
+
+def test_a_consumer_that_leaves_early_still_gets_the_call_settled():
+    p, ports, _ = make()
+    r = req()
+
+    async def go():
+        got = await _collect(p, r, stop_after=2)
+        while p._detached:  # the rest of the stream is read in the background
+            await asyncio.sleep(0)
+        return got
+
+    got = asyncio.run(go())
+    assert len(got) == 2 and ports.ledger.states(r.request_id) == {1: "billed"}

@@ -38,6 +38,7 @@ class EngineTransport:
         self.fail_first = fail_first
         self.sent: list[dict[str, Any]] = []
         self.usages: list[Usage] = []
+        self.tail = asyncio.Event()
 
     async def create(self, model: str, params: dict, *, request_id: str, attempt: int, max_tokens: int) -> Response:
         self.sent.append(params)
@@ -55,6 +56,20 @@ class EngineTransport:
         self.engine.response_started(plan)
         self.usages.append(Usage.from_api(rep.usage))
         return Response(anthropic.types.Message.model_validate(rep.message()), {})
+
+    async def stream(self, model: str, params: dict, *, request_id: str, attempt: int, max_tokens: int,
+                     emit) -> Response:
+        """The same answer as its stream events; after the first one the rest waits for ``tail`` (a long
+        answer still being generated)."""
+        from runtime.streaming import message_events
+
+        resp = await self.create(model, params, request_id=request_id, attempt=attempt, max_tokens=max_tokens)
+        events = list(message_events(resp.message.model_dump(mode="json")))
+        emit(events[0])
+        await self.tail.wait()
+        for e in events[1:]:
+            emit(e)
+        return resp
 
     async def count_tokens(self, model: str, params: dict) -> int:
         prep = api_validate({"model": model, **params}, self.engine.cfg.models, count_only=True)
@@ -224,3 +239,27 @@ def test_prompt_cache_must_be_none_or_a_bool():
         with pytest.raises(InvalidRequest) as exc:
             req(prompt_cache=bad)
         assert exc.value.field == "prompt_cache"
+
+
+def test_a_streamed_writer_releases_its_waiters_at_its_first_event_not_its_last():
+    # a long answer: its first event carries the cache usage; the waiters read from then on, while the
+    # writer's answer is still being generated
+    p, _, t = make()
+
+    async def go():
+        t.tail = asyncio.Event()
+        first = asyncio.ensure_future(_drain(p, req("the long one", streaming=True)))
+        await asyncio.sleep(0.01)   # the writer claims the prefix first
+        rest = asyncio.gather(*(p.run(req(f"short {i}")) for i in range(5)))
+        # well under write_wait_s (5 s): waiters not released by the first event would still be waiting
+        await asyncio.wait_for(rest, timeout=2.0)
+        t.tail.set()
+        await first
+
+    asyncio.run(go())
+    assert sum(1 for u in t.usages if u.cache_write_tokens) == 1
+    assert sum(1 for u in t.usages if u.cache_read_tokens >= 5_000) == 5
+
+
+async def _drain(p: Pipeline, r) -> list:
+    return [e async for e in p.stream(r)]

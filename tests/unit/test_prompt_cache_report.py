@@ -66,3 +66,15 @@ def test_the_report_prints_prompt_cache_reads_writes_and_savings():
     assert f"saved ${s['prompt_cache']['saved_usd']:.4f}" in text
     assert summarize(rows, 0.0)["prompt_cache"] is None   # without prices, no dollars claimed
     assert summarize(rows, 2_000.0, S)["prompt_cache"]["calls"] == 0   # since filters
+
+
+def test_an_upstreams_price_factor_applies_to_its_savings_as_to_its_bill():
+    from runtime.settings import UpstreamSettings
+
+    s = Settings(upstreams=[UpstreamSettings(name="eu", kind="bedrock", aws_region="eu-west-1", price_factor=1.1)])
+    u = Usage(input_tokens=10, cache_read_tokens=4_000)
+    r = row(SONNET, u)
+    r["upstream"] = "eu"
+    assert pc.savings_summary([r], s)["saved_usd"] == pytest.approx(1.1 * pc.savings(u, SONNET, s))
+    r["upstream"] = "unknown"
+    assert pc.savings_summary([r], s)["saved_usd"] == pytest.approx(pc.savings(u, SONNET, s))

@@ -142,7 +142,7 @@ loose = st.fixed_dictionaries(
               "tools": st.one_of(st.lists(st.fixed_dictionaries({"name": st.text(max_size=8)}), max_size=2), json_any)})
 
 
-@hsettings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@hsettings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(loose)
 def test_what_validation_accepts_the_api_accepts(request):
     try:
