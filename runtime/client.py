@@ -282,6 +282,7 @@ class Runtime:
         ledger's totals equal the API's. See runtime/reconcile.py for what each proves."""
         from runtime import reconcile as rec
 
+        self.flush()
         placeholders = ray.get(self.ledger.placeholders.remote())
         if admin_key is None and billing is None and self.fake_api is None:
             admin_key = os.environ.get("ANTHROPIC_ADMIN_KEY")
@@ -328,12 +329,28 @@ class Runtime:
         return key
 
     # -- ledger queries ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Everything the callers journaled so far is in the ledger when this returns (the ledger's readers
+        below call it first, so a result's row is there once the result is)."""
+        try:
+            ray.get([c.flush.remote() for c in self.callers], timeout=120)
+        except ray.exceptions.RayActorError:
+            pass  # a caller restarting drains its journal itself when it comes back
+
     def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
+        self.flush()
         if by not in ("model", "user", "tenant", "day", "upstream"):
             raise ValueError("by must be one of model, user, tenant, day, upstream")
         return ray.get(self.ledger.spend.remote(_since_ts(since), by))
 
+    def budgets(self) -> dict[str, Any]:
+        """Where every budget stands now: per budget its limit, settled spend, worst cases reserved in flight,
+        their expected cost (from learned actual/worst-case ratios), requests waiting for room (count and
+        worst-case USD) and state (normal / downgrade / stop); then the learned ratios per model and route."""
+        return ray.get(self.ledger.budgets.remote())
+
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
+        self.flush()
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
     def prompt_cache_savings(self, since: float | str | datetime | None = None) -> dict[str, Any]:
@@ -341,10 +358,12 @@ class Runtime:
         that read / wrote the cache), ``read_tokens``, ``write_tokens``, ``read_usd``, ``write_usd``,
         ``as_input_usd`` (the same tokens at the plain input price) and ``saved_usd`` (the difference), in
         total and ``by_model``."""
+        self.flush()
         return ray.get(self.ledger.prompt_cache.remote(_since_ts(since)))
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
+        self.flush()
+        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()), "budgets": self.budgets(),
                                "limiter": ray.get(self.limiter.snapshot.remote()),
                                # the cluster's prefix tracker: decisions by kind (a waiter's re-asks count
                                # each time), responses that wrote / read, writes freed unanswered

@@ -42,6 +42,7 @@ class NormalizedRequest:
     cache_enabled: bool = True
     deadline_s: float | None = None   # how long the caller may wait for admission
     meta: dict[str, Any] = field(default_factory=dict)
+    id_given: bool = False            # the caller chose the request id (it may collide with a running one)
     # automatic prompt caching for this request: None follows Settings.prompt_caching, True / False override it
     prompt_cache: bool | None = None
 
@@ -258,7 +259,7 @@ def validate(
     return NormalizedRequest(
         request_id=rid, requested_model=model, params=params, max_tokens=max_tokens, user_id=user_id,
         tenant=tenant, priority=priority, cache_enabled=bool(cache), deadline_s=deadline_s,
-        prompt_cache=prompt_cache,
+        id_given=request_id is not None, prompt_cache=prompt_cache,
     )
 
 
