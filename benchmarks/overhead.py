@@ -42,7 +42,8 @@ def main() -> None:
             rt = runtime.start(Settings(base_url=fake.url, api_key="bench-key",
                                         limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
                                         user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
-                                        data_dir=f"/tmp/overhead_bench_{fake.port}"))
+                                        data_dir=f"/tmp/overhead_bench_{fake.port}",
+                                        ledger={"allow_temporary_path": True}))
             client = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
 
             def req(i: int, tag: str) -> dict:
