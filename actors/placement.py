@@ -101,16 +101,22 @@ def _temporary_reason(path: str) -> str | None:
     return local_temporary_path_reason(path)
 
 
-def check_state_paths(settings: Any, strategy: Any, node: str | None) -> None:
-    """Refuse a ledger on a path that will not survive a reboot of the node it lives on (checked there),
-    unless ``ledger.allow_temporary_path``."""
+def check_state_paths(settings: Any) -> None:
+    """Refuse a ledger on a path that will not survive a reboot of the node it lives on (checked on that node,
+    before anything is created), unless ``ledger.allow_temporary_path``."""
     if settings.ledger.allow_temporary_path:
         return
     path = str(settings.ledger_path)
-    if node is not None and node == ray.get_runtime_context().get_node_id():
+    p = settings.placement
+    here = ray.get_runtime_context().get_node_id()
+    homes = singleton_nodes(ray.nodes(), p.singleton_resource)
+    if p.singletons == "head" and not homes:
+        return  # singleton_placement refuses this, naming the resource
+    if p.singletons == "driver" or homes == [here]:
         reason = local_temporary_path_reason(path)
     else:
-        reason = ray.get(_temporary_reason.options(scheduling_strategy=strategy).remote(path), timeout=120)
+        reason = ray.get(_temporary_reason.options(resources={p.singleton_resource: _SLICE}).remote(path),
+                         timeout=120)
     if reason:
         raise ConfigurationError(
             f"the ledger (the durable record of money spent) would be lost: {reason}. Put ledger.path or data_dir "

@@ -491,8 +491,8 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # the singletons keep their files (ledger, cache table) on their node's disk: they go where
     # settings.placement says (the head by default) and stay there, so a restart finds its files
+    check_state_paths(settings)
     here, home, group = singleton_placement(settings, namespace)
-    check_state_paths(settings, here, home)
     fake = None
     fake_url = None
     if settings.uses_fake_api:
