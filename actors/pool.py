@@ -117,10 +117,12 @@ class CallerPool:
         return sorted(self._members, key=index_of)
 
     async def members(self) -> list[tuple[str, Any]]:
-        """The callers to route new requests to: running, ready and not draining, in name order."""
+        """The callers to route new requests to: ready, not draining, and answering (a caller whose node was
+        lost is left out while Ray restarts it, unless no other is left), in name order."""
         self._ensure_loop()
-        return [(n, self._members[n]) for n in sorted(self._members, key=index_of)
-                if not self._loads.get(n, CallerLoad(n)).draining]
+        active = [n for n in sorted(self._members, key=index_of) if not self._loads.get(n, CallerLoad(n)).draining]
+        live = [n for n in active if self._loads.get(n, CallerLoad(n)).reachable]
+        return [(n, self._members[n]) for n in (live or active)]
 
     async def all_members(self) -> list[tuple[str, Any]]:
         """Every caller, draining ones included (shutdown stops them all)."""

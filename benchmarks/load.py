@@ -19,13 +19,16 @@ ones), spread over one load generator per node. Variants:
 (c) ours: rt.submit through the runtime: cluster-wide limiter, per-user caps, priorities, cache, caller pool
           (2 callers, up to 4).
 Scenarios (durations times --scale):
-  steady      30 s at 1.5x the account's RPM.
-  burst       10 s at 0.5x, 10 s at 10x, 10 s at 0.5x.
-  users       tenant "shared" capped at 60 RPM per user: one user sends 6 req/s, three send 0.4 req/s each
+  steady      20 s at 1.5x the account's RPM.
+  burst       5 s at 0.5x, 10 s at 10x, 10 s at 0.5x.
+  users       tenant "shared" capped at 60 RPM per user: one user sends 6 req/s, three send 0.4 req/s each, 20 s
               (10 s admission deadline: a capped request fails typed instead of queueing for minutes).
-  priorities  critical at 0.2x for 20 s, alone, then again under a bulk flood at 3x (bulk deadline 20 s):
+  priorities  critical at 0.2x for 15 s alone, then 15 s more under a bulk flood at 5x (bulk deadline 15 s):
               critical p99 must not grow.
-  repeats     130 questions at 3 req/s, 31 % of them paraphrases of earlier ones: dollars spent and saved.
+  repeats     130 questions at 6 req/s, 31 % of them paraphrases of earlier ones: dollars spent and saved.
+steady, users and priorities start on an account already at its limit: a minute's worth of requests goes first
+through the variant's own path (not counted), since a token bucket holds a minute of capacity and 1.5x the limit
+on a rested account would take two minutes to show anything. burst and repeats start on a rested account.
 Each scenario prints a table, writes benchmarks/results/load_<scenario>.json and draws load_<scenario>.png over
 time.
 """
@@ -89,13 +92,14 @@ def _q(i: int, tag: str) -> str:
 
 
 def steady(scale: float, rng: random.Random) -> list[Send]:
-    ts = _poisson(1.5 * RATE, 0.0, 30.0 * scale, rng)
+    ts = _poisson(1.5 * RATE, 0.0, 20.0 * scale, rng)
     return [Send(t, _q(i, "steady"), f"u{i % 50}", tag="all") for i, t in enumerate(ts)]
 
 
 def burst(scale: float, rng: random.Random) -> list[Send]:
     d = 10.0 * scale
-    phases = [(0.5 * RATE, 0.0, d, "before"), (10 * RATE, d, 2 * d, "burst"), (0.5 * RATE, 2 * d, 3 * d, "after")]
+    phases = [(0.5 * RATE, 0.0, d / 2, "before"), (10 * RATE, d / 2, 1.5 * d, "burst"),
+              (0.5 * RATE, 1.5 * d, 2.5 * d, "after")]
     sends = []
     for rate, a, b, tag in phases:
         sends += [Send(t, "", "", tag=tag) for t in _poisson(rate, a, b, rng)]
@@ -106,7 +110,7 @@ def burst(scale: float, rng: random.Random) -> list[Send]:
 
 
 def users(scale: float, rng: random.Random) -> list[Send]:
-    d = 30.0 * scale
+    d = 20.0 * scale
     sends = [Send(t, "", "hog", tenant="shared", deadline_s=10.0, tag="hog") for t in _poisson(6.0, 0, d, rng)]
     for u in ("alice", "bob", "carol"):
         sends += [Send(t, "", u, tenant="shared", deadline_s=10.0, tag=u) for t in _poisson(0.4, 0, d, rng)]
@@ -118,15 +122,13 @@ def users(scale: float, rng: random.Random) -> list[Send]:
 
 def priorities(scale: float, rng: random.Random) -> list[Send]:
     """Critical alone for d seconds, a gap, then critical again under a bulk flood for d seconds."""
-    d = 20.0 * scale
-    gap = 8.0
+    d = 15.0 * scale
     sends = [Send(t, "", f"c{i % 5}", priority="critical", tag="critical alone")
              for i, t in enumerate(_poisson(0.2 * RATE, 0, d, rng))]
-    start = d + gap
     sends += [Send(t, "", f"c{i % 5}", priority="critical", tag="critical, bulk flooding")
-              for i, t in enumerate(_poisson(0.2 * RATE, start, start + d, rng))]
-    sends += [Send(t, "", f"b{i % 20}", priority="bulk", deadline_s=20.0, tag="bulk")
-              for i, t in enumerate(_poisson(3.0 * RATE, start, start + d, rng))]
+              for i, t in enumerate(_poisson(0.2 * RATE, d, 2 * d, rng))]
+    sends += [Send(t, "", f"b{i % 20}", priority="bulk", deadline_s=15.0, tag="bulk")
+              for i, t in enumerate(_poisson(5.0 * RATE, d, 2 * d, rng))]
     sends.sort(key=lambda s: s.t)
     for i, s in enumerate(sends):
         s.prompt = _q(i, f"priorities {s.priority}")
@@ -141,26 +143,31 @@ def repeats(scale: float, rng: random.Random) -> list[Send]:
     originals = [p[0] for p in pairs] + uniques
     rng.shuffle(originals)
     order = [(q, "original") for q in originals]
-    # each paraphrase comes after its original, at least 8 places later (its answer is stored by then)
+    # each paraphrase comes after its original, at least 16 places (~2.7 s) later: its answer is stored by then
     for first, second, _c in pairs:
         at = order.index((first, "original"))
-        pos = rng.randint(min(len(order), at + 8), len(order))
+        pos = rng.randint(min(len(order), at + 16), len(order))
         order.insert(pos, (second, "paraphrase"))
-    return [Send(i / 3.0, q, f"r{i % 10}", tenant="repeats", cache=True, max_tokens=400, tag=tag)
+    return [Send(i / 6.0, q, f"r{i % 10}", tenant="repeats", cache=True, max_tokens=400, tag=tag)
             for i, (q, tag) in enumerate(order)]
 
 
 SCENARIOS = {"steady": steady, "burst": burst, "users": users, "priorities": priorities, "repeats": repeats}
+# scenarios that start on an account already at its limit (a minute's worth of requests sent first, through the
+# variant's own path, not counted): a token bucket holds a minute of capacity, so 1.5x the limit on a rested
+# account would take two minutes to show anything
+WARM = {"steady", "users", "priorities"}
 
 
 # -- the load generators ------------------------------------------------------------------------------------------
 
 @ray.remote(num_cpus=0)
 class LoadWorker:
-    def __init__(self, mode: str, url: str, runtime_name: str = "default") -> None:
+    def __init__(self, mode: str, url: str) -> None:
         import anthropic
 
         self.mode = mode
+        self.rt = None
         if mode in ("sdk", "seed"):
             self.client = anthropic.AsyncAnthropic(base_url=url, api_key="bench-key")  # default max_retries=2
         if mode == "seed":
@@ -169,10 +176,11 @@ class LoadWorker:
             self.account = TokenBucket(LIMITS["rpm"], 60.0)
             self.user_buckets: dict[str, Any] = {}
             self._bucket = TokenBucket
-        if mode == "ours":
-            import runtime
 
-            self.rt = runtime.connect(runtime_name)
+    def attach(self, runtime_name: str) -> None:
+        import runtime
+
+        self.rt = runtime.connect(runtime_name)
 
     async def _seed_wait(self, s: Send) -> None:
         # the seed sleeps until its own (per-process) buckets allow the request
@@ -203,8 +211,9 @@ class LoadWorker:
         if self.mode == "seed":
             await self._seed_wait(s)
         try:
-            await self.client.messages.create(**req)
+            msg = await self.client.messages.create(**req)
             out["outcome"] = "ok"
+            out["cost"] = _price(msg.usage)
         except anthropic.RateLimitError:
             out["outcome"] = "RateLimitError"
         except anthropic.APIStatusError as exc:
@@ -212,6 +221,20 @@ class LoadWorker:
         except anthropic.APIConnectionError:
             out["outcome"] = "connection"
         return out
+
+    async def warm(self, n: int, concurrency: int = 32) -> dict[str, int]:
+        """``n`` requests through this variant's own path, as fast as it allows: the account (and this
+        variant's view of it) starts the scenario at its limit, as after a busy minute."""
+        sem = asyncio.Semaphore(concurrency)
+        outcomes: dict[str, int] = {}
+
+        async def one(i: int) -> None:
+            async with sem:
+                r = await self._one(Send(0.0, _q(i, f"warm-up {id(self)}"), f"w{i % 20}", tag="warm-up"))
+            outcomes[r["outcome"]] = outcomes.get(r["outcome"], 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return outcomes
 
     async def run(self, sends: list[dict], t0: float) -> list[dict]:
         async def fire(s: Send) -> dict:
@@ -241,14 +264,26 @@ def _limiter_full(rt: Any, timeout_s: float = 90.0) -> None:
         time.sleep(0.5)
 
 
-def run_variant(mode: str, sends: list[Send], fake: FakeApiProcess, nodes: list[str], runtime_name: str,
-                rt: Any = None) -> dict[str, Any]:
+def _counts(st: dict[str, Any]) -> dict[str, float]:
+    cls = st.get("by_class", {}).get("sonnet", {})
+    return {"429": st.get("by_status", {}).get("429", 0), "200": st.get("by_status", {}).get("200", 0),
+            "input_tokens": cls.get("input_tokens", 0), "output_tokens": cls.get("output_tokens", 0)}
+
+
+def run_variant(mode: str, sends: list[Send], fake: FakeApiProcess, workers: list[Any], rt: Any = None,
+                runtime_name: str = "default", warm: bool = False) -> dict[str, Any]:
     pool = rt.pool if rt is not None else None
     if rt is not None:
         _limiter_full(rt)
+        ray.get([w.attach.remote(runtime_name) for w in workers])
     fake.reset()
-    workers = [LoadWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
-        mode, fake.url, runtime_name) for n in nodes]
+    warmed: dict[str, int] = {}
+    if warm:
+        share = -(-LIMITS["rpm"] // len(workers))
+        for part in ray.get([w.warm.remote(share) for w in workers]):
+            for k, v in part.items():
+                warmed[k] = warmed.get(k, 0) + v
+    base = _counts(fake.stats())
     shares = [[asdict(s) for s in sends[i::len(workers)]] for i in range(len(workers))]
     t0 = time.time() + 2.0
     refs = [w.run.remote(share, t0) for w, share in zip(workers, shares)]
@@ -256,7 +291,7 @@ def run_variant(mode: str, sends: list[Send], fake: FakeApiProcess, nodes: list[
     pending = refs
     while pending:
         _done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-        st = fake.stats()
+        st = _counts(fake.stats())
         callers = None
         if pool is not None:
             try:
@@ -264,16 +299,21 @@ def run_variant(mode: str, sends: list[Send], fake: FakeApiProcess, nodes: list[
                 callers = rounds[-1][1] if rounds else None
             except Exception:  # noqa: BLE001
                 callers = None
-        timeline.append((time.time() - t0, st.get("by_status", {}).get("429", 0),
-                         st.get("by_status", {}).get("200", 0), callers))
+        timeline.append((time.time() - t0, st["429"] - base["429"], st["200"] - base["200"], callers))
     records = [r for part in ray.get(refs) for r in part]
-    stats = fake.stats()
-    for w in workers:
-        ray.kill(w)
-    cls = stats.get("by_class", {}).get("sonnet", {})
-    return {"mode": mode, "records": records, "timeline": timeline, "server_429": stats.get("by_status", {}).get(
-        "429", 0), "server_200": stats.get("by_status", {}).get("200", 0),
-        "billed_usd": _billed(cls), "elapsed_s": max((r["t"] + r["latency"] for r in records), default=0.0)}
+    end = _counts(fake.stats())
+    used = {k: end[k] - base[k] for k in end}
+    return {"mode": mode, "records": records, "timeline": timeline, "server_429": used["429"],
+            "server_200": used["200"], "billed_usd": _billed(used), "warm_up": warmed,
+            "elapsed_s": max((r["t"] + r["latency"] for r in records), default=0.0)}
+
+
+def _price(usage: Any) -> float:
+    from runtime.pricing import price
+    from runtime.settings import Settings
+    from runtime.usage import Usage
+
+    return price(Usage.from_api(usage), MODEL, Settings()).total_usd
 
 
 def _billed(cls: dict[str, Any]) -> float:
@@ -281,7 +321,7 @@ def _billed(cls: dict[str, Any]) -> float:
     from runtime.settings import Settings
     from runtime.usage import Usage
 
-    u = Usage(input_tokens=int(cls.get("input_tokens", 0)), output_tokens=int(cls.get("output_tokens", 0)))
+    u = Usage(input_tokens=int(cls["input_tokens"]), output_tokens=int(cls["output_tokens"]))
     return price(u, MODEL, Settings()).total_usd
 
 
@@ -326,14 +366,14 @@ def table(console: Console, name: str, runs: list[dict[str, Any]], extra: str = 
 
 
 def plot(name: str, runs: list[dict[str, Any]], png: Path) -> Path:
+    """Per variant over time: answers and failures per second, the server's 429s, and a fourth panel for what
+    the scenario is about (callers in the pool; critical latency; dollars)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_pool = any(any(p[3] is not None for p in r["timeline"]) for r in runs)
-    n = 3 + (1 if has_pool else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     horizon = int(max(r["elapsed_s"] for r in runs)) + 2
     for r in runs:
         c = COLORS.get(r["mode"], None)
@@ -346,16 +386,28 @@ def plot(name: str, runs: list[dict[str, Any]], png: Path) -> Path:
         axes[1].plot(range(horizon), bad, color=c, label=r["mode"])
         tl = r["timeline"]
         axes[2].plot([p[0] for p in tl], [p[1] for p in tl], color=c, label=r["mode"])
-        if has_pool and any(p[3] is not None for p in tl):
+        done = sorted(r["records"], key=lambda x: x["t"] + x["latency"])
+        if name == "repeats":
+            spent, total = [], 0.0
+            for rec in done:
+                total += rec["cost"]
+                spent.append(total)
+            axes[3].plot([x["t"] + x["latency"] for x in done], spent, color=c, label=f"{r['mode']} spent")
+        elif name == "priorities":
+            crit = [x for x in r["records"] if x["priority"] == "critical" and x["outcome"] == "ok"]
+            axes[3].scatter([x["t"] for x in crit], [x["latency"] for x in crit], s=8, color=c, label=r["mode"])
+        elif any(p[3] is not None for p in tl):
             axes[3].step([p[0] for p in tl if p[3] is not None], [p[3] for p in tl if p[3] is not None], color=c,
                          where="post", label=r["mode"])
     axes[0].axhline(RATE, color="k", lw=0.8, ls="--", label="account limit")
-    titles = ["answers per second", "failed requests per second", "server 429s (cumulative)", "callers in the pool"]
-    for ax, title in zip(axes, titles):
+    fourth = {"repeats": "dollars billed (cumulative)", "priorities": "critical requests: latency s by send time"
+              }.get(name, "callers in the pool (ours)")
+    for ax, title in zip(axes, ["answers per second", "failed requests per second", "server 429s (cumulative)",
+                                fourth]):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("s")
         ax.legend(fontsize=7)
-    fig.suptitle(f"load scenario: {name}")
+    fig.suptitle(f"load scenario: {name} ({LIMITS['rpm']} RPM account, 3 nodes)")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -385,7 +437,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--address", default=None, help="a running cluster (default: start a 3-node local one)")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=170)
     variants = [v for v in args.variants.split(",") if v]
     cluster = None
     if args.address:
@@ -405,6 +457,9 @@ def main() -> None:
     started = time.time()
     try:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]][:3]
+        # one load generator per node and variant, for the whole run
+        gens = {mode: [LoadWorker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(
+            mode, fake.url) for n in nodes] for mode in variants}
         plain = None
         for name in [s for s in args.scenarios.split(",") if s]:
             sends = SCENARIOS[name](args.scale, random.Random(args.seed))
@@ -422,8 +477,10 @@ def main() -> None:
             runs = []
             for mode in variants:
                 console.print(f"[bold]{name}[/]: {len(sends)} requests over {max(s.t for s in sends):.0f} s, {mode} ...")
-                runs.append(run_variant(mode, sends, fake, nodes, "cached" if cached else "plain",
-                                        rt=rt if mode == "ours" else None))
+                runs.append(run_variant(mode, sends, fake, gens[mode], rt=rt if mode == "ours" else None,
+                                        runtime_name="cached" if cached else "plain", warm=name in WARM))
+                if runs[-1]["warm_up"]:
+                    console.print(f"  warm-up (not counted): {runs[-1]['warm_up']}")
             if cached and rt is not None:
                 rt.shutdown()
             rows = table(console, name, runs)

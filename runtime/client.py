@@ -75,23 +75,25 @@ class Runtime:
         if self.pool is None:
             return self._callers
         now = time.monotonic()
-        if self._members_ref is not None and ray.wait([self._members_ref], timeout=0)[0]:
-            ref, self._members_ref = self._members_ref, None
-            self._take_members(ref, now)
+        if self._members_ref is not None and ray.wait([self._members_ref[0]], timeout=0)[0]:
+            (ref, asked_at), self._members_ref = self._members_ref, None
+            self._take_members(ref, asked_at)
+        # a list is as old as the question it answers: one asked for before an idle spell is stale when it
+        # is read after it
         age = now - self._members_at
         if age >= self.settings.callers.drain_grace_s / 2:
             self._members_ref = None
             self._take_members(self.pool.members.remote(), now)
         elif age >= _MEMBERS_REFRESH_S and self._members_ref is None:
-            self._members_ref = self.pool.members.remote()
+            self._members_ref = (self.pool.members.remote(), now)
         return self._callers
 
-    def _take_members(self, ref: Any, now: float) -> None:
+    def _take_members(self, ref: Any, asked_at: float) -> None:
         try:
             members = ray.get(ref, timeout=10)
         except Exception:  # noqa: BLE001 - the pool is restarting: keep the last list, ask again later
             members = None
-        self._members_at = now
+        self._members_at = asked_at
         if members:
             self._callers = [h for _name, h in members]
 
