@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/ledger_throughput.py
 	$(PY) benchmarks/cache_quality.py
 	$(PY) benchmarks/cache_latency.py
+	$(PY) benchmarks/budget_fill.py
 
 clean:
 	rm -rf $(VENV) .claude_runtime *.egg-info

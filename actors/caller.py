@@ -22,7 +22,9 @@ import uuid
 import ray
 
 from actors.cache import CacheClient
+from actors.journal import Journal
 from actors.ledger import LedgerClient
+from actors.local_ledger import LocalLedgerClient
 from actors.limiter import LimiterClient
 from actors.metrics import RequestObserver
 from runtime.errors import ClaudeRuntimeError
@@ -58,6 +60,16 @@ def caller_options(settings: Settings, name: str, namespace: str, node_id: str |
     return opts
 
 
+def journal_path(settings: Settings, caller: str) -> str:
+    """One journal per caller name and runtime (its data_dir), on node-local disk unless configured."""
+    import tempfile
+    from pathlib import Path
+
+    base = Path(settings.ledger.journal_dir or Path(tempfile.gettempdir()) / "claude_runtime_journal")
+    tag = hashlib.sha256(str(settings.data_dir).encode()).hexdigest()[:12]
+    return str(base / tag / f"{caller}.jsonl")
+
+
 class CallerActor:
     def __init__(self, settings: Settings, upstreams: list[UpstreamSettings], limiter, ledger, cache=None,
                  name: str | None = None) -> None:
@@ -70,7 +82,13 @@ class CallerActor:
         self._cache = CacheClient(cache, settings) if cache is not None else None
         self._node_id = ray.get_runtime_context().get_node_id()
         self._started = time.time()
+        self._journal = None
+        if settings.ledger.local_journal:
+            self._journal = Journal(journal_path(settings, self._name))
         self._build(settings, upstreams)
+        if self._journal is not None:
+            # what an earlier life of this caller left: drained first, its unanswered calls booked
+            self.pipeline.ports.ledger.recover_sync(self._name, self._life)
         if self._cache is not None:
             # load the embedding model before the first request, not during it (seconds on a cold process)
             self._cache.embedder.embed(["warm up"])
@@ -80,9 +98,20 @@ class CallerActor:
         self.settings = settings.without_secrets()
         self._upstreams = list(upstreams)  # kept only to hand to callers this one spawns for the pool
         self._fingerprint = secrets_fingerprint(upstreams)
+        if self._journal is not None:
+            budgeted = any(v is not None for v in settings.budgets.model_dump(
+                include={"daily_usd", "monthly_usd", "per_user_daily_usd", "per_user_monthly_usd",
+                         "per_tenant_daily_usd", "per_tenant_monthly_usd"}).values())
+            ledger_port = LocalLedgerClient(self._ledger, self._journal, owner=f"{self._name}|{self._life}",
+                                            budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s)
+        else:
+            ledger_port = LedgerClient(self._ledger)
         ports = Ports(
-            admission=LimiterClient(self._limiter, settings.limiter.max_wait_s),
-            ledger=LedgerClient(self._ledger),
+            admission=LimiterClient(self._limiter, settings.limiter.max_wait_s, leases=settings.limiter.leases,
+                                    caller=f"{self._name}|{self._life}",
+                                    lease_term_s=settings.limiter.lease_term_s,
+                                    capped=lambda e: settings.user_caps(e.user_id, e.tenant) is not None),
+            ledger=ledger_port,
             transports={u.name: build_transport(u, settings.retry) for u in upstreams},
             cache=self._cache,
             observer=RequestObserver(self.settings),
@@ -99,7 +128,19 @@ class CallerActor:
     def load(self) -> dict:
         """What the pool sizes itself by: requests in this caller now, and whether it is draining."""
         return {"name": self._name, "in_flight": self._in_flight, "draining": self._draining,
-                "node": self._node_id, "life": self._life, "served": self._served}
+                "node": self._node_id, "life": self._life, "served": self._served, "leases": self._leases()}
+
+    def _leases(self) -> dict:
+        """The capacity (and, where the ledger port reports them, budget) leases this caller holds, for
+        ``claude-runtime status``."""
+        out = {}
+        book = getattr(self.pipeline.ports.admission, "book", None)
+        if book is not None:
+            out["capacity"] = book.snapshot()
+        budget = getattr(self.pipeline.ports.ledger, "lease_snapshot", None)  # a hook for budget leases
+        if callable(budget):
+            out["budget"] = budget()
+        return out
 
     @ray.method(concurrency_group=CONTROL)
     def drain(self, on: bool = True) -> dict:
@@ -137,6 +178,11 @@ class CallerActor:
 
     def pipeline_stats(self) -> dict:
         return dict(self.pipeline.stats)
+
+    async def flush(self) -> int:
+        """Everything journaled so far is in the ledger when this returns."""
+        ledger = self.pipeline.ports.ledger
+        return await ledger.drain() if isinstance(ledger, LocalLedgerClient) else 0
 
     async def handle(self, req: NormalizedRequest) -> Result:
         self._in_flight += 1

@@ -13,6 +13,11 @@ alerts) is in the file before it is acknowledged; on start the actor replays the
 its alert monitor and its counters. Budget *reservations* are not persisted (an fsync per reserve would halve
 throughput): after a restart, requests already in flight are settled as plain spend when they commit.
 
+A ``begin`` that finds no room in a budget but fits beside its settled spend waits here for room (``BudgetGate``,
+runtime/budget_wait.py): a coroutine parked on the event loop per waiting request, woken after each write batch
+and release, or by the deadline timer. Waiters are not persisted either: after a restart Ray retries their
+``begin`` calls, which queue again.
+
 SQLite work runs on one dedicated thread (the connection's only user), never on the event loop.
 """
 
@@ -34,12 +39,13 @@ from typing import Any
 import ray
 
 from runtime.alerts import Alert, AlertMonitor
-from runtime.budget import BudgetBook, Reservation, day_key
+from runtime.budget import REPLACED, BudgetBook, Reservation, day_key
+from runtime.budget_wait import BudgetGate
 from runtime.groupsubmit import GroupSubmitter
 from runtime.intents import (Begin, Begun, OpenIntent, Owner, judge_open_intents, stale,
                              unreconciled_record)
 from runtime.records import ROW_COLUMNS, Record
-from runtime.settings import Settings
+from runtime.settings import BudgetSettings, Settings
 
 log = logging.getLogger("claude_runtime.ledger")
 alert_log = logging.getLogger("claude_runtime.alerts")
@@ -134,8 +140,8 @@ class LedgerStore:
                         "INSERT INTO intents (request_id, attempt, model, ts, owner, reserved_usd, user_id, tenant, "
                         "priority, state) VALUES (:request_id, :attempt, :model, :ts, :owner, :reserved_usd, "
                         ":user_id, :tenant, :priority, 'open') ON CONFLICT(request_id, attempt) DO UPDATE SET "
-                        "model = excluded.model, owner = excluded.owner, reserved_usd = excluded.reserved_usd, "
-                        "state = 'open'", payload)
+                        "model = excluded.model, owner = excluded.owner, reserved_usd = excluded.reserved_usd",
+                        payload)
                     out.append(Written(True))
                 elif kind == "reconcile":
                     out.append(self._reconcile(cur, payload))
@@ -239,6 +245,8 @@ class Ledger:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
         self.store = self._exec.submit(LedgerStore, self.path).result()
         self.book = BudgetBook(settings.budgets)
+        # requests that must wait for budget room park here (one coroutine each) until a settle frees it
+        self.gate = BudgetGate(self.book)
         self.monitor = AlertMonitor(settings.alerts)
         # concurrent writes share one transaction: whatever arrives while a transaction is on disk goes in the
         # next one (group commit); each writer is answered once its own item is durable
@@ -249,11 +257,14 @@ class Ledger:
                                                               "items": len(items)})))
         # intents without an outcome, by request id then attempt (mirrors the file's state='open' rows)
         self._open: dict[str, dict[int, OpenIntent]] = {}
-        # who holds each request's budget reservation, so a duplicate request id cannot release another's
-        self._holders: dict[str, str] = {}
+        # who holds (or waits for) each request's budget reservation is the book's ``holder``: a duplicate
+        # request id can neither release another's room nor take its place in the queue
         self._beginning: dict[str, str] = {}  # request id -> owner, while its first begin is in progress
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._budget_leases: dict[str, float] = {}
+        self._lease_seq = 0
+        self._closed_recently: dict[str, set[int]] = {}
         self._http = None
         self._counter = None
         self.flushes = 0
@@ -290,8 +301,6 @@ class Ledger:
             if last.reserved_usd > 0:
                 self.book.restore(rid, last.user_id, last.tenant, last.reserved_usd, owner=last.owner,
                                   priority=last.priority)
-                if last.owner:
-                    self._holders[rid] = last.owner
         # alerts: the day's spend, what was already raised, and the error window (which decides the episode)
         today = day_key(now)
         fired = {r["kind"]: r["ts"] for r in self._q("SELECT kind, MAX(ts) AS ts FROM alerts GROUP BY kind")}
@@ -336,6 +345,8 @@ class Ledger:
                 self._apply(payload[0], w)
             elif kind == "reconcile":
                 self._apply_reconcile(payload, w)
+        # settled spend and released reservations make room: waiting requests get it now
+        self.gate.changed()
         return written
 
     async def _write(self, kind: str, payload: Any) -> Written:
@@ -344,6 +355,10 @@ class Ledger:
 
     def _apply(self, rec: Record, w: Written) -> None:
         """Fold a newly stored record into memory: counters, budgets, alerts, open intents."""
+        # the reservation this record settles is its attempt's: held by whoever wrote that intent. A record with
+        # no intent behind it (a refused duplicate's failure row) must not settle the running request's room.
+        opened = (self._open.get(rec.request_id) or {}).get(rec.attempt)
+        owner = opened.owner if opened is not None else None
         self._close_intents(rec)
         st = self._stats
         if w.superseded_rows:
@@ -360,8 +375,9 @@ class Ledger:
         st["hits"] += rec.cache in ("exact", "semantic")
         st["saved_usd"] += rec.saved_usd
         st["total_usd"] += rec.cost_usd
-        self.book.settle(rec.request_id, rec.cost_usd, user_id=rec.user_id, tenant=rec.tenant, ts=rec.ts)
-        self._holders.pop(rec.request_id, None)
+        if rec.attempt > 0 or rec.cost_usd > 0:
+            self.book.settle(rec.request_id, rec.cost_usd, user_id=rec.user_id, tenant=rec.tenant, ts=rec.ts,
+                             owner=owner, output_tokens=rec.usage.output_tokens if rec.billed else None)
         for alert in self.monitor.observe(rec):
             self._raise(alert)
 
@@ -374,6 +390,12 @@ class Ledger:
             done.add(rec.attempt)
         for a in done:
             by_attempt.pop(a, None)
+        if done:
+            closed = self._closed_recently.setdefault(rec.request_id, set())
+            closed.update(done)
+            if len(self._closed_recently) > 100_000:  # a bounded memory of what was closed
+                for rid in list(self._closed_recently)[:50_000]:
+                    del self._closed_recently[rid]
         if not by_attempt:
             self._open.pop(rec.request_id, None)
 
@@ -430,14 +452,21 @@ class Ledger:
     # -- reservations and intents ------------------------------------------------------------------------------
     async def reserve(self, request_id: str, user_id: str | None, tenant: str | None, priority: str,
                       max_cost_usd: float) -> Reservation:
-        return self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
+        res = self.book.reserve(request_id, user_id, tenant, priority, max_cost_usd)
+        self.gate.changed()
+        return res
 
     async def begin(self, b: Begin) -> Begun:
         """Reserve the attempt's worst-case cost and, when granted, write its intent durably, in one call.
 
         The first begin of an execution (``attempt=None``) also settles what an earlier run of the same
         request left open (see runtime/intents.py): a dead run's intents become unreconciled rows, and a live
-        concurrent run makes this one a refused duplicate. Attempt numbers continue after every known one."""
+        concurrent run (one holding or waiting for the request's reservation) makes this one a refused
+        duplicate. Attempt numbers continue after every known one.
+
+        With ``b.deadline_at``, a reservation that fits beside the settled spend but not beside what is in
+        flight waits here (parked, not blocking the actor) until settles make room, it can no longer fit, or
+        the deadline passes; the answer is then granted or refused with the figures."""
         me = Owner.parse(b.owner)
         if me is None:
             raise ValueError(f"begin needs an owner 'caller|life|execution', not {b.owner!r}")
@@ -448,10 +477,17 @@ class Ledger:
             other = self._beginning.get(rid)
             if other is not None and other != b.owner:
                 return Begun(None, 0, duplicate_of=other)
-            dead, conflict = judge_open_intents(list(self._open.get(rid, {}).values()), me, time.time(),
-                                                self.settings.ledger.unreconciled_after_s)
+            now = time.time()
+            known = list(self._open.get(rid, {}).values())
+            holder = self.book.holder(rid)
+            if holder is not None and holder.owner is not None and all(it.owner != holder.owner for it in known):
+                # a reservation granted but not yet under an intent, or a request still waiting in the budget
+                # queue: judged like an intent of its owner written just now (live unless its process is gone)
+                known.append(OpenIntent(rid, 0, None, now, holder.owner, holder.amount_usd))
+            dead, conflict = judge_open_intents(known, me, now, self.settings.ledger.unreconciled_after_s)
             if conflict is not None:
                 return Begun(None, 0, duplicate_of=conflict.owner)
+            dead = [it for it in dead if it.attempt > 0]  # a dead waiter's ticket is replaced by this admit
             mine = [a for a, it in self._open.get(rid, {}).items() if it.owner == b.owner]
             if mine:
                 # the same execution asking again (Ray retried this call across a ledger restart): answer
@@ -466,21 +502,32 @@ class Ledger:
                                            for it in dead))
                     unreconciled = len(dead)
                 if attempt is None:
-                    known = max(self._open.get(rid, {}) or [0])
+                    known_attempts = max(self._open.get(rid, {}) or [0])
                     stored = await asyncio.get_running_loop().run_in_executor(self._exec, self.store.max_attempt,
                                                                               rid)
-                    attempt = max(known, stored) + 1
+                    attempt = max(known_attempts, stored) + 1
             finally:
                 self._beginning.pop(rid, None)
         else:
-            holder = self._holders.get(rid)
-            if holder is not None and holder != b.owner:
-                return Begun(None, 0, duplicate_of=holder)
-        res = self.book.reserve(rid, b.user_id, b.tenant, b.priority, b.reserve_usd)
+            holder = self.book.holder(rid)
+            if holder is not None and holder.owner is not None and holder.owner != b.owner:
+                return Begun(None, 0, duplicate_of=holder.owner)
+        res = await self.gate.admit(rid, b.user_id, b.tenant, b.priority, b.reserve_usd, owner=b.owner,
+                                    model=b.model, route=b.route, max_tokens=b.max_tokens, deadline=b.deadline_at)
         if not res.granted:
             return Begun(res, 0, unreconciled)
-        self._holders[rid] = b.owner
-        await self._intent(rid, attempt, b.model, b.owner, b.reserve_usd, b.user_id, b.tenant, b.priority)
+        held = self.book.holder(rid)
+        if held is None or held.queued or held.owner != b.owner:
+            # granted after a wait, but a re-run of the request (its caller died meanwhile) took the
+            # reservation over before this coroutine resumed: the re-run goes on, this one has nobody to answer
+            return Begun(dataclasses.replace(res, granted=False, state="stop", reason=REPLACED), 0, unreconciled)
+        try:
+            await self._intent(rid, attempt, b.model, b.owner, b.reserve_usd, b.user_id, b.tenant, b.priority)
+        except BaseException:
+            # no intent, no call: the room goes back rather than wait for a sweep that has nothing to sweep
+            if self.book.release(rid, owner=b.owner):
+                self.gate.changed()
+            raise
         return Begun(res, attempt, unreconciled)
 
     async def _intent(self, request_id: str, attempt: int, model: str | None, owner: str | None,
@@ -511,11 +558,12 @@ class Ledger:
     async def release(self, request_id: str, owner: str | None = None) -> bool:
         """Give back a reservation that will not be billed; only its holder may (a refused duplicate of the
         same id must not free the running request's budget)."""
-        holder = self._holders.get(request_id)
-        if owner is not None and holder is not None and holder != owner:
+        held = self.book.holder(request_id)
+        if held is None or held.queued or (owner is not None and held.owner is not None and held.owner != owner):
             return False
-        self._holders.pop(request_id, None)
-        return self.book.release(request_id)
+        self.book.release(request_id)
+        self.gate.changed()
+        return True
 
     # -- the sweep: intents nobody will answer ---------------------------------------------------------------
     def _ensure_sweeper(self) -> None:
@@ -627,18 +675,102 @@ class Ledger:
     async def budget_state(self, user_id: str | None, tenant: str | None) -> str:
         return self.book.state(user_id, tenant)
 
+    async def budgets(self) -> dict[str, Any]:
+        """Per budget: limit, settled spend, worst cases reserved in flight, their expected cost, requests
+        waiting for room (count and worst-case USD) and the threshold state; then the learned cost ratios
+        (``BudgetBook.snapshot``)."""
+        return self.book.snapshot()
+
     async def alerts(self, since: float | None = None) -> list[dict[str, Any]]:
         rows = await self._read("SELECT body FROM alerts WHERE ts >= ? ORDER BY id",
                                 (since if since is not None else float("-inf"),))
         return [json.loads(r["body"]) for r in rows]
 
     async def stats(self) -> dict[str, Any]:
-        return {**self._stats, "outstanding_reservations": self.book.outstanding, "flushes": self.flushes,
+        return {**self._stats, "outstanding_reservations": self.book.outstanding,
+                "queued_reservations": self.book.waiting, "budget_queue": dict(self.gate.stats),
+                "flushes": self.flushes,
                 "open_intents": sum(len(v) for v in self._open.values()), "path": str(self.path),
                 "pid": os.getpid()}
 
     async def ping(self) -> bool:
         return True
+
+    # -- what callers journal locally (actors/journal.py) -------------------------------------------------------
+    async def apply_journal(self, entries: list[dict[str, Any]]) -> int:
+        """A caller's journal, in order: intents, then records (with the budget-lease part each consumes).
+        Idempotent: entries sent again after a crash change nothing."""
+        writes = []
+        consumed: list[tuple[str, float]] = []
+        for e in entries:
+            if e["k"] == "intent":
+                it = OpenIntent(e["request_id"], int(e["attempt"]), e.get("model"), float(e["ts"]), e.get("owner"),
+                                float(e.get("reserved_usd") or 0.0), e.get("user_id"), e.get("tenant"),
+                                e.get("priority") or "normal")
+                if self._already_closed(it):
+                    continue
+                self._open.setdefault(it.request_id, {})[it.attempt] = it
+                writes.append(self._write("intent", {k: getattr(it, k) for k in (
+                    "request_id", "attempt", "model", "ts", "owner", "reserved_usd", "user_id", "tenant",
+                    "priority")}))
+            else:
+                rec = Record.from_row(e["row"])
+                rec.void_attempts = tuple(e.get("void") or ())
+                writes.append(self._write("record", self._item(rec)))
+                if e.get("lease"):
+                    consumed.append((e["lease"], float(e.get("reserved") or 0.0)))
+        await asyncio.gather(*writes)
+        for lease_id, amount in consumed:
+            self.book.consume_lease(lease_id, amount)
+        if consumed:
+            self.gate.changed()
+        return len(entries)
+
+    def _already_closed(self, it: OpenIntent) -> bool:
+        # a journal sent twice must not reopen an intent the first copy's record closed
+        return it.request_id in self._closed_recently and it.attempt in self._closed_recently[it.request_id]
+
+    async def caller_restarted(self, caller: str, life: str) -> dict[str, int]:
+        """A caller process came back (a new life of the same actor name): the open intents of its earlier
+        lives were sent by a process that is gone. They become unreconciled rows now; the answer maps each
+        such request to its highest attempt, so a re-run numbers its attempts after them."""
+        dead = [it for by in list(self._open.values()) for it in by.values()
+                if (o := Owner.parse(it.owner)) is not None and o.caller == caller and o.life != life]
+        env = self.settings.environment
+        await asyncio.gather(*(self._write("record", self._item(unreconciled_record(it, env))) for it in dead))
+        out: dict[str, int] = {}
+        for it in dead:
+            out[it.request_id] = max(out.get(it.request_id, 0), it.attempt)
+        return out
+
+    async def budget_lease(self, owner: str, wanted_usd: float) -> tuple[str | None, float]:
+        """A slice of the account-wide budgets for a caller to reserve on by itself (see BudgetBook.lease)."""
+        self._lease_seq += 1
+        lease_id = f"budget-lease-{os.getpid()}-{self._lease_seq}"
+        size = self.book.lease(lease_id, wanted_usd, owner=owner)
+        if size <= 0:
+            return None, 0.0
+        self._budget_leases[lease_id] = time.time()
+        return lease_id, size
+
+    async def budget_lease_consume(self, lease_id: str, amount_usd: float) -> None:
+        """Part of a lease's hold that ended without a record (a request released before it was billed)."""
+        self.book.consume_lease(lease_id, amount_usd)
+        if self.book.held(lease_id) is None:
+            self._budget_leases.pop(lease_id, None)
+        self.gate.changed()
+
+    async def budget_lease_return(self, lease_id: str, keep_usd: float) -> None:
+        """The caller is done with a lease except ``keep_usd``, reserved by its calls still running (their
+        records will consume that part)."""
+        held = self.book.held(lease_id)
+        if held is None:
+            return
+        self.book.consume_lease(lease_id, max(0.0, held.amount - keep_usd))
+        if keep_usd <= 0:
+            self.book.release(lease_id)
+            self._budget_leases.pop(lease_id, None)
+        self.gate.changed()
 
     async def reconfigure(self, settings: Settings) -> None:
         """New budgets and alert thresholds, live (``runtime.start(..., reconfigure=True)``); what is spent and
@@ -698,7 +830,18 @@ class LedgerClient:
         self.ledger.check_cost.remote(request_id, reserved_usd, billed_usd)
 
 
-LedgerActor = ray.remote(num_cpus=0, max_concurrency=256, max_restarts=-1, max_task_retries=-1)(Ledger)
+def max_concurrency(budgets: BudgetSettings) -> int:
+    """Calls the ledger runs at once. Every request waiting for budget room is a ``begin`` parked on the
+    actor's event loop and holds one of these slots until its turn; if waiters could fill them all, the
+    commits and releases that make room would queue behind them and nothing would move until deadlines
+    expired. So: room for every waiter the book lets in (``max_queued``) plus headroom for everything else.
+    A slot of an async actor is only a counter, not a thread."""
+    return budgets.max_queued + _CALL_HEADROOM
+
+
+_CALL_HEADROOM = 1024
+LedgerActor = ray.remote(num_cpus=0, max_concurrency=max_concurrency(BudgetSettings()), max_restarts=-1,
+                         max_task_retries=-1)(Ledger)
 
 
 def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None, namespace: str = NAMESPACE):
@@ -706,4 +849,5 @@ def get_or_create_ledger(settings: Settings, *, scheduling_strategy: Any = None,
     return LedgerActor.options(
         name=LEDGER_NAME, namespace=namespace, lifetime="detached", max_restarts=-1, max_task_retries=-1,
         get_if_exists=True, scheduling_strategy=scheduling_strategy,
+        max_concurrency=max_concurrency(settings.budgets),
     ).remote(settings)

@@ -29,6 +29,7 @@ from ray.exceptions import RayError, RayTaskError
 
 from runtime.admission import NOT_SENT, Admission, Estimate, Grant, Outcome, RetryAfter
 from runtime.groupsubmit import GroupSubmitter
+from runtime.leases import LeaseBook
 from runtime.errors import InvalidRequest, RateLimitedPastDeadline
 from runtime.settings import ClassLimits, LimiterSettings, UserLimits
 
@@ -54,6 +55,15 @@ class LimiterActor:
 
     def reconcile_many(self, outcomes: list[Outcome]) -> None:
         self._adm.reconcile_many(outcomes)
+
+    def lease_many(self, requests: list) -> list:
+        return self._adm.lease_many(requests)
+
+    def return_many(self, returns: list) -> None:
+        self._adm.return_many(returns)
+
+    def report(self, group: str, model_class: str, status: int, headers: dict, received_at: float) -> None:
+        self._adm.report(group, model_class, status, headers, received_at)
 
     def snapshot(self) -> dict[str, Any]:
         return self._adm.snapshot()
@@ -94,10 +104,16 @@ class LimiterClient:
 
     def __init__(self, actor_handle: Any, max_wait_s: float = 120.0, batch_window_s: float = 0.001, *,
                  reconcile_window_s: float = 0.02, max_batch: int = 2_000, max_inflight_batches: int = 4,
-                 unavailable_retry_s: float = 0.2) -> None:
+                 unavailable_retry_s: float = 0.2, leases: bool = False, caller: str = "caller",
+                 lease_term_s: float = 2.0, capped: Any = None) -> None:
         self._actor = actor_handle
         self.max_wait_s = max_wait_s
         self._unavailable_retry_s = unavailable_retry_s
+        # capacity leases: most admissions happen here, on a slice of the buckets (runtime/leases.py)
+        self.book = LeaseBook(caller=caller, term_s=lease_term_s) if leases else None
+        self._capped = capped or (lambda e: False)  # requests under per-user caps always ask the limiter
+        self._refresher: asyncio.Task | None = None
+        self._lease_loop: asyncio.AbstractEventLoop | None = None
         # requests arriving in the same loop tick share a call; the window is only waited while earlier
         # batches are on the wire, so a lone request pays no added latency
         self._acquires: GroupSubmitter[Estimate, Grant | RetryAfter] = GroupSubmitter(
@@ -119,6 +135,11 @@ class LimiterClient:
         budget = self.max_wait_s if deadline_s is None else min(max(0.0, deadline_s), self.max_wait_s)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + budget
+        if self.book is not None and not self._capped(e):
+            local = self.book.try_admit(e)
+            self._ensure_refresher()
+            if local is not None:
+                return local
         while True:
             left = give_up_at - loop.time()
             try:
@@ -169,9 +190,52 @@ class LimiterClient:
         """A grant whose request will not be sent: everything comes back."""
         self.reconcile(Outcome(grant.lease_id, None, NOT_SENT, {}, time.time()))
 
+    # -- leases -------------------------------------------------------------------------------------------
+    def _ensure_refresher(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._refresher is None or self._refresher.done() or self._lease_loop is not loop:
+            self._lease_loop = loop
+            self._refresher = loop.create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        # asks for leases where demand shows and hands back expired ones; quiet when there is no demand
+        idle = 0
+        while idle < 50:
+            try:
+                busy = await self.refresh()
+            except Exception:  # noqa: BLE001 - the limiter restarting: ask again on the next round
+                busy = True
+            idle = 0 if busy else idle + 1
+            await asyncio.sleep(self.book.term_s * self.book.renew_at / 4)
+        await self.refresh(close=True)
+
+    async def refresh(self, close: bool = False) -> bool:
+        """One round: new leases for current demand, expired ones back. Returns whether anything happened."""
+        book = self.book
+        asks = [] if close else book.demand()
+        dues = book.due(all_now=close)
+        if dues:
+            await self._actor.return_many.remote(dues)
+        if asks:
+            try:
+                got = await self._actor.lease_many.remote(asks)
+            except Exception:
+                for a in asks:
+                    book.add(None, a)
+                raise
+            for a, lease in zip(asks, got):
+                book.add(lease, a)
+        return bool(asks or dues or book.snapshot().keys() - {"stats"})
+
     # -- reconcile ----------------------------------------------------------------------------------------
     def reconcile(self, o: Outcome) -> None:
         """Queue an outcome; sent with others in the background. Never blocks."""
+        if self.book is not None and LeaseBook.owns(o.lease_id):
+            inf = self.book._inflight.get(o.lease_id)
+            self.book.settle(o.lease_id, o.usage, o.status, o.headers, o.received_at)
+            if o.status == 429 and inf is not None:  # the limiter must pause this class at once
+                self._actor.report.remote(inf.key[0], inf.key[1], o.status, o.headers, o.received_at)
+            return
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -187,6 +251,8 @@ class LimiterClient:
         return [None] * len(batch)
 
     async def flush(self) -> None:
-        """Send queued reconciles now and wait until the actor has applied them."""
+        """Send queued reconciles (and hand back every lease) now and wait until the actor has applied them."""
         await self._acquires.flush()
         await self._reconciles.flush()
+        if self.book is not None:
+            await self.refresh(close=True)

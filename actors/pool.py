@@ -186,11 +186,18 @@ class CallerPool:
         for name in d.drain:
             await self._set_draining(name, True)
         for name in d.stop:
-            handle = self._members.pop(name, None)
+            handle = self._members.get(name)
+            if handle is not None:
+                try:
+                    # what it journaled goes to the ledger before it goes (actors/local_ledger.py)
+                    await asyncio.wait_for(handle.flush.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - keep it (still draining) and try again next round
+                    log.warning("caller %s did not flush its journal; not stopping it yet", name, exc_info=True)
+                    continue
+                ray.kill(handle, no_restart=True)
+            self._members.pop(name, None)
             self._loads.pop(name, None)
             self._info.pop(name, None)
-            if handle is not None:
-                ray.kill(handle, no_restart=True)
         if d.spawn:
             await self._spawn(d.spawn)
         if d.changes:
@@ -327,7 +334,7 @@ class CallerPool:
         return status_view.view(limiter=got.get("limiter"), budgets=budgets, cache=got.get("cache"),
                                 members=members, pool={"target": self._target, "floor": cs.num_callers,
                                                        "ceiling": cs.ceiling},
-                                leases=None)
+                                leases={m["name"]: m["leases"] for m in members if m.get("leases")})
 
 
 CallerPoolActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(CallerPool)

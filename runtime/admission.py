@@ -108,6 +108,14 @@ class _Lease:
 
 
 @dataclass
+class _CapLease:
+    key: str                   # the (group, class) bucket set
+    amounts: dict[str, float]  # taken from each bucket
+    seqs: dict[str, int]       # each bucket's take number (refunds are capped by peaks since)
+    expires: float             # never returned by then (its caller died): dropped without a refund
+
+
+@dataclass
 class _Hold:
     """The first request refused on a bucket keeps later, smaller ones from taking the refill it waits for."""
 
@@ -168,6 +176,7 @@ class Admission:
         self._users: dict[str, _UserState] = {}
         # insertion order is grant order, so expiry pops from the front
         self._leases: dict[str, _Lease] = {}
+        self._cap_leases: dict[str, _CapLease] = {}
         self._lease_timeout = lease_timeout_s
         self._user_sweep_s = user_sweep_s
         self._next_user_sweep = clock() + user_sweep_s
@@ -341,6 +350,80 @@ class Admission:
         for o in outcomes:
             self.reconcile(o)
 
+    # -- capacity leases (runtime/leases.py) ------------------------------------------------------------------
+    def lease(self, req) -> "object | None":
+        """A slice of one bucket set for a caller to admit requests on by itself, or None (near a limit, or
+        paused, or the class unknown). Only capacity above every priority floor is leased, and at most
+        ``lease_share`` of it, split among the leases already out; it is taken like a grant."""
+        from runtime.leases import CapacityLease
+
+        now = self._clock()
+        self._housekeep(now)
+        key = class_key(req.group, req.model_class)
+        cls = self._classes.get(key)
+        if cls is None or cls.paused_until > now or req.requests < 1 or cls.holds:
+            return None  # a held bucket has a waiter the lease would starve
+        floor = self._settings.critical_reserve + self._settings.bulk_headroom
+        out_now = sum(1 for le in self._cap_leases.values() if le.key == key)
+        frac = 1.0
+        for name, want in (("rpm", req.requests), ("itpm", req.input_tokens), ("otpm", req.output_tokens)):
+            b = cls.buckets[name]
+            spare = (b.level - floor * b.capacity) * self._settings.lease_share / (out_now + 1)
+            if spare <= 0:
+                return None
+            if want > 0:
+                frac = min(frac, spare / want)
+        n = int(req.requests * frac)
+        if n < 1:
+            return None
+        amounts = {"rpm": float(n), "itpm": float(int(req.input_tokens * n / req.requests)),
+                   "otpm": float(int(req.output_tokens * n / req.requests))}
+        term = self._settings.lease_term_s
+        seqs = {}
+        for name, v in amounts.items():
+            b = cls.buckets[name]
+            # leased capacity may be sent at any time in the term; the server loses refill to its cap meanwhile,
+            # so this bucket must not count that refill either (as for a scheduled grant): taking it now leaves
+            # the bucket where sending everything at the end of the term would
+            lost = max(0.0, b.level + b.rate * term - b.capacity)
+            seqs[name] = b.take(v + lost)
+        self._seq += 1
+        lease_id = f"{self._prefix}-L{self._seq}"
+        self._cap_leases[lease_id] = _CapLease(key, amounts, seqs, now + 2 * term + self._lease_timeout)
+        self.stats["leases"] = self.stats.get("leases", 0) + 1
+        return CapacityLease(lease_id, req.group, req.model_class, n, int(amounts["itpm"]), int(amounts["otpm"]),
+                             term)
+
+    def lease_many(self, reqs: Iterable) -> list:
+        return [self.lease(r) for r in reqs]
+
+    def return_lease(self, ret) -> None:
+        """A lease handed back with what was really used: the rest is refunded (capped by the buckets' peaks
+        since it was taken, as any refund), and the responses' headers are learned from."""
+        le = self._cap_leases.pop(ret.lease_id, None)
+        if le is None:
+            self.stats["ignored_outcomes"] += 1
+            return
+        cls = self._classes.get(le.key)
+        if cls is None:
+            return
+        for name, used in (("rpm", ret.requests_used), ("itpm", ret.input_used), ("otpm", ret.output_used)):
+            self._adjust(cls.buckets[name], float(used) - le.amounts[name], le.seqs[name])
+        self.stats["leases_returned"] = self.stats.get("leases_returned", 0) + 1
+        if ret.headers:
+            self._learn(le.key, cls, Outcome(ret.lease_id, None, 200, ret.headers, ret.received_at))
+
+    def return_many(self, rets: Iterable) -> None:
+        for r in rets:
+            self.return_lease(r)
+
+    def report(self, group: str, model_class: str, status: int, headers: dict[str, str], received_at: float) -> None:
+        """A response seen under a lease that the limiter must hear at once (a 429: pause the class)."""
+        key = class_key(group, model_class)
+        cls = self._classes.get(key)
+        if cls is not None and headers:
+            self._learn(key, cls, Outcome("", None, status, headers, received_at))
+
     @staticmethod
     def _adjust(bucket: TokenBucket | None, delta: float, seq: int | None) -> None:
         """delta > 0: the request used more than reserved (a debt); delta < 0: give the excess back, as much
@@ -405,6 +488,9 @@ class Admission:
 
     # -- housekeeping -------------------------------------------------------------------------------------
     def _housekeep(self, now: float) -> None:
+        for lid in [lid for lid, le in self._cap_leases.items() if le.expires <= now]:
+            del self._cap_leases[lid]  # its caller died: its capacity has long refilled
+            self.stats["expired"] += 1
         cutoff = now - self._lease_timeout
         leases = self._leases
         while leases:

@@ -582,6 +582,44 @@ class BudgetBook:
     def held(self, request_id: str) -> _Held | None:
         return self._held.get(request_id)
 
+    # -- budget leases: a caller reserves for its requests on its own, from a slice held here ---------------------
+    def lease(self, lease_id: str, amount_usd: float, *, owner: str | None = None, share: float = 0.25) -> float:
+        """Hold a slice of the account-wide budgets for a caller and return its size (0: none; ask per request).
+
+        Only where the slice cannot change a decision: no per-user or per-tenant budget is configured (those
+        need each request's user and tenant), nobody waits in the queue, and every budget is far from its
+        downgrade threshold; the slice is at most ``share`` of the room left below it. The hold counts against
+        the budgets like any reservation until the caller's requests consume it (``consume_lease``) or the caller
+        hands it back (``release``)."""
+        c = self.cfg
+        if any(v is not None for v in (c.per_user_daily_usd, c.per_user_monthly_usd, c.per_tenant_daily_usd,
+                                       c.per_tenant_monthly_usd)) or self._tickets or amount_usd <= 0:
+            return 0.0
+        now = self.clock()
+        self._prune(now)
+        budgets = self._budgets(None, None)
+        if not budgets:
+            return 0.0
+        size = amount_usd
+        for name, period, limit in budgets:
+            room = limit * c.downgrade_at - self._used(name, period, now)
+            size = min(size, room * share)
+        if size <= 0:
+            return 0.0
+        self._hold(lease_id, _Held(size, tuple(b[0] for b in budgets), None, None, owner=owner))
+        return size
+
+    def consume_lease(self, lease_id: str, amount_usd: float) -> None:
+        """A request reserved on a lease was booked (its record arrived): its part of the hold ends."""
+        held = self._held.get(lease_id)
+        if held is None or amount_usd <= 0:
+            return
+        self._unhold(lease_id)
+        left = held.amount - amount_usd
+        if left > _EPS:
+            held.amount = left
+            self._hold(lease_id, held)
+
     def release(self, request_id: str, *, owner: str | None = None) -> bool:
         """Give back a reservation that will not be billed (the call failed before the API, or was refused).
         With ``owner``, only that owner's reservation is released (a stale attempt must not free the room of

@@ -317,6 +317,7 @@ class Runtime:
         ledger's totals equal the API's. See runtime/reconcile.py for what each proves."""
         from runtime import reconcile as rec
 
+        self.flush()
         placeholders = ray.get(self.ledger.placeholders.remote())
         if admin_key is None and billing is None and self.fake_api is None:
             admin_key = os.environ.get("ANTHROPIC_ADMIN_KEY")
@@ -363,16 +364,39 @@ class Runtime:
         return key
 
     # -- ledger queries ------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Everything the callers journaled so far is in the ledger when this returns (the ledger's readers
+        below call it first, so a result's row is there once the result is)."""
+        callers = self._callers
+        if self.pool is not None:
+            try:  # draining callers too: they may still hold journaled records
+                callers = [h for _n, h in ray.get(self.pool.all_members.remote(), timeout=30)] or callers
+            except ray.exceptions.RayError:
+                pass
+        try:
+            ray.get([c.flush.remote() for c in callers], timeout=120)
+        except ray.exceptions.RayActorError:
+            pass  # a caller restarting drains its journal itself when it comes back
+
     def spend(self, since: float | str | datetime | None = None, by: str = "model") -> dict[str, float]:
+        self.flush()
         if by not in ("model", "user", "tenant", "day", "upstream"):
             raise ValueError("by must be one of model, user, tenant, day, upstream")
         return ray.get(self.ledger.spend.remote(_since_ts(since), by))
 
+    def budgets(self) -> dict[str, Any]:
+        """Where every budget stands now: per budget its limit, settled spend, worst cases reserved in flight,
+        their expected cost (from learned actual/worst-case ratios), requests waiting for room (count and
+        worst-case USD) and state (normal / downgrade / stop); then the learned ratios per model and route."""
+        return ray.get(self.ledger.budgets.remote())
+
     def ledger_records(self, since: float | str | datetime | None = None, limit: int | None = None) -> list[dict]:
+        self.flush()
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()),
+        self.flush()
+        out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()), "budgets": self.budgets(),
                                "limiter": ray.get(self.limiter.snapshot.remote())}
         if self.cache is not None:
             out["cache"] = ray.get(self.cache.stats.remote())

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Protocol
 
 from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, SENT_NO_ANSWER, Estimate, Grant, Outcome
+from runtime.budget import CANNOT_FIT
 from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequest, OverloadedAfterFallback,
                             UpstreamError, UpstreamTimeout)
 from runtime.estimate import TokenEstimator, input_upper_bound
@@ -47,7 +48,7 @@ from runtime.intents import Begin, Begun, Owner
 from runtime.observe import Observer
 from runtime.pricing import bound_cost, price
 from runtime.records import Record
-from runtime.request import NormalizedRequest
+from runtime.request import AUTO, NormalizedRequest
 from runtime.result import Result
 from runtime.router import route
 from runtime.settings import Settings, UpstreamSettings
@@ -359,22 +360,29 @@ class Pipeline:
                 estimate, deadline_s=max(0.0, deadline_at - self.clock())))
             try:
                 if need_begin:
-                    begun = await self._begin(req, model, run, deadline_at)
+                    may_downgrade = (not downgrade_checked and req.priority != "critical"
+                                     and info.model_class != "haiku" and model == routed)
+                    begun = await self._begin(req, model, run, deadline_at, raise_refusal=not may_downgrade)
                     need_begin = False
-                    if (not downgrade_checked and begun.reservation.state in ("downgrade", "stop")
-                            and req.priority != "critical" and info.model_class != "haiku"
-                            and model == routed):
-                        # at 80 % of a budget non-critical traffic goes to Haiku: re-reserve for it under the
-                        # same attempt number (the intent's model is updated before anything is sent)
-                        downgrade_checked = True
+                    downgrade_checked = True
+                    res = begun.reservation
+                    if not res.granted and res.reason != CANNOT_FIT:
+                        raise res.refusal(req.request_id)  # no room before the deadline: Haiku would not help
+                    if may_downgrade and (not res.granted or res.state in ("downgrade", "stop")):
+                        # at 80 % of a budget (settled spend + the expected cost of what is in flight), or when
+                        # the routed model's worst case can never fit beside the settled spend, non-critical
+                        # traffic goes to Haiku: re-reserve for it, under the same attempt number when the first
+                        # reservation was granted (the intent's model is updated before anything is sent)
                         self._drop_grant(grant_task)
+                        grant_task = None
                         haiku = s.router.haiku_model
-                        await self._begin(req, haiku, run, deadline_at, attempt=run.attempt)
-                        reason = f"budget {begun.reservation.state}: downgraded to haiku"
+                        await self._begin(req, haiku, run, deadline_at,
+                                          attempt=run.attempt if res.granted else None)
+                        reason = (f"budget {res.state}: downgraded to haiku" if res.granted else
+                                  f"budget refused {model} ({res.reason}): downgraded to haiku")
                         step = fb.restart(fallback_chain(haiku, s), why="budget downgrade")
                         intent_written = True
                         continue
-                    downgrade_checked = True
                 elif intent_written:
                     intent_written = False
                 else:
@@ -423,22 +431,31 @@ class Pipeline:
             return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est, upstream)
 
     async def _begin(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
-                     attempt: int | None = None) -> Begun:
+                     attempt: int | None = None, *, raise_refusal: bool = True) -> Begun:
+        """Reserve the attempt's worst case and write its intent. When the budget has no room now but the
+        worst case fits beside the settled spend, the ledger answers once room comes (or the request's deadline
+        passes). A refusal raises ``BudgetExceeded`` with the figures, or with ``raise_refusal=False`` comes
+        back in the ``Begun`` (nothing is held then)."""
         if attempt is None and run.attempt > 0:
             attempt = run.attempt + 1  # a new reservation for a later attempt of this execution
         amount = await self._reservation(req, model, deadline_at)
         begun = await self.ports.ledger.begin(Begin(
             request_id=req.request_id, owner=str(run.owner), attempt=attempt, model=model, user_id=req.user_id,
-            tenant=req.tenant, priority=req.priority, reserve_usd=amount))
+            tenant=req.tenant, priority=req.priority, reserve_usd=amount, unique=not req.id_given,
+            # the ledger's clock is the wall clock; the request's deadline is on ours
+            deadline_at=self.wall() + max(0.0, deadline_at - self.clock()),
+            route="auto" if req.requested_model == AUTO else "requested", max_tokens=req.max_tokens))
+        self.stats["unreconciled"] += begun.unreconciled
         if begun.duplicate_of is not None:
             raise InvalidRequest(f"request_id {req.request_id!r} is already in flight; request ids must be "
                                  "unique per request", request_id=req.request_id, field="request_id")
         if not begun.reservation.granted:
-            raise begun.reservation.refusal(req.request_id)
+            if raise_refusal:
+                raise begun.reservation.refusal(req.request_id)
+            return begun
         run.attempt = begun.attempt
         run.reserved_usd = amount
         run.holds_reservation = True
-        self.stats["unreconciled"] += begun.unreconciled
         return begun
 
     async def _unreconciled(self, req: NormalizedRequest, model: str, run: _Attempts) -> None:
@@ -497,8 +514,10 @@ class Pipeline:
         return exc
 
     # -- failures ----------------------------------------------------------------------------------------------
-    def _drop_grant(self, task: asyncio.Future) -> None:
-        """Give back a grant whose request will not be sent (or stop waiting for one)."""
+    def _drop_grant(self, task: asyncio.Future | None) -> None:
+        """Give back a grant whose request will not be sent (or stop waiting for one); None: already done."""
+        if task is None:
+            return
         if not task.done():
             task.cancel()  # the admission port refunds a grant that arrives for a cancelled waiter
         elif not task.cancelled() and task.exception() is None:

@@ -42,6 +42,7 @@ class NormalizedRequest:
     cache_enabled: bool = True
     deadline_s: float | None = None   # how long the caller may wait for admission
     meta: dict[str, Any] = field(default_factory=dict)
+    id_given: bool = False            # the caller chose the request id (it may collide with a running one)
 
 
 def _fail(msg: str, field_name: str, request_id: str) -> InvalidRequest:
@@ -253,6 +254,7 @@ def validate(
     return NormalizedRequest(
         request_id=rid, requested_model=model, params=params, max_tokens=max_tokens, user_id=user_id,
         tenant=tenant, priority=priority, cache_enabled=bool(cache), deadline_s=deadline_s,
+        id_given=request_id is not None,
     )
 
 

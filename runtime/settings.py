@@ -268,6 +268,12 @@ class LimiterSettings(_Strict):
     learn_upward: bool = False
     # messages.count_tokens has its own rate limit; the runtime asks it when its own estimate is unsure
     count_tokens_rpm: int = Field(default=100, gt=0)
+    # capacity leases (runtime/leases.py): callers admit on slices of the buckets, with no actor round trip,
+    # while capacity is plentiful; near a limit every request asks the limiter again
+    leases: bool = True
+    lease_term_s: float = Field(default=2.0, gt=0)
+    # the most of the spare capacity (above every priority floor) one new lease may take
+    lease_share: float = Field(default=0.5, gt=0, le=1)
 
 
 class RouterSettings(_Strict):
@@ -414,6 +420,14 @@ class LedgerSettings(_Strict):
     # becomes an unreconciled row priced at its reservation; a billed record that arrives later replaces it
     unreconciled_after_s: float = Field(default=900.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    # callers journal intents and records on their own node (fdatasync) and drain them to the ledger in the
+    # background, so a request makes no ledger round trip (actors/local_ledger.py); off: every intent, reservation
+    # and record is a call to the ledger, as before
+    local_journal: bool = True
+    # where callers keep their journals: node-local disk (default: the system's temp folder); a path on shared
+    # storage also survives the loss of the node
+    journal_dir: Path | None = None
+    budget_lease_term_s: float = Field(default=10.0, gt=0)
 
 
 class EstimateSettings(_Strict):

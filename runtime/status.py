@@ -118,5 +118,20 @@ def render(status: dict[str, Any]) -> str:
     else:
         con.print("cache: off")
     leases = status.get("leases") or {}
-    con.print(f"leases: {leases}" if leases else "leases: none (admission goes to the limiter and the ledger)")
+    if leases:
+        t = Table(title="capacity leases held by callers")
+        for col in ("caller", "bucket set", "requests left", "input left", "output left", "expires in s",
+                    "in flight"):
+            t.add_column(col, justify="right")
+        for caller, held in sorted(leases.items()):
+            for key, lease in sorted((held.get("capacity") or {}).items()):
+                if key != "stats" and isinstance(lease, dict):
+                    t.add_row(caller, key, f"{lease.get('requests_left', 0):.0f}",
+                              f"{lease.get('input_left', 0):.0f}", f"{lease.get('output_left', 0):.0f}",
+                              str(lease.get("expires_in_s", "")), str(lease.get("inflight", "")))
+            if held.get("budget"):
+                t.add_row(caller, "budget", "", "", "", "", str(held["budget"]))
+        con.print(t)
+    else:
+        con.print("leases: none held (admission goes to the limiter and the ledger)")
     return buf.getvalue()

@@ -153,9 +153,22 @@ def owner(caller="caller-0", life="l1", execution="e1"):
     return f"{caller}|{life}|{execution}"
 
 
-def begin(rid, attempt=None, reserve=0.05, who=None, model="claude-sonnet-5-5", priority="normal"):
+def begin(rid, attempt=None, reserve=0.05, who=None, model="claude-sonnet-5-5", priority="normal", wait_s=None):
     return Begin(request_id=rid, owner=who or owner(), attempt=attempt, model=model, user_id="u1", tenant="t1",
-                 priority=priority, reserve_usd=reserve)
+                 priority=priority, reserve_usd=reserve,
+                 deadline_at=time.time() + wait_s if wait_s is not None else None)
+
+
+def wait_until(pred, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)
+
+
+def queued(h):
+    return ray.get(h.stats.remote(), timeout=30)["queued_reservations"]
 
 
 def test_intents_without_outcome_are_pending_across_restart(tmp_path, ledgers):
@@ -322,3 +335,114 @@ async def test_commit_batcher_shares_calls_and_keeps_identity(tmp_path, ledgers)
     st = await h.stats.remote()
     assert st["rows"] == 200 and st["total_usd"] == pytest.approx(0.2)
     assert st["flushes"] < 100  # calls were shared, not one transaction per record
+
+
+# -- the budget queue: begins that wait for room --------------------------------------------------------------
+def test_a_begin_with_a_deadline_waits_for_room_and_gets_it_when_a_commit_settles(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    assert ray.get(h.begin.remote(begin("a", reserve=0.7))).reservation.granted
+    # without a deadline (the batch path) nothing waits: refused at once, with the figures
+    now = ray.get(h.begin.remote(begin("c", reserve=0.5, who=owner(execution="e3"))))
+    assert not now.reservation.granted and now.reservation.reason == "no_room"
+    assert now.reservation.reserved_usd == pytest.approx(0.7)
+    ref = h.begin.remote(begin("b", reserve=0.5, who=owner(execution="e2"), wait_s=60))
+    wait_until(lambda: queued(h) == 1)
+    assert ray.wait([ref], timeout=0)[0] == []  # parked, and the actor still answers everything else
+    snap = ray.get(h.budgets.remote())["budgets"]["daily"]
+    assert snap["queued"] == 1 and snap["queued_usd"] == pytest.approx(0.5) and snap["reserved_usd"] == 0.7
+    ray.get(h.commit.remote(billed(1, cost=0.3, request_id="a")))  # a's answer: 0.3 settled, 0.4 freed
+    got = ray.get(ref, timeout=30)
+    assert got.reservation.granted and got.attempt == 1
+    assert [(p["request_id"], p["attempt"]) for p in ray.get(h.pending_intents.remote())] == [("b", 1)]
+    snap = ray.get(h.budgets.remote())
+    assert snap["budgets"]["daily"]["settled_usd"] == pytest.approx(0.3)
+    assert snap["budgets"]["daily"]["reserved_usd"] == pytest.approx(0.5) and snap["budgets"]["daily"]["queued"] == 0
+    assert ray.get(h.stats.remote())["budget_queue"]["granted_after_wait"] == 1
+
+
+def test_a_waiting_begin_is_refused_at_its_deadline_or_when_it_can_no_longer_fit(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    assert ray.get(h.begin.remote(begin("a", reserve=0.9))).reservation.granted
+    t0 = time.time()
+    late = ray.get(h.begin.remote(begin("late", reserve=0.3, who=owner(execution="e2"), wait_s=0.5)), timeout=30)
+    assert time.time() - t0 >= 0.5
+    r = late.reservation
+    assert not r.granted and r.reason == "expired" and late.attempt == 0
+    assert (r.budget, r.reserved_usd, r.amount_usd, r.limit_usd) == ("daily", 0.9, 0.3, 1.0)
+    ref = h.begin.remote(begin("never", reserve=0.3, who=owner(execution="e3"), wait_s=60))
+    wait_until(lambda: queued(h) == 1)
+    ray.get(h.commit.remote(billed(1, cost=0.8, request_id="a")))  # settled 0.8 + 0.3 can never fit
+    never = ray.get(ref, timeout=30).reservation
+    assert never.reason == "cannot_fit" and never.settled_usd == pytest.approx(0.8)
+    assert [p["request_id"] for p in ray.get(h.pending_intents.remote())] == []  # no intent for either
+    assert queued(h) == 0
+
+
+def test_a_duplicate_id_cannot_take_a_waiting_requests_place_nor_settle_its_room(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    first = owner("caller-0", "l1", "e1")
+    assert ray.get(h.begin.remote(begin("fill", reserve=0.8, who=owner(execution="f")))).reservation.granted
+    ref = h.begin.remote(begin("dup", reserve=0.5, who=first, wait_s=60))
+    wait_until(lambda: queued(h) == 1)
+    dup = ray.get(h.begin.remote(begin("dup", reserve=0.5, who=owner("caller-1", "l7", "e2"), wait_s=60)))
+    assert dup.reservation is None and dup.duplicate_of == first and queued(h) == 1
+    ray.get(h.release.remote("fill", owner(execution="f")))
+    assert ray.get(ref, timeout=30).reservation.granted
+    # the refused duplicate's failure row (no intent behind it: attempt 0) leaves the first's room alone
+    ray.get(h.commit.remote(Record(request_id="dup", attempt=0, message_id=None, ts=time.time(), user_id="u1",
+                                   tenant="t1", priority="normal", model="claude-sonnet-5-5", status="error",
+                                   error_type="InvalidRequest")))
+    assert ray.get(h.stats.remote())["outstanding_reservations"] == 1
+    assert ray.get(h.budgets.remote())["budgets"]["daily"]["reserved_usd"] == pytest.approx(0.5)
+    # and a later attempt's begin by the duplicate is refused too
+    later = ray.get(h.begin.remote(begin("dup", attempt=2, reserve=0.1, who=owner("caller-1", "l7", "e2"))))
+    assert later.duplicate_of == first
+
+
+def test_a_rerun_replaces_its_dead_runs_waiting_begin(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    assert ray.get(h.begin.remote(begin("fill", reserve=0.8, who=owner("caller-9", "x", "f")))).reservation.granted
+    old = h.begin.remote(begin("r", reserve=0.5, who=owner("caller-0", "old", "e1"), wait_s=60))
+    wait_until(lambda: queued(h) == 1)
+    # caller-0 died and Ray re-runs the request on its restarted process (a new life): not a duplicate
+    new = h.begin.remote(begin("r", reserve=0.5, who=owner("caller-0", "new", "e9"), wait_s=60))
+    gone = ray.get(old, timeout=30).reservation
+    assert not gone.granted and gone.reason == "replaced"
+    assert queued(h) == 1
+    ray.get(h.release.remote("fill"))
+    got = ray.get(new, timeout=30)
+    assert got.reservation.granted and got.attempt == 1 and got.unreconciled == 0
+
+
+def test_the_same_owner_begins_again_after_a_ledger_restart_and_gets_its_intent_back(tmp_path, ledgers):
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    me = owner("caller-0", "l1", "e1")
+    first = ray.get(h.begin.remote(begin("x", reserve=0.4, who=me, wait_s=60)))
+    assert first.reservation.granted and first.attempt == 1
+    ray.kill(h, no_restart=False)
+    wait_ready(h)
+    again = ray.get(h.begin.remote(begin("x", reserve=0.4, who=me, wait_s=60)))
+    assert again.reservation.granted and again.attempt == 1 and again.unreconciled == 0
+    st = ray.get(h.stats.remote())
+    assert st["outstanding_reservations"] == 1 and st["open_intents"] == 1 and st["unreconciled"] == 0
+    assert ray.get(h.budgets.remote())["budgets"]["daily"]["reserved_usd"] == pytest.approx(0.4)
+
+
+def test_hundreds_of_waiting_begins_do_not_starve_the_commits_that_free_their_room(tmp_path, ledgers):
+    # more parked begins than the actor's old 256 concurrent calls: the commit that makes room still gets in
+    h, _ = make_ledger(tmp_path, budgets={"daily_usd": 1.0})
+    ledgers.append(h)
+    assert ray.get(h.begin.remote(begin("fill", reserve=1.0))).reservation.granted
+    refs = [h.begin.remote(begin(f"w{i}", reserve=0.002, who=owner(execution=f"w{i}"), wait_s=120))
+            for i in range(300)]
+    wait_until(lambda: queued(h) == 300, timeout=120)
+    ray.get(h.commit.remote(billed(1, cost=0.2, request_id="fill")), timeout=30)
+    got = ray.get(refs, timeout=120)
+    assert all(g.reservation.granted for g in got)
+    snap = ray.get(h.budgets.remote())["budgets"]["daily"]
+    assert snap["reserved_usd"] == pytest.approx(0.6) and snap["settled_usd"] == pytest.approx(0.2)
