@@ -20,7 +20,7 @@ ones), spread over one load generator per node. Variants:
           (2 callers, up to 4).
 Scenarios (durations times --scale):
   steady      20 s at 1.5x the account's RPM.
-  burst       5 s at 0.5x, 10 s at 10x, 10 s at 0.5x.
+  burst       5 s at 0.5x, 10 s at 10x (not scaled), 10 s at 0.5x.
   users       tenant "shared" capped at 60 RPM per user: one user sends 6 req/s, three send 0.4 req/s each, 20 s
               (10 s admission deadline: a capped request fails typed instead of queueing for minutes).
   priorities  critical at 0.2x for 15 s alone, then 15 s more under a bulk flood at 5x (bulk deadline 15 s):
@@ -97,9 +97,10 @@ def steady(scale: float, rng: random.Random) -> list[Send]:
 
 
 def burst(scale: float, rng: random.Random) -> list[Send]:
-    d = 10.0 * scale
-    phases = [(0.5 * RATE, 0.0, d / 2, "before"), (10 * RATE, d / 2, 1.5 * d, "burst"),
-              (0.5 * RATE, 1.5 * d, 2.5 * d, "after")]
+    # the burst itself is 10 s whatever the scale: shorter, a rested account's bucket would absorb it
+    before, after = 5.0 * scale, 10.0 * scale
+    phases = [(0.5 * RATE, 0.0, before, "before"), (10 * RATE, before, before + 10.0, "burst"),
+              (0.5 * RATE, before + 10.0, before + 10.0 + after, "after")]
     sends = []
     for rate, a, b, tag in phases:
         sends += [Send(t, "", "", tag=tag) for t in _poisson(rate, a, b, rng)]

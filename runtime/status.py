@@ -82,9 +82,11 @@ def render(status: dict[str, Any]) -> str:
     buf = io.StringIO()
     con = Console(file=buf, width=120, force_terminal=False)
     c = status.get("callers") or {}
-    t = Table(title=f"callers: {c.get('active', 0)} active, {c.get('draining', 0)} draining, "
-                    f"{c.get('in_flight', 0)} requests in flight"
-                    + (f" (pool {c['floor']}..{c['ceiling']}, target {c['target']})" if c.get("ceiling") else ""))
+    con.print(f"callers: {c.get('active', 0)} active, {c.get('draining', 0)} draining, "
+              f"{c.get('in_flight', 0)} requests in flight"
+              + (f" (pool {c['floor']}..{c['ceiling']}, target {c['target']})" if c.get("ceiling") else ""),
+              soft_wrap=True)
+    t = Table()
     for col in ("caller", "state", "in flight", "node", "served"):
         t.add_column(col)
     for m in c.get("members") or []:
