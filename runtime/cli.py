@@ -91,14 +91,18 @@ def reconcile(billing: Optional[Path] = typer.Option(None, help="a billing log (
 
 
 @app.command()
-def status() -> None:
-    """Attach to a running runtime (RAY_ADDRESS or auto) and print its state."""
+def status(name: str = typer.Option("default", help="the runtime's name (runtime.start(name=...))"),
+           as_json: bool = typer.Option(False, "--json", help="print the raw state as JSON")) -> None:
+    """Attach to a running runtime (RAY_ADDRESS or auto) and print its live state: callers and requests in
+    flight, rate-limit buckets, budgets, cache size, leases."""
     import json
 
     import runtime
+    from runtime.status import render
 
-    rt = runtime.connect()
-    typer.echo(json.dumps(rt.stats(), indent=2, default=str))
+    rt = runtime.connect(name)
+    state = rt.status()
+    typer.echo(json.dumps(state, indent=2, default=str) if as_json else render(state))
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
     limits = {c: ClassLimits(rpm=600, itpm=200_000, otpm=60_000) for c in ("haiku", "sonnet", "opus", "fable")}
     # the demo opts in to the embedded local API unless a real upstream is configured
     settings = Settings(data_dir=data, limits=limits, user_limits=UserLimits(rpm=120, tpm=100_000),
-                        fake_api=not Settings().configured_upstreams())
+                        fake_api=not Settings().configured_upstreams(),
+                        # a demo's ledger is throwaway when it lives in a temp folder
+                        ledger={"allow_temporary_path": data_dir is None})
     backend = "the embedded local API" if settings.uses_fake_api else f"{settings.base_url or 'api.anthropic.com'}"
     console.print(f"[bold]claude-runtime demo[/]: {n_requests} requests against {backend}; data in {data}")
     ray.init(address="local", num_cpus=int(os.environ.get("DEMO_NUM_CPUS", "2")), include_dashboard=False,

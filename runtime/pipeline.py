@@ -21,6 +21,7 @@ Automatic prompt caching (runtime/prompt_cache.py) changes only what is sent: ea
 ``cache_control`` at their stable prefixes (``Settings.prompt_caching``, ``NormalizedRequest.prompt_cache``).
 The response cache and the ledger see the request as given. The admission estimate leaves out a prefix
 believed warm (cache reads do not count toward ITPM); the budget reservation stays a bound for any outcome.
+    Observer        optional: told of results, errors, admission waits and failed attempts (runtime/observe.py)
 
 ``actors/caller.py`` builds the real ports (actor handles, the SDK); tests build in-memory ones and run every
 path in milliseconds.
@@ -52,6 +53,7 @@ from runtime.estimate import TokenEstimator, input_upper_bound
 from runtime.fallback import CircuitBreaker, FallbackPolicy, FallbackRun, Move, fallback_chain
 from runtime.intents import Begin, Begun, Owner
 from runtime.prefixes import LocalPrefixes, PrefixAsk, PrefixPort
+from runtime.observe import Observer
 from runtime.pricing import bound_cost, price
 from runtime.prompt_cache import Decision, Plan, admission_input_tokens, outcome, plan as place_markers, \
     prefix_params
@@ -112,6 +114,7 @@ class Ports:
     cache: CachePort | None = None
     transports: dict[str, Transport] = field(default_factory=dict)
     prefixes: PrefixPort | None = None
+    observer: Observer | None = None
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -179,9 +182,11 @@ class Pipeline:
         self.stats["requests"] += 1
         t0 = self.clock()
         try:
-            return await self._run(req, t0)
+            return self._observed(req, await self._run(req, t0))
         except ClaudeRuntimeError as exc:
-            raise exc.with_request_id(req.request_id)
+            raise self._observed_error(req, exc.with_request_id(req.request_id), t0)
+        except Exception as exc:
+            raise self._observed_error(req, exc, t0)
         finally:
             self._plans.pop(req.request_id, None)
 
@@ -197,9 +202,11 @@ class Pipeline:
         done = object()
 
         async def produce() -> None:
+            t0 = self.clock()
             try:
-                await self._run(req, self.clock(), emit=queue.put_nowait)
+                self._observed(req, await self._run(req, t0, emit=queue.put_nowait))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                self._observed_error(req, exc, t0)
                 queue.put_nowait(exc.with_request_id(req.request_id) if isinstance(exc, ClaudeRuntimeError)
                                  else exc)
             finally:
@@ -450,6 +457,7 @@ class Pipeline:
                                 groups=groups, tenant=req.tenant)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
+            asked = self.clock()
             grant_task = asyncio.ensure_future(self.ports.admission.acquire(
                 estimate, deadline_s=max(0.0, deadline_at - self.clock())))
             try:
@@ -492,6 +500,7 @@ class Pipeline:
                 # never sent: its intent is void
                 run.void.append(run.attempt)
                 raise
+            self._observe("on_admission", info.model_class, req.priority, self.clock() - asked, grant.delay_s > 0)
             upstream = pick(candidates, grant.group, self.rng).name if candidates else ""
             try:
                 run.calls += 1
@@ -507,6 +516,7 @@ class Pipeline:
             except CallFailed as f:
                 last_failure = f
                 self._prompt_done(run, None)
+                self._observe("on_attempt_failed", model, upstream, f.status)
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, _limiter_status(f), f.headers,
                                                        self.wall()))
                 if f.maybe_billed:
@@ -590,6 +600,23 @@ class Pipeline:
         return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                       attempts=run.attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
                       user_id=req.user_id, tenant=req.tenant, history=fb.history, upstream=upstream or None)
+
+    # -- observation (never fails a request) -------------------------------------------------------------------
+    def _observe(self, event: str, *args: Any) -> None:
+        if self.ports.observer is not None:
+            try:
+                getattr(self.ports.observer, event)(*args)
+            except Exception:  # noqa: BLE001
+                log.warning("observer %s failed", event, exc_info=True)
+
+    def _observed(self, req: NormalizedRequest, result: Result) -> Result:
+        self._observe("on_result", req, result)
+        return result
+
+    def _observed_error(self, req: NormalizedRequest, exc: BaseException, t0: float) -> BaseException:
+        if not isinstance(exc, asyncio.CancelledError):
+            self._observe("on_error", req, exc, self.clock() - t0)
+        return exc
 
     # -- failures ----------------------------------------------------------------------------------------------
     def _drop_grant(self, task: asyncio.Future | None) -> None:
