@@ -35,12 +35,13 @@ bench: setup
 	$(PY) benchmarks/fake_api.py
 	$(PY) benchmarks/limiter.py
 	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/ratelimit.py
+	$(PY) benchmarks/ratelimit.py --duration 60
 	$(PY) benchmarks/ledger_throughput.py
 	$(PY) benchmarks/cache_quality.py
 	$(PY) benchmarks/cache_latency.py
 	$(PY) benchmarks/budget_fill.py
 	$(PY) benchmarks/frontdoor.py
+	$(PY) benchmarks/load.py --scale 0.5
 
 clean:
 	rm -rf $(VENV) .claude_runtime *.egg-info

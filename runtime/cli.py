@@ -58,17 +58,20 @@ def demo(requests: int = typer.Option(120, help="how many requests to send"),
 def report(since: str = typer.Option("7d", help="span to report, e.g. 24h, 7d, 4w"),
            ledger: Optional[Path] = typer.Option(None, help="ledger file (default: from settings)"),
            png: Path = typer.Option(Path("cost_report.png"), help="where to write the plot")) -> None:
-    """Spend by day and model, and what the cache saved: a table and a PNG."""
+    """Spend by day and model, what the cache saved, and prompt-cache reads, writes and savings: a table and
+    a PNG."""
     from runtime.client import _since_ts
     from runtime.report import main as report_main
     from runtime.settings import Settings
     import time
 
-    path = ledger or Settings().ledger_path
+    settings = Settings()
+    path = ledger or settings.ledger_path
     if not path.exists():
         typer.echo(f"no ledger at {path}", err=True)
         raise typer.Exit(1)
-    report_main(path, time.time() - _since_ts(since), png)
+    # the settings price the prompt-cache savings (the rows carry token counts)
+    report_main(path, time.time() - _since_ts(since), png, settings=settings)
 
 
 @app.command()
@@ -88,14 +91,18 @@ def reconcile(billing: Optional[Path] = typer.Option(None, help="a billing log (
 
 
 @app.command()
-def status() -> None:
-    """Attach to a running runtime (RAY_ADDRESS or auto) and print its state."""
+def status(name: str = typer.Option("default", help="the runtime's name (runtime.start(name=...))"),
+           as_json: bool = typer.Option(False, "--json", help="print the raw state as JSON")) -> None:
+    """Attach to a running runtime (RAY_ADDRESS or auto) and print its live state: callers and requests in
+    flight, rate-limit buckets, budgets, cache size, leases."""
     import json
 
     import runtime
+    from runtime.status import render
 
-    rt = runtime.connect()
-    typer.echo(json.dumps(rt.stats(), indent=2, default=str))
+    rt = runtime.connect(name)
+    state = rt.status()
+    typer.echo(json.dumps(state, indent=2, default=str) if as_json else render(state))
 
 
 keys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP front door (stored hashed under data_dir).")

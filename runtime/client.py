@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runtime.errors import ConfigurationError, InvalidRequest
 from runtime.request import validate
@@ -24,6 +23,9 @@ from runtime.settings import Settings
 
 NAMESPACE = "claude_runtime"
 CALLER_PREFIX = "caller-"
+# a handle asks the pool for its callers this often, in the background; past callers.drain_grace_s / 2 without
+# an answer it asks and waits, so it never routes to a caller the pool has stopped
+_MEMBERS_REFRESH_S = 1.0
 from runtime.upstreams import FAKE_API_KEY  # noqa: E402 - re-exported: tests and tools use it
 
 
@@ -57,39 +59,80 @@ def _since_ts(since: float | str | datetime | None) -> float | None:
 
 class Runtime:
     def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None,
-                 namespace: str = NAMESPACE) -> None:
+                 namespace: str = NAMESPACE, pool=None, placement_group=None, _fresh: bool = True) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
         # the handle travels to tasks and actors: it keeps the secrets only in the process that has them
         self._secret_settings = settings if settings.configured_upstreams() else None
         self.settings = settings.without_secrets()
-        self.callers = callers
+        self._callers = list(callers)
         self.limiter = limiter
         self.ledger = ledger
         self.cache = cache
         self.fake_api = fake_api
         self.namespace = namespace
+        # the caller pool's manager (actors/pool.py): which callers are live and not draining
+        self.pool = pool
+        self._placement_group = placement_group
+        self._members_at = time.monotonic() if _fresh else float("-inf")
+        self._members_ref = None
         self._rr = itertools.count()
 
     def __reduce__(self):  # the round-robin counter is per process, and no secret is pickled
-        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api,
-                          self.namespace))
+        return (Runtime, (self.settings, self._callers, self.limiter, self.ledger, self.cache, self.fake_api,
+                          self.namespace, self.pool, self._placement_group, False))
+
+    # -- routing -------------------------------------------------------------------------------------------
+    @property
+    def callers(self) -> list:
+        """The callers new requests go to: live and not draining (the pool's view, at most a second old)."""
+        if self.pool is None:
+            return self._callers
+        now = time.monotonic()
+        if self._members_ref is not None and ray.wait([self._members_ref[0]], timeout=0)[0]:
+            (ref, asked_at), self._members_ref = self._members_ref, None
+            self._take_members(ref, asked_at)
+        # a list is as old as the question it answers: one asked for before an idle spell is stale when it
+        # is read after it
+        age = now - self._members_at
+        if age >= self.settings.callers.drain_grace_s / 2:
+            self._members_ref = None
+            self._take_members(self.pool.members.remote(), now)
+        elif age >= _MEMBERS_REFRESH_S and self._members_ref is None:
+            self._members_ref = (self.pool.members.remote(), now)
+        return self._callers
+
+    def _take_members(self, ref: Any, asked_at: float) -> None:
+        try:
+            members = ray.get(ref, timeout=10)
+        except Exception:  # noqa: BLE001 - the pool is restarting: keep the last list, ask again later
+            members = None
+        self._members_at = asked_at
+        if members:
+            self._callers = [h for _name, h in members]
+
+    def _pick(self):
+        callers = self.callers
+        return callers[next(self._rr) % len(callers)]
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
                priority: str = "normal", cache: bool = True, request_id: str | None = None,
-               deadline_s: float | None = None) -> ray.ObjectRef:
+               deadline_s: float | None = None, prompt_cache: bool | None = None) -> ray.ObjectRef:
         """Send one request; returns a ref to a ``runtime.Result``. Bad input raises ``InvalidRequest`` here,
-        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``."""
+        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``.
+
+        ``prompt_cache``: automatic ``cache_control`` on the request's stable prefixes (None: as
+        ``Settings.prompt_caching`` says; False: send it exactly as given; True: place markers even when the
+        settings say "off"). The response cache and the ledger see the request as given either way."""
         req = validate(request, self.settings, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
-                       request_id=request_id, deadline_s=deadline_s)
+                       request_id=request_id, deadline_s=deadline_s, prompt_cache=prompt_cache)
         return self.submit_validated(req)
 
     def submit_validated(self, req: Any) -> ray.ObjectRef:
         """``submit`` for a request already through ``runtime.request.validate`` (the front door validates
         first, to size a key's budget reservation, and need not do it twice)."""
-        caller = self.callers[next(self._rr) % len(self.callers)]
-        return caller.handle.remote(req)
+        return self._pick().handle.remote(req)
 
     def stream(self, request: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The answer as the API's stream events (``message_start``, ``content_block_delta``, ...,
@@ -109,8 +152,7 @@ class Runtime:
         return self._stream_validated(validate(request, self.settings, streaming=True, **kwargs))
 
     def _stream_validated(self, req: Any):
-        caller = self.callers[next(self._rr) % len(self.callers)]
-        return caller.handle_stream.options(num_returns="streaming").remote(req)
+        return self._pick().handle_stream.options(num_returns="streaming").remote(req)
 
     async def astream_validated(self, req: Any):
         """``astream`` for a request already through ``validate(..., streaming=True)``."""
@@ -344,8 +386,14 @@ class Runtime:
     def flush(self) -> None:
         """Everything the callers journaled so far is in the ledger when this returns (the ledger's readers
         below call it first, so a result's row is there once the result is)."""
+        callers = self._callers
+        if self.pool is not None:
+            try:  # draining callers too: they may still hold journaled records
+                callers = [h for _n, h in ray.get(self.pool.all_members.remote(), timeout=30)] or callers
+            except ray.exceptions.RayError:
+                pass
         try:
-            ray.get([c.flush.remote() for c in self.callers], timeout=120)
+            ray.get([c.flush.remote() for c in callers], timeout=120)
         except ray.exceptions.RayActorError:
             pass  # a caller restarting drains its journal itself when it comes back
 
@@ -365,12 +413,38 @@ class Runtime:
         self.flush()
         return ray.get(self.ledger.records.remote(_since_ts(since), limit))
 
+    def prompt_cache_savings(self, since: float | str | datetime | None = None) -> dict[str, Any]:
+        """What prompt caching did, from the ledger's billed rows: ``calls``, ``reads`` / ``writes`` (calls
+        that read / wrote the cache), ``read_tokens``, ``write_tokens``, ``read_usd``, ``write_usd``,
+        ``as_input_usd`` (the same tokens at the plain input price) and ``saved_usd`` (the difference), in
+        total and ``by_model``."""
+        self.flush()
+        return ray.get(self.ledger.prompt_cache.remote(_since_ts(since)))
+
     def stats(self) -> dict[str, Any]:
         self.flush()
         out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()), "budgets": self.budgets(),
-                               "limiter": ray.get(self.limiter.snapshot.remote())}
+                               "limiter": ray.get(self.limiter.snapshot.remote()),
+                               # the cluster's prefix tracker: decisions by kind (a waiter's re-asks count
+                               # each time), responses that wrote / read, writes freed unanswered
+                               "prompt_cache": {"tracker": ray.get(self.limiter.prefix_stats.remote()),
+                                                **ray.get(self.ledger.prompt_cache.remote(None))}}
         if self.cache is not None:
             out["cache"] = ray.get(self.cache.stats.remote())
+        if self.fake_api is not None:
+            out["fake_api"] = ray.get(self.fake_api.stats.remote())
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What ``claude-runtime status`` shows (runtime/status.py): callers and their in-flight requests, live
+        buckets, budgets, cache size, leases."""
+        from runtime import status as status_view
+
+        if self.pool is not None:
+            out = ray.get(self.pool.snapshot.remote(), timeout=60)
+        else:
+            stats = self.stats()
+            out = status_view.view(limiter=stats.get("limiter"), budgets={}, cache=stats.get("cache"), members=[])
         if self.fake_api is not None:
             out["fake_api"] = ray.get(self.fake_api.stats.remote())
         return out
@@ -382,9 +456,21 @@ class Runtime:
                 ray.get(self.fake_api.stop.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - best effort, it is killed next
                 pass
-        for actor in [*self.callers, self.limiter, self.ledger, self.cache, self.fake_api]:
+        callers = list(self._callers)
+        if self.pool is not None:
+            try:  # every caller the pool knows, draining and newly spawned ones included
+                callers += ray.get(self.pool.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the pool is gone: fall back to the names
+                callers += _running_callers(self.namespace)
+        for actor in [self.pool, *callers, self.limiter, self.ledger, self.cache, self.fake_api]:
             if actor is not None:
-                ray.kill(actor, no_restart=True)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        from actors.placement import remove_singleton_group
+
+        remove_singleton_group(self._placement_group)
 
 
 def namespace_for(name: str) -> str:
@@ -439,10 +525,13 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     ``reconfigure=True``: then its limits, budgets and upstreams change live. Another ``name`` starts a second,
     independent runtime (its own actors, namespace and, by default, its own folder under ``data_dir``)."""
     from actors.cache import get_or_create_cache
-    from actors.caller import CallerActor, secrets_fingerprint
+    from actors.caller import RemoteCaller, caller_options, secrets_fingerprint
     from actors.fake_api import get_or_create_fake_api
     from actors.ledger import get_or_create_ledger
     from actors.limiter import get_or_create_limiter
+    from actors.placement import check_state_paths, singleton_placement
+    from actors.pool import find_pool, get_or_create_pool
+    from runtime.placement import caller_nodes
     from runtime.upstreams import limit_groups, resolve
 
     settings = settings or Settings()
@@ -457,10 +546,10 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     if not ray.is_initialized():
         ray.init()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # the singletons keep their files (ledger, cache table) under data_dir on this node's disk: pin them here,
-    # so a restart finds its files instead of starting empty on another node. Surviving the loss of this node
-    # needs data_dir on shared storage and a soft pin; see README.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # the singletons keep their files (ledger, cache table) on their node's disk: they go where
+    # settings.placement says (the head by default) and stay there, so a restart finds its files
+    check_state_paths(settings)
+    here, home, group = singleton_placement(settings, namespace)
     fake = None
     fake_url = None
     if settings.uses_fake_api:
@@ -472,7 +561,9 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     groups, weights = limit_groups(settings, ups)
     # the singletons never call the API: none of them receives a key (the ledger keeps the alert webhook)
     public = settings.without_secrets()
-    running = _running_callers(namespace)
+    pool = find_pool(namespace)
+    running = [h for _n, h in ray.get(pool.all_members.remote())] if pool is not None else []
+    running = running or _running_callers(namespace)
     if running:
         old = ray.get(running[0].get_settings.remote())
         diff = _settings_diff(old, public)
@@ -487,26 +578,27 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     ledger = get_or_create_ledger(settings.without_secrets(keep_webhook=True), scheduling_strategy=here,
                                   namespace=namespace)
     cache = get_or_create_cache(public, scheduling_strategy=here, namespace=namespace) if settings.cache.enabled else None
-    cs = settings.callers
-    # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    pool = get_or_create_pool(public, namespace=namespace, scheduling_strategy=here)
+    # the floor of the pool, round-robin over the worker nodes (every node when there is only one); soft
+    # affinity, so a caller whose node dies restarts on another one. The pool adds and drains the rest
+    nodes = caller_nodes(ray.nodes(), {home} if home else set(), settings.placement.callers)
+    names = [f"{CALLER_PREFIX}{i}" for i in range(settings.callers.num_callers)]
     callers = [
-        ray.remote(CallerActor).options(
-            name=f"{CALLER_PREFIX}{i}", namespace=namespace, lifetime="detached", get_if_exists=True,
-            max_restarts=-1, max_task_retries=-1, max_concurrency=cs.max_concurrency, num_cpus=cs.num_cpus,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
-        ).remote(public, ups, limiter, ledger, cache, f"{CALLER_PREFIX}{i}")
-        for i in range(cs.num_callers)
+        RemoteCaller.options(**caller_options(public, n, namespace, nodes[i % len(nodes)])).remote(
+            public, ups, limiter, ledger, cache, n)
+        for i, n in enumerate(names)
     ]
     ray.get([c.ready.remote() for c in callers])
     if running and reconfigure:
         ray.get(limiter.set_limits.remote(dict(public.limits), dict(public.user_limits), public.limiter, groups,
                                           weights))
         ray.get(ledger.reconfigure.remote(settings.without_secrets(keep_webhook=True)))
-        ray.get([c.reconfigure.remote(public, ups) for c in callers])
-        for extra in running[len(callers):]:  # fewer callers than before
-            ray.kill(extra, no_restart=True)
-    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace)
+        members = {c._actor_id: c for c in [*callers, *running]}
+        ray.get([c.reconfigure.remote(public, ups) for c in members.values()])
+        # a lower ceiling drains the callers above it (they finish what they hold first)
+        ray.get(pool.configure.remote(public))
+    ray.get(pool.adopt.remote(names))
+    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace, pool, group)
 
 
 def _running_callers(namespace: str) -> list:
@@ -522,8 +614,13 @@ def connect(name: str = "default") -> Runtime:
     """Attach to a running runtime from any driver, task or actor in the cluster."""
     if not ray.is_initialized():
         ray.init(address="auto")
+    from actors.placement import find_singleton_group
+    from actors.pool import find_pool
+
     namespace = namespace_for(name)
-    callers = _running_callers(namespace)
+    pool = find_pool(namespace)
+    callers = [h for _n, h in ray.get(pool.members.remote())] if pool is not None else []
+    callers = callers or _running_callers(namespace)
     if not callers:
         raise ConfigurationError(f"no running claude-runtime named {name!r} found: call runtime.start() first")
     settings = ray.get(callers[0].get_settings.remote())
@@ -534,4 +631,5 @@ def connect(name: str = "default") -> Runtime:
         except ValueError:
             return None
 
-    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"), namespace)
+    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"), namespace, pool,
+                   find_singleton_group(namespace))
