@@ -47,6 +47,7 @@ import ray
 from runtime import cache_policy as policy
 from runtime.embedding_types import EmbeddingUnavailable
 from runtime.groupsubmit import GroupSubmitter
+from runtime.settings import is_uri, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +86,22 @@ class CacheStore:
     serialises writes. Memory: ~1.6 KB per entry plus the response text (1M entries ~ 2 GB)."""
 
     def __init__(self, path: str | Path, *, max_entries: int = 1_000_000, index_min_rows: int = 100_000,
-                 flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000) -> None:
+                 flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000,
+                 storage_options: dict[str, str] | None = None) -> None:
         import lancedb
 
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # a filesystem path, or a URI LanceDB connects to itself (s3://, gs://, az://, file://, memory://)
+        self.uri = path if is_uri(path) else str(Path(path))
+        self.path = None if is_uri(path) else Path(path)
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
         self.index_min_rows = index_min_rows
         # scopes at most this big are searched exactly (flat over the scope's rows through the scope_id
         # index); an IVF index would probe partitions that may hold none of a small scope's rows
         self.flat_scope_max = flat_scope_max
         self.scalar_index_min_rows = scalar_index_min_rows
-        self._db = lancedb.connect(str(self.path))
+        self._db = lancedb.connect(self.uri, storage_options=storage_options or None)
         self.table = self._db.create_table(TABLE, schema=SCHEMA, exist_ok=True)
         self.rows: dict[str, dict[str, Any]] = {}
         self.scope_counts: dict[str, int] = {}
@@ -312,7 +317,10 @@ class CacheStore:
                                                        num_sub_vectors=48))
         self.vector_indexed = True
 
-    def disk_bytes(self) -> int:
+    def disk_bytes(self) -> int | None:
+        """Bytes on local disk; None for an object store (ask the store)."""
+        if self.path is None:
+            return None
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
@@ -342,7 +350,7 @@ class CacheService:
                  claim_lease_s: float = 15.0) -> None:
         self._settings = settings
         self._store = CacheStore(settings.cache_path, max_entries=settings.cache.max_entries,
-                                 index_min_rows=index_min_rows)
+                                 index_min_rows=index_min_rows, storage_options=settings.cache.storage_options)
         # a leader that stops renewing (its caller died) frees its key after this long
         self._claim_lease_s = claim_lease_s
         self._life = f"{os.getpid()}-{time.time_ns()}"
@@ -540,6 +548,7 @@ class CacheService:
             "claims": len(self._claims),
             "waiting": self._waiting,
             "last_maintenance": self._last_maintenance,
+            "location": redact_url(self._store.uri),
         }
 
     async def maintain(self, now: float | None = None) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from benchmarks.common import FakeApiProcess, pct, write_json  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--budget", action="store_true", help="with a daily budget (reservations on budget leases)")
     args = ap.parse_args()
 
     import runtime
@@ -39,10 +40,19 @@ def main() -> None:
     with FakeApiProcess("--rpm", str(10**7), "--itpm", str(10**10), "--otpm", str(10**10)) as fake:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            rt = runtime.start(Settings(base_url=fake.url, api_key="bench-key",
-                                        limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
-                                        user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
-                                        data_dir=f"/tmp/overhead_bench_{fake.port}"))
+            def settings(fast: bool, tag: str) -> Settings:
+                return Settings(base_url=fake.url, api_key="bench-key",
+                                limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
+                                user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
+                                limiter={"leases": fast},
+                                ledger={"local_journal": fast, "allow_temporary_path": True},
+                                budgets={"daily_usd": 1_000.0} if args.budget else {},
+                                data_dir=f"/tmp/overhead_bench_{fake.port}_{tag}")
+
+            # today's design (leases and the caller's journal) beside the previous one (every decision and
+            # every write a call to the limiter or the ledger), in one run on the same machine noise
+            rt = runtime.start(settings(True, "fast"))
+            old = runtime.start(settings(False, "rpc"), name="rpc")
             client = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
 
             def req(i: int, tag: str) -> dict:
@@ -50,11 +60,12 @@ def main() -> None:
                         "messages": [{"role": "user", "content": f"{tag} overhead probe number {i}"}]}
 
             # warm up connections, the caller, the embedding model
-            for i in range(20):
+            for i in range(40):
                 client.messages.create(**req(i, "warm"))
                 ray.get(rt.submit(req(i, "warm"), cache=False))
+                ray.get(old.submit(req(i, "warm"), cache=False))
                 ray.get(rt.submit(req(i, "warm-cache")))
-            direct, bypass, cached = [], [], []
+            direct, bypass, cached, rpc = [], [], [], []
             for i in range(args.n):
                 t0 = time.perf_counter()
                 client.messages.create(**req(i, "direct"))
@@ -63,9 +74,14 @@ def main() -> None:
                 ray.get(rt.submit(req(i, "bypass"), cache=False))
                 bypass.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
+                ray.get(old.submit(req(i, "rpc"), cache=False))
+                rpc.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
                 ray.get(rt.submit(req(i, "cachemiss")))
                 cached.append(time.perf_counter() - t0)
+            lease_stats = ray.get(rt.callers[0].pipeline_stats.remote())
             rt.shutdown()
+            old.shutdown()
         finally:
             ray.shutdown()
 
@@ -77,14 +93,16 @@ def main() -> None:
     for col in ("path", "p50", "p99", "mean", "added p50", "added p99"):
         t.add_column(col, justify="right")
     for name, vals in (("direct SDK", direct), ("runtime, cache bypassed", bypass),
-                       ("runtime, cache miss path", cached)):
+                       ("runtime, cache miss path", cached),
+                       ("previous design (an actor call per decision and write), bypassed", rpc)):
         row = {"p50_ms": ms(vals, 50), "p99_ms": ms(vals, 99), "mean_ms": statistics.mean(vals) * 1000,
                "added_p50_ms": ms(vals, 50) - ms(direct, 50), "added_p99_ms": ms(vals, 99) - ms(direct, 99)}
         rows[name] = row
         t.add_row(name, f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['mean_ms']:.2f}",
                   f"{row['added_p50_ms']:.2f}", f"{row['added_p99_ms']:.2f}")
     console.print(t)
-    console.print(f"wrote {write_json('overhead', {'n': args.n, 'rows': rows})}")
+    console.print(f"caller pipeline stats: {lease_stats}")
+    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -95,7 +96,7 @@ class LeaseBook:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, *, caller: str = "caller",
                  term_s: float = 2.0, renew_at: float = 0.5, window_s: float = 2.0,
-                 max_requests: int = 1_000) -> None:
+                 max_requests: int = 100_000) -> None:
         self.clock = clock
         self.caller = caller
         self.term_s = term_s
@@ -107,7 +108,7 @@ class LeaseBook:
         self._inflight: dict[str, _Inflight] = {}
         self._seq = itertools.count(1)
         # demand per (group, class): requests and tokens seen (admitted here or asked of the limiter)
-        self._seen: dict[tuple[str, str], list[tuple[float, int, int]]] = {}
+        self._seen: dict[tuple[str, str], deque[tuple[float, int, int]]] = {}
         self._asking: set[tuple[str, str]] = set()
         self.stats = {"local": 0, "missed": 0, "leases": 0, "returned": 0}
 
@@ -135,10 +136,13 @@ class LeaseBook:
         return None
 
     def _note(self, key: tuple[str, str], now: float, e: Estimate) -> None:
-        seen = self._seen.setdefault(key, [])
+        seen = self._seen.get(key)
+        if seen is None:
+            seen = self._seen[key] = deque()
         seen.append((now, e.input_tokens, e.max_output_tokens))
-        while seen and seen[0][0] < now - self.window_s:
-            seen.pop(0)
+        horizon = now - self.window_s
+        while seen[0][0] < horizon:
+            seen.popleft()
 
     @staticmethod
     def owns(lease_id: str) -> bool:
@@ -189,14 +193,17 @@ class LeaseBook:
         out = []
         for key, seen in self._seen.items():
             while seen and seen[0][0] < now - self.window_s:
-                seen.pop(0)
+                seen.popleft()
             if not seen or key in self._asking:
                 continue
             loc = self._active.get(key)
-            if loc is not None and loc.expires - now > self.term_s * self.renew_at and loc.requests >= 1:
+            # ask for the next lease before this one runs out, by time or by use
+            if (loc is not None and loc.expires - now > self.term_s * self.renew_at
+                    and loc.requests >= loc.lease.requests * (1 - self.renew_at)):
                 continue
-            rate = len(seen) / self.window_s
-            n = max(1, min(self.max_requests, int(rate * self.term_s * 1.5) + 1))
+            span = max(min(self.window_s, now - seen[0][0]), 0.05)
+            rate = len(seen) / span
+            n = max(1, min(self.max_requests, int(rate * self.term_s * 2) + 1))
             per_in = max(x[1] for x in seen)
             per_out = max(x[2] for x in seen)
             out.append(LeaseRequest(self.caller, key[0], key[1], n, n * per_in, n * per_out))

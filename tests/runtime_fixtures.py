@@ -32,6 +32,10 @@ def fast_settings(data_dir, **over: Any) -> Settings:
         # a semantic hit must not turn into a bypass because a loaded test machine was slow to embed
         embedding={"deadline_s": 30.0},
     )
+    ledger = dict(over.pop("ledger", {}))
+    # pytest's folders live under /tmp: the ledger's persistence check would rightly refuse them
+    ledger.setdefault("allow_temporary_path", True)
+    kw["ledger"] = ledger
     kw.update(over)
     return Settings(**kw)
 
