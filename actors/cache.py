@@ -14,10 +14,12 @@
 
 Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
 claims, TTL, size cap, ANN index, a byte-capped in-memory mirror); it never judges whether a neighbour is the
-same question. The client, in the caller's process, encodes the prompt (sentence vector and token embeddings,
-one forward pass) and applies runtime.cache_policy (bypass, guard) and runtime.cache_verifier (the learned
-judge, on every candidate from the loose cosine up): the model loads once per caller, and the actor stays a
-fast state owner. The one judgement the actor makes is after a user's "that answer was wrong"
+same question. The client, in the caller's process, has the prompt embedded by the shared embedding pool
+(actors/embedder.py: sentence vector and token embeddings from one forward pass; the model is never loaded in
+a caller) and applies runtime.cache_policy (bypass, guard) and runtime.cache_verifier (the learned judge, on
+every candidate from the loose cosine up), and the actor stays a fast state owner. No embedding within the
+pool's deadline: the lookup goes on as ``bypass`` after its exact part (an exact hit is still served), and the
+answer is not stored. The one judgement the actor makes is after a user's "that answer was wrong"
 (``feedback``): it evicts the entry and raises its neighbours' own thresholds, with the same pure verifier.
 
 Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
@@ -48,7 +50,9 @@ import ray
 
 from runtime import cache_policy as policy
 from runtime import cache_verifier
+from runtime.embedding_types import EmbeddingUnavailable
 from runtime.groupsubmit import GroupSubmitter
+from runtime.settings import is_uri, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +104,14 @@ class CacheStore:
 
     def __init__(self, path: str | Path, *, max_entries: int = 1_000_000, index_min_rows: int = 100_000,
                  flat_scope_max: int = 20_000, scalar_index_min_rows: int = 1_000,
-                 mirror_max_bytes: int = 2 << 30) -> None:
+                 mirror_max_bytes: int = 2 << 30, storage_options: dict[str, str] | None = None) -> None:
         import lancedb
 
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # a filesystem path, or a URI LanceDB connects to itself (s3://, gs://, az://, file://, memory://)
+        self.uri = path if is_uri(path) else str(Path(path))
+        self.path = None if is_uri(path) else Path(path)
+        if self.path is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
         self.index_min_rows = index_min_rows
         # scopes at most this big are searched exactly (flat over the scope's rows through the scope_id
@@ -112,7 +119,7 @@ class CacheStore:
         self.flat_scope_max = flat_scope_max
         self.scalar_index_min_rows = scalar_index_min_rows
         self.mirror_max_bytes = mirror_max_bytes
-        self._db = lancedb.connect(str(self.path))
+        self._db = lancedb.connect(self.uri, storage_options=storage_options or None)
         try:
             self.table = self._db.open_table(TABLE)  # a table from an older schema opens as it is, then migrates
         except ValueError:  # not found
@@ -481,7 +488,10 @@ class CacheStore:
                 "payloads_held": len(self._payload), "payload_bytes": self._payload_bytes,
                 "vectors_held": self._vec_count, "cold_scopes": len(self._cold)}
 
-    def disk_bytes(self) -> int:
+    def disk_bytes(self) -> int | None:
+        """Bytes on local disk; None for an object store (ask the store)."""
+        if self.path is None:
+            return None
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
 
@@ -511,7 +521,8 @@ class CacheService:
                  claim_lease_s: float = 15.0) -> None:
         self._settings = settings
         self._store = CacheStore(settings.cache_path, max_entries=settings.cache.max_entries,
-                                 index_min_rows=index_min_rows, mirror_max_bytes=settings.cache.mirror_max_bytes)
+                                 index_min_rows=index_min_rows, mirror_max_bytes=settings.cache.mirror_max_bytes,
+                                 storage_options=settings.cache.storage_options)
         # request id -> what answered it (key, scope; for a semantic hit the query and its score), so a user's
         # "that answer was wrong" can evict the entry and tighten its neighbourhood; the newest few thousand
         self._served: OrderedDict[str, dict[str, Any]] = OrderedDict()
@@ -783,6 +794,7 @@ class CacheService:
             "claims": len(self._claims),
             "waiting": self._waiting,
             "last_maintenance": self._last_maintenance,
+            "location": redact_url(self._store.uri),
         }
 
     async def maintain(self, now: float | None = None) -> dict[str, Any]:
@@ -852,7 +864,8 @@ class CacheOutcome:
 
 
 class CacheClient:
-    """The only cache surface a caller touches. Holds the embedder (loaded once per caller process)."""
+    """The only cache surface a caller touches. ``embedder``: anything with ``async embed_async(text)`` returning
+    a (384,) unit vector; by default a client of the shared embedding pool."""
 
     def __init__(self, actor_handle: Any, settings: Any, embedder: Any = None, *, k: int = 5) -> None:
         self._actor = actor_handle
@@ -866,9 +879,9 @@ class CacheClient:
     @property
     def embedder(self) -> Any:
         if self._embedder is None:
-            from runtime.embedding import get_embedder
+            from actors.embedder import EmbeddingPoolClient
 
-            self._embedder = get_embedder(self._settings.cache.embedding_model)
+            self._embedder = EmbeddingPoolClient(self._settings)
         return self._embedder
 
     @property
@@ -878,14 +891,21 @@ class CacheClient:
             self._verifier = cache_verifier.for_settings(self._settings.cache)
         return self._verifier
 
+    async def _embed(self, text: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The text's vector and token embeddings, or None when embedding failed or missed its deadline (the
+        pool client counts and logs why): no request fails because embedding failed."""
+        try:
+            enc = await self.embedder.encode_async([text], tokens=True)
+        except Exception as exc:  # noqa: BLE001
+            if not isinstance(exc, EmbeddingUnavailable):
+                log.warning("embedding failed, semantic lookup bypassed: %s", type(exc).__name__)
+            return None
+        return enc.vectors[0], (enc.tokens[0] if enc.tokens else None)
+
     def _record(self, kind: str, saved: float = 0.0, key: str | None = None, request_id: str | None = None,
                 query: dict[str, Any] | None = None) -> None:
         # fire and forget: statistics must not add a round trip to the hit path
         self._actor.record.remote(kind, saved, key, request_id, query)
-
-    async def _encode(self, prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-        enc = await asyncio.to_thread(self.embedder.encode, [prompt], tokens=True)
-        return enc.vectors[0], (enc.tokens[0] if enc.tokens else None)
 
     async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True,
                      now: float | None = None, *, owner: str | None = None, wait_s: float | None = None,
@@ -919,12 +939,25 @@ class CacheClient:
         base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens,
                     model=model, request_id=request_id)
 
-        row = await self._actor.lookup_exact.remote(key, now)
-        hit = self._as_hit(row, "exact", max_tokens, base)
+        # the embedding overlaps the exact lookup; on an exact hit it is cancelled (never sent, if the pool
+        # client was still filling a batch)
+        embedding = asyncio.ensure_future(self._embed(prompt))
+        try:
+            row = await self._actor.lookup_exact.remote(key, now)
+            hit = self._as_hit(row, "exact", max_tokens, base)
+        except BaseException:
+            embedding.cancel()
+            raise
         if hit is not None:
+            embedding.cancel()
             return hit
 
-        vector, q_tokens = await self._encode(prompt)
+        encoded = await embedding
+        if encoded is None:  # the exact part ran; without a vector neither search nor a storable row
+            self._record("bypass")
+            return CacheOutcome("bypass", None, 0.0, "", "", None, False, "embedding unavailable", prompt,
+                                tenant=tenant or "", max_tokens=max_tokens, model=model)
+        vector, q_tokens = encoded
         judge = self.verifier
         # with the verifier, every candidate from the loose cosine up is judged; without it, the cosine decides
         floor = cs.verify_min_similarity if judge is not None else cs.similarity_threshold
@@ -996,7 +1029,11 @@ class CacheClient:
         kind = policy.classify(outcome.prompt)
         vector, tokens = outcome.vector, outcome.tokens
         if vector is None:
-            vector, tokens = await self._encode(outcome.prompt)
+            encoded = await self._embed(outcome.prompt)
+            if encoded is None:
+                await self.release(outcome)
+                return False
+            vector, tokens = encoded
         entry = {
             "key": outcome.key, "scope_id": outcome.scope_id, "tenant": outcome.tenant, "model": model_used,
             "kind": kind, "prompt": outcome.prompt, "vector": np.asarray(vector, dtype=np.float32),

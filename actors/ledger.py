@@ -658,6 +658,28 @@ class Ledger:
                                 (since if since is not None else float("-inf"),))
         return {r["k"]: r["usd"] for r in rows}
 
+    async def request_spend(self, prefix: str, since: float | None = None) -> dict[str, float]:
+        """Spend and row count of the requests whose id starts with ``prefix`` (a front-door key's, or one
+        request's), from ``since``: a range scan on the request-id index, not a table scan."""
+        if not prefix:
+            raise ValueError("request_spend needs a non-empty prefix")
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        rows = await self._read("SELECT COALESCE(SUM(cost_usd), 0.0) AS usd, COUNT(*) AS n FROM records "
+                                "WHERE request_id >= ? AND request_id < ? AND ts >= ?",
+                                (prefix, upper, since if since is not None else float("-inf")))
+        return {"usd": float(rows[0]["usd"]), "rows": int(rows[0]["n"])}
+
+    async def prompt_cache(self, since: float | None = None) -> dict[str, Any]:
+        """Prompt-cache reads, writes and dollars saved against uncached input over billed rows since
+        ``since`` (runtime/prompt_cache.savings_summary)."""
+        from runtime.prompt_cache import savings_summary
+
+        rows = await self._read("SELECT model, message_id, batch, upstream, input_tokens, output_tokens, "
+                                "cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens FROM records "
+                                "WHERE ts >= ? AND message_id IS NOT NULL",
+                                (since if since is not None else float("-inf"),))
+        return savings_summary(rows, self.settings)
+
     async def records(self, since: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         rows = await self._read("SELECT * FROM records WHERE ts >= ? ORDER BY ts, id LIMIT ?",
                                 (since if since is not None else float("-inf"), -1 if limit is None else limit))

@@ -14,6 +14,11 @@ and the waiting happens in the caller, holding nothing::
 
 State is soft: after a restart the actor starts with full buckets and forgets leases (their reconciles are
 then ignored); the first responses' ``remaining`` headers pull the levels back to the server's view.
+
+The actor also hosts the cluster's prompt-cache ``PrefixTracker`` (runtime/prompt_cache.py): every request
+with a tracked prefix asks it, so N callers with the same new prefix make one write. ``PrefixClient`` is its
+per-process side (runtime/prefixes.py says how a claim waits). It is soft state too: after a restart every
+prefix is cold again, which costs at most one write per prefix.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from ray.exceptions import RayError, RayTaskError
 from runtime.admission import NOT_SENT, Admission, Estimate, Grant, Outcome, RetryAfter
 from runtime.groupsubmit import GroupSubmitter
 from runtime.leases import LeaseBook
+from runtime.prefixes import PrefixAsk, PrefixReport, Waiting, decide_many, report_many
+from runtime.prompt_cache import Decision, PrefixTracker
 from runtime.errors import InvalidRequest, RateLimitedPastDeadline
 from runtime.settings import ClassLimits, LimiterSettings, UserLimits
 
@@ -42,9 +49,24 @@ class LimiterActor:
     def __init__(self, limits: dict[str, ClassLimits], user_limits: dict[str, UserLimits] | UserLimits,
                  limiter: LimiterSettings, lease_timeout_s: float = 600.0,
                  groups: dict[str, dict[str, ClassLimits]] | None = None,
-                 group_weights: dict[str, float] | None = None) -> None:
+                 group_weights: dict[str, float] | None = None, settings: Any = None) -> None:
         self._adm = Admission(limits, user_limits, limiter, lease_timeout_s=lease_timeout_s, groups=groups,
                               group_weights=group_weights)
+        if settings is None:
+            from runtime.settings import Settings
+
+            settings = Settings()
+        self._prefixes = PrefixTracker(settings)
+
+    # -- prompt-cache prefixes (runtime/prefixes.py) ----------------------------------------------------------
+    def prefix_begin_many(self, asks: list[PrefixAsk]) -> list[Decision]:
+        return decide_many(self._prefixes, asks, time.monotonic())
+
+    def prefix_report_many(self, reports: list[PrefixReport]) -> list[bool]:
+        return report_many(self._prefixes, reports, time.monotonic())
+
+    def prefix_stats(self) -> dict[str, Any]:
+        return {"prefixes": len(self._prefixes), **self._prefixes.stats}
 
     def acquire_many(self, estimates: list[Estimate]) -> list[Grant | RetryAfter]:
         return self._adm.acquire_many(estimates)
@@ -92,7 +114,7 @@ def get_or_create_limiter(settings: Any, *, name: str = ACTOR_NAME, namespace: s
         name=name, namespace=namespace, lifetime="detached", get_if_exists=True,
         scheduling_strategy=scheduling_strategy,
     ).remote(dict(settings.limits), dict(settings.user_limits), settings.limiter, lease_timeout_s, groups,
-             group_weights)
+             group_weights, settings.without_secrets() if hasattr(settings, "without_secrets") else None)
 
 
 class LimiterClient:
@@ -256,3 +278,56 @@ class LimiterClient:
         await self._reconciles.flush()
         if self.book is not None:
             await self.refresh(close=True)
+
+
+class PrefixClient(Waiting):
+    """One per caller process: prompt-cache claims and reports against the limiter actor's tracker, batched
+    like the limiter's own calls. A waiter here is woken at once when a report from this process ends the
+    write it waits for; a write ending elsewhere is seen at its next re-ask (every ``poll_s``)."""
+
+    def __init__(self, actor_handle: Any, settings: Any, *, max_batch: int = 2_000) -> None:
+        super().__init__(settings.prompt_cache.wait_poll_s)
+        self._actor = actor_handle
+        self._asks: GroupSubmitter[PrefixAsk, Decision] = GroupSubmitter(
+            self._send_asks, max_batch=max_batch, max_inflight=4, name="prefix-begin")
+        self._reports: GroupSubmitter[PrefixReport, bool] = GroupSubmitter(
+            self._send_reports, max_batch=max_batch, max_inflight=2,
+            on_error=lambda exc, items: None,  # the actor restarted: its claims are gone, nothing to end
+            name="prefix-report")
+        self.stats.update(ask_calls=0, report_calls=0, unavailable=0)
+
+    async def _ask(self, ask: PrefixAsk) -> Decision:
+        timeout = None if ask.deadline_in_s is None else max(ask.deadline_in_s, 0.001)
+        try:
+            return await self._asks.submit(ask, timeout=timeout)
+        except RayTaskError:
+            raise
+        except (RayError, asyncio.TimeoutError):
+            # the limiter is restarting or slow: send without waiting for anyone (a possible second write,
+            # never a stall past the request's deadline)
+            self.stats["unavailable"] += 1
+            return Decision("pass", "5m", reason="tracker-unavailable")
+
+    async def _send_asks(self, batch: list[PrefixAsk]) -> list[Decision]:
+        self.stats["ask_calls"] += 1
+        return await self._actor.prefix_begin_many.remote(batch)
+
+    def _report(self, r: PrefixReport) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._actor.prefix_report_many.remote([r])
+            return
+        self._reports.submit_nowait(r)
+
+    async def _send_reports(self, batch: list[PrefixReport]) -> list[bool]:
+        self.stats["report_calls"] += 1
+        ended = await self._actor.prefix_report_many.remote(batch)
+        for r, e in zip(batch, ended):
+            if e:
+                self._wake(r.prefix, r.model)
+        return ended
+
+    async def flush(self) -> None:
+        await self._asks.flush()
+        await self._reports.flush()

@@ -25,10 +25,13 @@ def free_port() -> int:
 class FakeApiProcess:
     """`claude-runtime fake-api` in a separate process, so the load generator and the server don't share a GIL."""
 
-    def __init__(self, *args: str, port: int | None = None) -> None:
+    def __init__(self, *args: str, port: int | None = None, host: str = "127.0.0.1",
+                 advertise: str | None = None) -> None:
+        # host="0.0.0.0" with advertise=<this node's IP> serves callers on other machines of a real cluster
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "runtime.cli", "fake-api", "--port", str(self.port), *args]
+        self.url = f"http://{advertise or '127.0.0.1'}:{self.port}"
+        self._local = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "runtime.cli", "fake-api", "--host", host, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -43,7 +46,7 @@ class FakeApiProcess:
 
     def _call(self, path: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET",
+        req = urllib.request.Request(self._local + path, data=data, method="POST" if data is not None else "GET",
                                      headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             text = resp.read().decode()

@@ -44,7 +44,8 @@ def main() -> None:
                 return Settings(base_url=fake.url, api_key="bench-key",
                                 limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
                                 user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
-                                limiter={"leases": fast}, ledger={"local_journal": fast},
+                                limiter={"leases": fast},
+                                ledger={"local_journal": fast, "allow_temporary_path": True},
                                 budgets={"daily_usd": 1_000.0} if args.budget else {},
                                 data_dir=f"/tmp/overhead_bench_{fake.port}_{tag}")
 

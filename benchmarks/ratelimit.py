@@ -165,7 +165,8 @@ def main() -> None:
         limits = {c: ClassLimits(**LIMITS) for c in ("haiku", "sonnet", "opus", "fable")}
         rt = runtime.start(Settings(base_url=fake.url, api_key="bench-key", limits=limits,
                                     user_limits=UserLimits(rpm=0, tpm=0), cache={"enabled": False},
-                                    callers={"num_callers": 3}, data_dir=f"/tmp/ratelimit_bench_{fake.port}"))
+                                    callers={"num_callers": 3}, data_dir=f"/tmp/ratelimit_bench_{fake.port}",
+                                    ledger={"allow_temporary_path": True}))
         for mode in args.modes.split(","):
             console.print(f"running {mode} for {args.duration:.0f} s ...")
             rows.append(run_variant(mode, fake, args.duration, args.concurrency, nodes))

@@ -60,3 +60,86 @@ def settle(item: BatchItem, result: Any, settings: Settings, started: float
                     void_attempts=(item.attempt,), **common)
     return record, UpstreamError(f"batch {kind}: {etype}: {message}", request_id=req.request_id, status=None,
                                  error_type=etype, attempts=[{"model": item.model, "status": kind}])
+
+
+# -- batch jobs: the pure parts (runtime/batchjob.py drives them) ---------------------------------------------------
+
+# the Message Batches API's limits per batch (shared/README.md)
+MAX_BATCH_REQUESTS = 100_000
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+_BODY_OVERHEAD = 64  # {"requests":[...]} around the entries
+
+
+def entry_size(entry: dict[str, Any]) -> int:
+    """Bytes one entry adds to the create request's JSON body (with its separating comma)."""
+    import json
+
+    return len(json.dumps(entry, separators=(",", ":")).encode()) + 1
+
+
+def plan_chunks(sizes: list[int], max_requests: int = MAX_BATCH_REQUESTS, max_bytes: int = MAX_BATCH_BYTES
+                ) -> list[tuple[int, int]]:
+    """Split entries (in order, by their ``entry_size``) into consecutive [start, end) runs that each fit one
+    batch: at most ``max_requests`` entries and ``max_bytes`` of body. An entry too big for any batch is an
+    ``InvalidRequest``: the API would refuse the whole batch for it."""
+    from runtime.errors import InvalidRequest
+
+    if max_requests < 1 or max_bytes <= _BODY_OVERHEAD:
+        raise ValueError("max_requests must be >= 1 and max_bytes larger than the body's wrapper")
+    out: list[tuple[int, int]] = []
+    start, used = 0, _BODY_OVERHEAD
+    for i, size in enumerate(sizes):
+        if size + _BODY_OVERHEAD > max_bytes:
+            raise InvalidRequest(f"request {i} is {size} bytes, more than a batch may carry ({max_bytes})",
+                                 field="request")
+        if i > start and (i - start >= max_requests or used + size > max_bytes):
+            out.append((start, i))
+            start, used = i, _BODY_OVERHEAD
+        used += size
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def orphan_batch(listed: list[dict[str, Any]], known: set[str], n_requests: int, since_ts: float,
+                 slack_s: float = 60.0) -> str | None:
+    """A batch the API created for a chunk whose driver died before recording its id: among the listed
+    batches (``id``, ``created_at`` as unix seconds, ``total`` requests), the one unknown to the ledger, with the
+    chunk's size, created after the chunk started to be sent. None when there is no such batch, or more than one
+    (then which is ours cannot be told, and the chunk is sent again; reconcile settles any double)."""
+    found = [b["id"] for b in listed
+             if b["id"] not in known and b["total"] == n_requests and b["created_at"] >= since_ts - slack_s]
+    return found[0] if len(found) == 1 else None
+
+
+def outcome_line(i: int, value: Any) -> dict[str, Any]:
+    """One request's final answer as a JSON-able line of a job's outcomes file."""
+    if isinstance(value, Result):
+        return {"i": i, "ok": True, "message": value.message.model_dump(mode="json"), "model": value.model,
+                "cache": value.cache, "cost_usd": value.cost_usd, "attempts": value.attempts,
+                "latency_s": value.latency_s, "request_id": value.request_id, "saved_usd": value.saved_usd,
+                "route_reason": value.route_reason, "user_id": value.user_id, "tenant": value.tenant,
+                "upstream": value.upstream, "history": value.history}
+    fields = getattr(value, "fields", {}) or {}
+    return {"i": i, "ok": False, "error": type(value).__name__, "message": getattr(value, "message", str(value)),
+            "request_id": getattr(value, "request_id", None), "fields": fields}
+
+
+def outcome_value(line: dict[str, Any]) -> Any:
+    """The ``Result`` or typed error an outcomes line stands for."""
+    from runtime import errors
+
+    if line["ok"]:
+        import anthropic
+
+        return Result(message=anthropic.types.Message.model_validate(line["message"]), model=line["model"],
+                      cache=line["cache"], cost_usd=line["cost_usd"], attempts=line["attempts"],
+                      latency_s=line["latency_s"], request_id=line["request_id"], saved_usd=line["saved_usd"],
+                      route_reason=line["route_reason"], user_id=line["user_id"], tenant=line["tenant"],
+                      upstream=line.get("upstream"), history=line.get("history") or [])
+    cls = getattr(errors, line["error"], None)
+    if not (isinstance(cls, type) and issubclass(cls, ClaudeRuntimeError)):
+        cls = errors.RequestLost
+    err = cls.__new__(cls)
+    ClaudeRuntimeError.__init__(err, line["message"], request_id=line["request_id"], **(line.get("fields") or {}))
+    return err

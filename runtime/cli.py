@@ -1,4 +1,4 @@
-"""The `claude-runtime` command: fake-api, demo, report, status."""
+"""The `claude-runtime` command: fake-api, demo, report, status, reconcile, serve, keys."""
 
 from __future__ import annotations
 
@@ -58,17 +58,20 @@ def demo(requests: int = typer.Option(120, help="how many requests to send"),
 def report(since: str = typer.Option("7d", help="span to report, e.g. 24h, 7d, 4w"),
            ledger: Optional[Path] = typer.Option(None, help="ledger file (default: from settings)"),
            png: Path = typer.Option(Path("cost_report.png"), help="where to write the plot")) -> None:
-    """Spend by day and model, and what the cache saved: a table and a PNG."""
+    """Spend by day and model, what the cache saved, and prompt-cache reads, writes and savings: a table and
+    a PNG."""
     from runtime.client import _since_ts
     from runtime.report import main as report_main
     from runtime.settings import Settings
     import time
 
-    path = ledger or Settings().ledger_path
+    settings = Settings()
+    path = ledger or settings.ledger_path
     if not path.exists():
         typer.echo(f"no ledger at {path}", err=True)
         raise typer.Exit(1)
-    report_main(path, time.time() - _since_ts(since), png)
+    # the settings price the prompt-cache savings (the rows carry token counts)
+    report_main(path, time.time() - _since_ts(since), png, settings=settings)
 
 
 @app.command()
@@ -88,14 +91,115 @@ def reconcile(billing: Optional[Path] = typer.Option(None, help="a billing log (
 
 
 @app.command()
-def status() -> None:
-    """Attach to a running runtime (RAY_ADDRESS or auto) and print its state."""
+def status(name: str = typer.Option("default", help="the runtime's name (runtime.start(name=...))"),
+           as_json: bool = typer.Option(False, "--json", help="print the raw state as JSON")) -> None:
+    """Attach to a running runtime (RAY_ADDRESS or auto) and print its live state: callers and requests in
+    flight, rate-limit buckets, budgets, cache size, leases."""
     import json
 
     import runtime
+    from runtime.status import render
 
-    rt = runtime.connect()
-    typer.echo(json.dumps(rt.stats(), indent=2, default=str))
+    rt = runtime.connect(name)
+    state = rt.status()
+    typer.echo(json.dumps(state, indent=2, default=str) if as_json else render(state))
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="API keys of the HTTP front door (stored hashed under data_dir).")
+app.add_typer(keys_app, name="keys")
+
+
+def _key_store(data_dir: Optional[Path]):
+    from runtime.keys import KeyStore
+    from runtime.settings import Settings
+
+    return KeyStore.in_dir(Settings(data_dir=data_dir).data_dir if data_dir else Settings().data_dir)
+
+
+_DATA_DIR = typer.Option(None, "--data-dir", help="the runtime's data_dir (default: from settings)")
+
+
+@keys_app.command("create")
+def keys_create(user: str = typer.Option(..., help="the user every request of this key runs as"),
+                tenant: Optional[str] = typer.Option(None, help="the tenant (cache scope, budgets, caps)"),
+                budget_usd: Optional[float] = typer.Option(None, "--budget-usd", help="this key's daily budget"),
+                rpm: Optional[int] = typer.Option(None, help="this key's requests per minute"),
+                label: Optional[str] = typer.Option(None, help="a note for `keys list`"),
+                data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """Create a key; it is printed once, as the last word of the output, and stored only as a hash."""
+    store = _key_store(data_dir)
+    key, entry = store.create(user, tenant, budget_usd=budget_usd, rpm=rpm, label=label)
+    typer.echo(f"created key {entry.key_id} for user {user}"
+               + (f" (tenant {tenant})" if tenant else "") + f"; it is shown only now: {key}")
+
+
+@keys_app.command("list")
+def keys_list(all_keys: bool = typer.Option(False, "--all", help="include revoked keys"),
+              data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """The keys (ids, users, limits; never the keys themselves)."""
+    import json
+
+    for e in _key_store(data_dir).list(include_revoked=all_keys):
+        typer.echo(json.dumps(e.public()))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="the key id (or the key)"),
+                data_dir: Optional[Path] = _DATA_DIR) -> None:
+    """Revoke a key: its next request gets 401."""
+    if not _key_store(data_dir).revoke(key_id):
+        typer.echo(f"no active key {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to bind"),
+          port: int = typer.Option(8000, help="port to listen on"),
+          name: str = typer.Option("default", help="the runtime to serve (runtime.start(name=...))"),
+          replicas: int = typer.Option(1, min=1, help="front-door replicas (a key's rpm is split among them)"),
+          access_log: bool = typer.Option(False, "--access-log", help="log every request"),
+          address: Optional[str] = typer.Option(
+              None, help="Ray cluster to join ('local' starts one here; default: RAY_ADDRESS, else a running "
+                         "cluster, else a new local one)")) -> None:
+    """Serve the Anthropic-compatible HTTP front door (POST /v1/messages, /v1/messages/count_tokens) on Ray
+    Serve. Attaches to a running runtime, or starts one from the settings (env / CLAUDE_RUNTIME_CONFIG)."""
+    import ray
+
+    import runtime
+    from actors.serve import run_front_door
+    from runtime.errors import ConfigurationError
+
+    if address is not None:
+        ray.init(address=address)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        try:
+            ray.init(address="auto")
+        except ConnectionError:
+            ray.init()
+    try:
+        runtime.connect(name)
+    except ConfigurationError:
+        runtime.start(runtime.Settings(), name=name)
+    url = run_front_door(host=host, port=port, runtime_name=name, replicas=replicas, access_log=access_log)
+    typer.echo(f"claude-runtime front door on {url} (ANTHROPIC_BASE_URL={url}; keys: claude-runtime keys create)")
+    import signal
+    import time
+
+    # serve until told to stop (Ctrl-C or SIGTERM), then take the front door down cleanly
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
 
 
 if __name__ == "__main__":

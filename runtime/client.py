@@ -10,14 +10,12 @@ import itertools
 import os
 import re
 import time
-import uuid
 from collections import deque
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from runtime.errors import ConfigurationError, InvalidRequest
 from runtime.request import validate
@@ -25,7 +23,25 @@ from runtime.settings import Settings
 
 NAMESPACE = "claude_runtime"
 CALLER_PREFIX = "caller-"
+# a handle asks the pool for its callers this often, in the background; past callers.drain_grace_s / 2 without
+# an answer it asks and waits, so it never routes to a caller the pool has stopped
+_MEMBERS_REFRESH_S = 1.0
 from runtime.upstreams import FAKE_API_KEY  # noqa: E402 - re-exported: tests and tools use it
+
+
+_END = object()
+
+
+async def _await_value(ref_or_exc: Any) -> Any:
+    """A submitted request's result, or its typed error as a value."""
+    if isinstance(ref_or_exc, BaseException):
+        return ref_or_exc
+    try:
+        return await ref_or_exc
+    except ray.exceptions.RayTaskError as exc:
+        return exc.cause if getattr(exc, "cause", None) is not None else exc
+    except Exception as exc:  # noqa: BLE001 - errors as values
+        return exc
 
 
 def _since_ts(since: float | str | datetime | None) -> float | None:
@@ -43,34 +59,87 @@ def _since_ts(since: float | str | datetime | None) -> float | None:
 
 class Runtime:
     def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None,
-                 namespace: str = NAMESPACE) -> None:
+                 namespace: str = NAMESPACE, pool=None, placement_group=None, _fresh: bool = True) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
         # the handle travels to tasks and actors: it keeps the secrets only in the process that has them
         self._secret_settings = settings if settings.configured_upstreams() else None
         self.settings = settings.without_secrets()
-        self.callers = callers
+        self._callers = list(callers)
         self.limiter = limiter
         self.ledger = ledger
         self.cache = cache
         self.fake_api = fake_api
         self.namespace = namespace
+        # the caller pool's manager (actors/pool.py): which callers are live and not draining
+        self.pool = pool
+        self._placement_group = placement_group
+        self._members_at = time.monotonic() if _fresh else float("-inf")
+        self._members_ref = None
         self._rr = itertools.count()
 
+    @property
+    def embedders(self) -> list:
+        """The embedding pool's live replicas (its floor, plus any it grew to)."""
+        from actors.embedder import find_replicas
+
+        return list(find_replicas(self.settings).values())
+
     def __reduce__(self):  # the round-robin counter is per process, and no secret is pickled
-        return (Runtime, (self.settings, self.callers, self.limiter, self.ledger, self.cache, self.fake_api,
-                          self.namespace))
+        return (Runtime, (self.settings, self._callers, self.limiter, self.ledger, self.cache, self.fake_api,
+                          self.namespace, self.pool, self._placement_group, False))
+
+    # -- routing -------------------------------------------------------------------------------------------
+    @property
+    def callers(self) -> list:
+        """The callers new requests go to: live and not draining (the pool's view, at most a second old)."""
+        if self.pool is None:
+            return self._callers
+        now = time.monotonic()
+        if self._members_ref is not None and ray.wait([self._members_ref[0]], timeout=0)[0]:
+            (ref, asked_at), self._members_ref = self._members_ref, None
+            self._take_members(ref, asked_at)
+        # a list is as old as the question it answers: one asked for before an idle spell is stale when it
+        # is read after it
+        age = now - self._members_at
+        if age >= self.settings.callers.drain_grace_s / 2:
+            self._members_ref = None
+            self._take_members(self.pool.members.remote(), now)
+        elif age >= _MEMBERS_REFRESH_S and self._members_ref is None:
+            self._members_ref = (self.pool.members.remote(), now)
+        return self._callers
+
+    def _take_members(self, ref: Any, asked_at: float) -> None:
+        try:
+            members = ray.get(ref, timeout=10)
+        except Exception:  # noqa: BLE001 - the pool is restarting: keep the last list, ask again later
+            members = None
+        self._members_at = asked_at
+        if members:
+            self._callers = [h for _name, h in members]
+
+    def _pick(self):
+        callers = self.callers
+        return callers[next(self._rr) % len(callers)]
 
     # -- requests ------------------------------------------------------------------------------------------
     def submit(self, request: dict[str, Any], *, user_id: str | None = None, tenant: str | None = None,
                priority: str = "normal", cache: bool = True, request_id: str | None = None,
-               deadline_s: float | None = None) -> ray.ObjectRef:
+               deadline_s: float | None = None, prompt_cache: bool | None = None) -> ray.ObjectRef:
         """Send one request; returns a ref to a ``runtime.Result``. Bad input raises ``InvalidRequest`` here,
-        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``."""
+        before anything is reserved or sent; every other failure is raised as a typed error by ``ray.get``.
+
+        ``prompt_cache``: automatic ``cache_control`` on the request's stable prefixes (None: as
+        ``Settings.prompt_caching`` says; False: send it exactly as given; True: place markers even when the
+        settings say "off"). The response cache and the ledger see the request as given either way."""
         req = validate(request, self.settings, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
-                       request_id=request_id, deadline_s=deadline_s)
-        caller = self.callers[next(self._rr) % len(self.callers)]
-        return caller.handle.remote(req)
+                       request_id=request_id, deadline_s=deadline_s, prompt_cache=prompt_cache)
+        return self.submit_validated(req)
+
+    def submit_validated(self, req: Any) -> ray.ObjectRef:
+        """``submit`` for a request already through ``runtime.request.validate`` (the front door validates
+        first, to size a key's budget reservation, and need not do it twice)."""
+        return self._pick().handle.remote(req)
 
     def stream(self, request: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The answer as the API's stream events (``message_start``, ``content_block_delta``, ...,
@@ -83,17 +152,22 @@ class Runtime:
 
     async def astream(self, request: dict[str, Any], **kwargs: Any):
         """``stream``'s async twin: ``async for event in rt.astream(request): ...``."""
-        gen = self._stream_refs(request, kwargs)
-        async for ref in gen:
+        async for event in self.astream_validated(validate(request, self.settings, streaming=True, **kwargs)):
+            yield event
+
+    def _stream_refs(self, request: dict[str, Any], kwargs: dict[str, Any]):
+        return self._stream_validated(validate(request, self.settings, streaming=True, **kwargs))
+
+    def _stream_validated(self, req: Any):
+        return self._pick().handle_stream.options(num_returns="streaming").remote(req)
+
+    async def astream_validated(self, req: Any):
+        """``astream`` for a request already through ``validate(..., streaming=True)``."""
+        async for ref in self._stream_validated(req):
             try:
                 yield await ref
             except ray.exceptions.RayTaskError as exc:
                 raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
-
-    def _stream_refs(self, request: dict[str, Any], kwargs: dict[str, Any]):
-        req = validate(request, self.settings, streaming=True, **kwargs)
-        caller = self.callers[next(self._rr) % len(self.callers)]
-        return caller.handle_stream.options(num_returns="streaming").remote(req)
 
     @staticmethod
     def _unwrap(ref: Any) -> Any:
@@ -128,6 +202,68 @@ class Runtime:
         finally:
             bar.close()
 
+    async def amap(self, requests: Iterable[dict[str, Any]] | AsyncIterable[dict[str, Any]], *,
+                   ordered: bool = False, max_in_flight: int = 256, request_id: str | None = None,
+                   with_index: bool = False, **kwargs: Any) -> AsyncIterator[Any]:
+        """``map``'s async twin for large inputs: ``async for res in rt.amap(requests): ...``.
+
+        The input (an iterable or an async iterable, e.g. a generator over a file of 10M requests) is consumed
+        lazily: at most ``max_in_flight`` requests are submitted and not yet yielded, so neither the input nor
+        the answers pile up. Each result, or its typed error (errors as values), is yielded as soon as it
+        completes (``ordered=False``), or in input order (``ordered=True``: a slow request then holds back
+        the ones after it, and the window). ``with_index=True`` yields ``(i, value)``. ``request_id`` is a
+        prefix, as in ``map``; other keyword arguments go to ``submit``."""
+        import asyncio
+
+        if request_id is not None and not isinstance(request_id, str):
+            raise InvalidRequest("request_id must be a string prefix", field="request_id")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError("max_in_flight must be a positive integer")
+        source = requests.__aiter__() if hasattr(requests, "__aiter__") else iter(requests)
+        is_async = hasattr(source, "__anext__")
+        pending: dict[asyncio.Future, int] = {}
+        ready: dict[int, Any] = {}  # ordered: finished, waiting for the ones before them
+        next_out = 0
+        count = 0
+        exhausted = False
+
+        async def pull() -> Any:
+            if is_async:
+                try:
+                    return await source.__anext__()
+                except StopAsyncIteration:
+                    return _END
+            return next(source, _END)
+
+        try:
+            while True:
+                while not exhausted and len(pending) + len(ready) < max_in_flight:
+                    req = await pull()
+                    if req is _END:
+                        exhausted = True
+                        break
+                    ref = self._submit_value(req, kwargs, request_id, count)
+                    pending[asyncio.ensure_future(_await_value(ref))] = count
+                    count += 1
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                finished = sorted((pending.pop(f), f.result()) for f in done) if ordered else \
+                    [(pending.pop(f), f.result()) for f in done]
+                for i, value in finished:
+                    if not ordered:
+                        yield (i, value) if with_index else value
+                    else:
+                        ready[i] = value
+                while next_out in ready:
+                    value = ready.pop(next_out)
+                    yield (next_out, value) if with_index else value
+                    next_out += 1
+        finally:
+            # the consumer left early: stop waiting (the requests themselves run on and are billed)
+            for f in pending:
+                f.cancel()
+
     def _submit_value(self, req: dict[str, Any], kwargs: dict[str, Any], prefix: str | None = None,
                       i: int = 0) -> Any:
         try:
@@ -151,122 +287,51 @@ class Runtime:
     def submit_batch(self, requests: Iterable[dict[str, Any]], *, user_id: str | None = None,
                      tenant: str | None = None, priority: str = "bulk", poll_s: float = 2.0,
                      progress: bool = True, timeout_s: float = 24 * 3600.0) -> list[Any]:
-        """Run offline work through the Message Batches API at the batch discount and wait for it.
+        """Run offline work through the Message Batches API at the batch discount and wait for it: ``batch``
+        (see there), then ``wait`` and ``results``. Past ``timeout_s`` the job is cancelled; what the API had
+        already answered is kept.
 
-        Every request is validated first (``InvalidRequest`` is raised before anything is sent), routed, and
-        its worst-case batch cost reserved against the budgets with a write-ahead intent; refused ones come
-        back as ``BudgetExceeded``. Returns, in input order, a ``Result`` or a typed error per request; every
-        billed result is in the ledger (``batch`` set) exactly once.
+        Every request is validated first (``InvalidRequest`` is raised before anything is sent); cache hits
+        are answered at once; each request sent has its worst-case batch cost reserved against the budgets with
+        a write-ahead intent (refused ones come back as ``BudgetExceeded``). Returns, in input order, a
+        ``Result`` or a typed error per request; every billed result is in the ledger (``batch`` set) once.
+        A batch the API certainly did not create releases its reservations and closes its intents, and this
+        raises ``UpstreamError``."""
+        job = self.batch(requests, user_id=user_id, tenant=tenant, priority=priority)
+        if not job.wait(timeout_s, poll_s=poll_s, progress=progress):
+            job.cancel()
+            job.wait(poll_s=poll_s, progress=progress)
+        return job.results(wait=False)
 
-        Nothing leaks on failure: a batch the API certainly did not create releases its reservations and closes
-        its intents; one whose creation is in doubt (the connection dropped after the send) keeps them, so the
-        ledger books it as unreconciled until ``reconcile``. The batch id is recorded in the ledger as soon as
-        it is known.
-        """
-        import anthropic
-        from tqdm.auto import tqdm
+    def batch(self, requests: Iterable[dict[str, Any]], *, user_id: str | None = None, tenant: str | None = None,
+              priority: str = "bulk", cache: bool = True, max_requests_per_batch: int | None = None,
+              max_bytes_per_batch: int | None = None) -> Any:
+        """Start a batch job (``runtime.batchjob.BatchJob``) and return once its batches are created: requests
+        validated and kept under data_dir (``InvalidRequest`` first, nothing sent), cache hits answered at once,
+        repeats inside the job answered from their first occurrence's answer, the rest sent as Message Batches
+        split to the API's limits (100,000 requests or 256 MB each), budget-reserved with write-ahead intents.
+        ``job.wait()`` collects and bills the results (from any driver: ``runtime.connect().batch_job(id)``
+        resumes a job whose driver died, and nothing is lost or billed twice)."""
+        from runtime.batch import MAX_BATCH_BYTES, MAX_BATCH_REQUESTS
+        from runtime.batchjob import BatchJob
 
-        from runtime.batch import BatchItem, batch_entry, settle
-        from runtime.errors import RequestLost, UpstreamError
-        from runtime.intents import Begin, Owner
-        from runtime.pricing import bound_cost
-        from runtime.estimate import input_upper_bound
-        from runtime.records import Record
-        from runtime.router import route
-        from runtime.transport import classify
+        job = BatchJob.create(self, requests, user_id=user_id, tenant=tenant, priority=priority, cache=cache,
+                              max_requests_per_batch=max_requests_per_batch or MAX_BATCH_REQUESTS,
+                              max_bytes_per_batch=max_bytes_per_batch or MAX_BATCH_BYTES)
+        job.step()
+        return job
 
-        s = self.settings
-        norms = [validate(r, s, user_id=user_id, tenant=tenant, priority=priority) for r in requests]
-        if not norms:
-            return []
-        owner = str(Owner("batch", uuid.uuid4().hex[:12], uuid.uuid4().hex[:8]))
-        items = []
-        for n in norms:
-            chosen = route(n.requested_model, n.params, s)
-            items.append(BatchItem(n, chosen.model, chosen.reason))
-        begins = ray.get([self.ledger.begin.remote(Begin(
-            request_id=it.request.request_id, owner=owner, attempt=None, model=it.model,
-            user_id=it.request.user_id, tenant=it.request.tenant, priority=it.request.priority,
-            reserve_usd=bound_cost(it.model, input_upper_bound(it.request.params).tokens, it.request.max_tokens,
-                                   s, batch=True, worst_tier=True))) for it in items])
-        out: dict[str, Any] = {}
-        to_send = []
-        for it, b in zip(items, begins):
-            rid = it.request.request_id
-            if b.duplicate_of is not None:
-                out[rid] = InvalidRequest(f"request_id {rid!r} is already in flight", request_id=rid,
-                                          field="request_id")
-            elif not b.reservation.granted:
-                out[rid] = b.reservation.refusal(rid)
-            else:
-                it.attempt = b.attempt
-                to_send.append(it)
-        if to_send:
-            client = anthropic.Anthropic(base_url=self._base_url(), api_key=self._api_key(), max_retries=0)
-            started = time.time()
-            by_id = {it.request.request_id: it for it in to_send}
-            try:
-                batch = client.messages.batches.create(requests=[batch_entry(it) for it in to_send])
-            except Exception as exc:  # noqa: BLE001
-                f = classify(exc)
-                if f.sent != "maybe":
-                    # certainly not created: nothing will be billed
-                    ray.get([self.ledger.commit.remote(Record(
-                        request_id=rid, attempt=it.attempt, message_id=None, ts=time.time(), user_id=it.request.user_id,
-                        tenant=it.request.tenant, priority=it.request.priority, model=it.model, status="error",
-                        error_type=f.error_type, batch=True, environment=s.environment,
-                        void_attempts=(it.attempt,))) for rid, it in by_id.items()])
-                    ray.get([self.ledger.release.remote(rid, owner) for rid in by_id])
-                raise UpstreamError(f"creating the batch failed: {f.status} {f.error_type}: {f.message}"
-                                    + (" (it may have been created: its intents stay open for reconcile)"
-                                       if f.sent == "maybe" else ""),
-                                    status=f.status, error_type=f.error_type, attempts=[]) from None
-            ray.get(self.ledger.note_batch.remote(batch.id, list(by_id), owner))
-            bar = tqdm(total=len(to_send), disable=not progress, desc=f"batch {batch.id}", unit="req")
-            deadline = time.monotonic() + timeout_s
-            failures = 0
-            try:
-                while batch.processing_status != "ended":
-                    if time.monotonic() > deadline and batch.processing_status == "in_progress":
-                        client.messages.batches.cancel(batch.id)
-                    time.sleep(poll_s)
-                    try:
-                        batch = client.messages.batches.retrieve(batch.id)
-                        failures = 0
-                    except (anthropic.APIConnectionError, anthropic.InternalServerError):
-                        failures += 1  # a blip while polling: the batch goes on regardless
-                        if failures > 10:
-                            raise
-                        continue
-                    c = batch.request_counts
-                    bar.n = c.succeeded + c.errored + c.canceled + c.expired
-                    bar.refresh()
-                bar.n = len(to_send)
-                bar.refresh()
-            finally:
-                bar.close()
-            records = []
-            for entry in client.messages.batches.results(batch.id):
-                it = by_id.get(entry.custom_id)
-                if it is None:
-                    continue
-                record, value = settle(it, entry.result, s, started)
-                records.append(record)
-                out[entry.custom_id] = value
-            for r in ray.get(self.ledger.commit_many.remote(records)):
-                if isinstance(r, BaseException):
-                    raise r
-            missing = [rid for rid in by_id if rid not in out]
-            ray.get([self.ledger.commit.remote(Record(
-                request_id=rid, attempt=by_id[rid].attempt, message_id=None, ts=time.time(),
-                user_id=by_id[rid].request.user_id, tenant=by_id[rid].request.tenant,
-                priority=by_id[rid].request.priority, model=by_id[rid].model, status="error",
-                error_type="missing", batch=True, environment=s.environment,
-                void_attempts=(by_id[rid].attempt,))) for rid in missing])
-            ray.get([self.ledger.release.remote(rid, owner) for rid in missing])
-            for rid in missing:
-                out[rid] = RequestLost("the batch ended without a result for this request", request_id=rid)
-        return [out[n.request_id] for n in norms]
+    def batch_job(self, job_id: str) -> Any:
+        """A handle on a batch job started by any driver (this one, or one that died): ``wait()`` resumes it."""
+        from runtime.batchjob import BatchJob
+
+        return BatchJob(self, job_id)
+
+    def batch_jobs(self) -> list[dict[str, Any]]:
+        """The batch jobs under data_dir, newest first (id, state, size)."""
+        from runtime.batchjob import list_jobs
+
+        return list_jobs(self.settings)
 
     def reconcile(self, *, billing: str | Path | None = None, admin_key: str | None = None,
                   min_age_s: float = 0.0) -> dict[str, Any]:
@@ -328,8 +393,14 @@ class Runtime:
     def flush(self) -> None:
         """Everything the callers journaled so far is in the ledger when this returns (the ledger's readers
         below call it first, so a result's row is there once the result is)."""
+        callers = self._callers
+        if self.pool is not None:
+            try:  # draining callers too: they may still hold journaled records
+                callers = [h for _n, h in ray.get(self.pool.all_members.remote(), timeout=30)] or callers
+            except ray.exceptions.RayError:
+                pass
         try:
-            ray.get([c.flush.remote() for c in self.callers], timeout=120)
+            ray.get([c.flush.remote() for c in callers], timeout=120)
         except ray.exceptions.RayActorError:
             pass  # a caller restarting drains its journal itself when it comes back
 
@@ -359,12 +430,42 @@ class Runtime:
             raise ConfigurationError("the cache is disabled (Settings.cache.enabled=False)")
         return ray.get(self.cache.feedback.remote(str(request_id), bool(wrong)))
 
+    def prompt_cache_savings(self, since: float | str | datetime | None = None) -> dict[str, Any]:
+        """What prompt caching did, from the ledger's billed rows: ``calls``, ``reads`` / ``writes`` (calls
+        that read / wrote the cache), ``read_tokens``, ``write_tokens``, ``read_usd``, ``write_usd``,
+        ``as_input_usd`` (the same tokens at the plain input price) and ``saved_usd`` (the difference), in
+        total and ``by_model``."""
+        self.flush()
+        return ray.get(self.ledger.prompt_cache.remote(_since_ts(since)))
+
     def stats(self) -> dict[str, Any]:
         self.flush()
         out: dict[str, Any] = {"ledger": ray.get(self.ledger.stats.remote()), "budgets": self.budgets(),
-                               "limiter": ray.get(self.limiter.snapshot.remote())}
+                               "limiter": ray.get(self.limiter.snapshot.remote()),
+                               # the cluster's prefix tracker: decisions by kind (a waiter's re-asks count
+                               # each time), responses that wrote / read, writes freed unanswered
+                               "prompt_cache": {"tracker": ray.get(self.limiter.prefix_stats.remote()),
+                                                **ray.get(self.ledger.prompt_cache.remote(None))}}
         if self.cache is not None:
             out["cache"] = ray.get(self.cache.stats.remote())
+        if self.fake_api is not None:
+            out["fake_api"] = ray.get(self.fake_api.stats.remote())
+        if self.cache is not None:
+            from actors.embedder import find_replicas
+
+            out["embedding"] = ray.get([h.stats.remote() for h in find_replicas(self.settings).values()])
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What ``claude-runtime status`` shows (runtime/status.py): callers and their in-flight requests, live
+        buckets, budgets, cache size, leases."""
+        from runtime import status as status_view
+
+        if self.pool is not None:
+            out = ray.get(self.pool.snapshot.remote(), timeout=60)
+        else:
+            stats = self.stats()
+            out = status_view.view(limiter=stats.get("limiter"), budgets={}, cache=stats.get("cache"), members=[])
         if self.fake_api is not None:
             out["fake_api"] = ray.get(self.fake_api.stats.remote())
         return out
@@ -376,9 +477,25 @@ class Runtime:
                 ray.get(self.fake_api.stop.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - best effort, it is killed next
                 pass
-        for actor in [*self.callers, self.limiter, self.ledger, self.cache, self.fake_api]:
+        callers = list(self._callers)
+        if self.pool is not None:
+            try:  # every caller the pool knows, draining and newly spawned ones included
+                callers += ray.get(self.pool.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - the pool is gone: fall back to the names
+                callers += _running_callers(self.namespace)
+        for actor in [self.pool, *callers, self.limiter, self.ledger, self.cache, self.fake_api]:
             if actor is not None:
-                ray.kill(actor, no_restart=True)
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass
+        from actors.placement import remove_singleton_group
+
+        remove_singleton_group(self._placement_group)
+        # by name, after the callers: replicas they started when scaling up are in no list here
+        from actors.embedder import stop_pool
+
+        stop_pool(self.settings)
 
 
 def namespace_for(name: str) -> str:
@@ -433,14 +550,21 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     ``reconfigure=True``: then its limits, budgets and upstreams change live. Another ``name`` starts a second,
     independent runtime (its own actors, namespace and, by default, its own folder under ``data_dir``)."""
     from actors.cache import get_or_create_cache
-    from actors.caller import CallerActor, secrets_fingerprint
+    from actors.caller import RemoteCaller, caller_options, secrets_fingerprint
+    from actors.embedder import start_pool
     from actors.fake_api import get_or_create_fake_api
     from actors.ledger import get_or_create_ledger
     from actors.limiter import get_or_create_limiter
+    from actors.placement import check_state_paths, singleton_placement
+    from actors.pool import find_pool, get_or_create_pool
+    from runtime.placement import caller_nodes
     from runtime.upstreams import limit_groups, resolve
 
     settings = settings or Settings()
     namespace = namespace_for(name)
+    # the embedding pool lives in the runtime's namespace; its clients (callers, the cache) find it through this
+    settings = settings.model_copy(update={"embedding": settings.embedding.model_copy(
+        update={"namespace": namespace})})
     if not settings.uses_fake_api and not settings.configured_upstreams():
         raise ConfigurationError(
             "no upstream to call: set ANTHROPIC_API_KEY (or Settings(api_key=..., upstreams=[...])) to call Claude, "
@@ -451,10 +575,10 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     if not ray.is_initialized():
         ray.init()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    # the singletons keep their files (ledger, cache table) under data_dir on this node's disk: pin them here,
-    # so a restart finds its files instead of starting empty on another node. Surviving the loss of this node
-    # needs data_dir on shared storage and a soft pin; see README.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # the singletons keep their files (ledger, cache table) on their node's disk: they go where
+    # settings.placement says (the head by default) and stay there, so a restart finds its files
+    check_state_paths(settings)
+    here, home, group = singleton_placement(settings, namespace)
     fake = None
     fake_url = None
     if settings.uses_fake_api:
@@ -466,7 +590,9 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     groups, weights = limit_groups(settings, ups)
     # the singletons never call the API: none of them receives a key (the ledger keeps the alert webhook)
     public = settings.without_secrets()
-    running = _running_callers(namespace)
+    pool = find_pool(namespace)
+    running = [h for _n, h in ray.get(pool.all_members.remote())] if pool is not None else []
+    running = running or _running_callers(namespace)
     if running:
         old = ray.get(running[0].get_settings.remote())
         diff = _settings_diff(old, public)
@@ -481,26 +607,31 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     ledger = get_or_create_ledger(settings.without_secrets(keep_webhook=True), scheduling_strategy=here,
                                   namespace=namespace)
     cache = get_or_create_cache(public, scheduling_strategy=here, namespace=namespace) if settings.cache.enabled else None
-    cs = settings.callers
-    # round-robin over the nodes; soft affinity, so a caller whose node dies restarts on another one
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+    # the embedding pool owns the model (callers never load it); stateless, so not pinned: Ray places it
+    # where its num_cpus / num_gpus fit
+    if settings.cache.enabled:
+        start_pool(public)
+    pool = get_or_create_pool(public, namespace=namespace, scheduling_strategy=here)
+    # the floor of the pool, round-robin over the worker nodes (every node when there is only one); soft
+    # affinity, so a caller whose node dies restarts on another one. The pool adds and drains the rest
+    nodes = caller_nodes(ray.nodes(), {home} if home else set(), settings.placement.callers)
+    names = [f"{CALLER_PREFIX}{i}" for i in range(settings.callers.num_callers)]
     callers = [
-        ray.remote(CallerActor).options(
-            name=f"{CALLER_PREFIX}{i}", namespace=namespace, lifetime="detached", get_if_exists=True,
-            max_restarts=-1, max_task_retries=-1, max_concurrency=cs.max_concurrency, num_cpus=cs.num_cpus,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True),
-        ).remote(public, ups, limiter, ledger, cache, f"{CALLER_PREFIX}{i}")
-        for i in range(cs.num_callers)
+        RemoteCaller.options(**caller_options(public, n, namespace, nodes[i % len(nodes)])).remote(
+            public, ups, limiter, ledger, cache, n)
+        for i, n in enumerate(names)
     ]
     ray.get([c.ready.remote() for c in callers])
     if running and reconfigure:
         ray.get(limiter.set_limits.remote(dict(public.limits), dict(public.user_limits), public.limiter, groups,
                                           weights))
         ray.get(ledger.reconfigure.remote(settings.without_secrets(keep_webhook=True)))
-        ray.get([c.reconfigure.remote(public, ups) for c in callers])
-        for extra in running[len(callers):]:  # fewer callers than before
-            ray.kill(extra, no_restart=True)
-    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace)
+        members = {c._actor_id: c for c in [*callers, *running]}
+        ray.get([c.reconfigure.remote(public, ups) for c in members.values()])
+        # a lower ceiling drains the callers above it (they finish what they hold first)
+        ray.get(pool.configure.remote(public))
+    ray.get(pool.adopt.remote(names))
+    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace, pool, group)
 
 
 def _running_callers(namespace: str) -> list:
@@ -516,8 +647,13 @@ def connect(name: str = "default") -> Runtime:
     """Attach to a running runtime from any driver, task or actor in the cluster."""
     if not ray.is_initialized():
         ray.init(address="auto")
+    from actors.placement import find_singleton_group
+    from actors.pool import find_pool
+
     namespace = namespace_for(name)
-    callers = _running_callers(namespace)
+    pool = find_pool(namespace)
+    callers = [h for _n, h in ray.get(pool.members.remote())] if pool is not None else []
+    callers = callers or _running_callers(namespace)
     if not callers:
         raise ConfigurationError(f"no running claude-runtime named {name!r} found: call runtime.start() first")
     settings = ray.get(callers[0].get_settings.remote())
@@ -528,4 +664,5 @@ def connect(name: str = "default") -> Runtime:
         except ValueError:
             return None
 
-    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"), namespace)
+    return Runtime(settings, callers, opt("limiter"), opt("ledger"), opt("cache"), opt("fake_api"), namespace, pool,
+                   find_singleton_group(namespace))

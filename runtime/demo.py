@@ -46,6 +46,24 @@ def workload(n: int) -> list[tuple[dict, dict]]:
     return out
 
 
+# a support assistant's instructions, ~5,000 tokens: the kind of long shared system prompt that prompt caching
+# turns from full price on every call into one write and then reads at a tenth of the price
+SUPPORT_PROMPT = "\n".join(
+    f"Rule {i}: when a customer asks about {TOPICS[i % len(TOPICS)]}, answer briefly, cite the policy section "
+    f"{i}, never promise refunds beyond thirty days, and escalate billing disputes to a human agent."
+    for i in range(95))
+
+
+def shared_prompt_workload(n: int) -> list[tuple[dict, dict]]:
+    """Unique customer questions under one long system prompt, sent without any cache_control: the runtime
+    places it. The response cache is bypassed so every one is a billed call."""
+    return [({"model": "claude-sonnet-5-5", "max_tokens": 64, "system": SUPPORT_PROMPT,
+              "messages": [{"role": "user", "content": f"Customer {i} asks: my order #{1000 + i} about "
+                                                       f"{TOPICS[i % len(TOPICS)]} is late, what now?"}]},
+             {"user_id": f"support-{i % 4}", "tenant": "acme", "cache": False})
+            for i in range(n)]
+
+
 def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
     import ray
 
@@ -57,7 +75,9 @@ def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
     limits = {c: ClassLimits(rpm=600, itpm=200_000, otpm=60_000) for c in ("haiku", "sonnet", "opus", "fable")}
     # the demo opts in to the embedded local API unless a real upstream is configured
     settings = Settings(data_dir=data, limits=limits, user_limits=UserLimits(rpm=120, tpm=100_000),
-                        fake_api=not Settings().configured_upstreams())
+                        fake_api=not Settings().configured_upstreams(),
+                        # a demo's ledger is throwaway when it lives in a temp folder
+                        ledger={"allow_temporary_path": data_dir is None})
     backend = "the embedded local API" if settings.uses_fake_api else f"{settings.base_url or 'api.anthropic.com'}"
     console.print(f"[bold]claude-runtime demo[/]: {n_requests} requests against {backend}; data in {data}")
     ray.init(address="local", num_cpus=int(os.environ.get("DEMO_NUM_CPUS", "2")), include_dashboard=False,
@@ -86,6 +106,10 @@ def main(n_requests: int = 120, data_dir: str | None = None) -> dict:
                     refs.append(exc)
             for ((req, kw), _), ref in zip(phase, refs):
                 results.append((req, kw, rt._get_value(ref)))
+        # the shared-system-prompt workload, all at once: one request writes the prefix, the rest read it
+        shared = shared_prompt_workload(max(10, n_requests // 3))
+        refs = [rt.submit(req, **kw) for req, kw in shared]
+        results += [(req, kw, rt._get_value(ref)) for (req, kw), ref in zip(shared, refs)]
         wall = time.perf_counter() - t1
         summary = _summarize(console, rt, results, wall)
         rt.shutdown()
@@ -122,6 +146,9 @@ def _summarize(console: Console, rt, results, wall: float) -> dict:
         t.add_row(f"  cache {kind}", str(by_cache.get(kind, 0)))
     t.add_row("cost (USD)", f"{cost:.6f}")
     t.add_row("saved by cache (USD)", f"{saved:.6f}")
+    pc = rt.prompt_cache_savings()
+    t.add_row("prompt cache: calls that read / wrote", f"{pc['reads']} / {pc['writes']} of {pc['calls']}")
+    t.add_row("saved by prompt caching (USD)", f"{pc['saved_usd']:.6f}")
     ledger_total = sum(rt.spend(by="model").values())
     t.add_row("ledger total (USD)", f"{ledger_total:.6f}")
     if lat:
@@ -134,4 +161,4 @@ def _summarize(console: Console, rt, results, wall: float) -> dict:
     console.print(t)
     return {"requests": len(results), "ok": len(ok), "errors": dict(errors), "by_cache": dict(by_cache),
             "by_model": dict(by_model), "cost_usd": cost, "saved_usd": saved, "ledger_usd": ledger_total,
-            "server_429": server_429}
+            "server_429": server_429, "prompt_cache": {k: v for k, v in pc.items() if k != "by_model"}}

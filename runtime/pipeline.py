@@ -14,6 +14,14 @@ circuit breaker); everything durable or shared sits behind a port:
                     ``release`` (a reservation that will not be billed)
     CachePort       ``lookup`` / ``store`` / ``release``, and ``holding`` a single-flight claim alive
     Transport       ``create`` (one call; raises ``CallFailed``) and ``count_tokens``
+    PrefixPort      prompt-cache prefixes (runtime/prefixes.py): ``claim`` (warm / lead / pass, waiting out
+                    another request's write), ``finish`` / ``abandon``; default: one tracker in this process
+
+Automatic prompt caching (runtime/prompt_cache.py) changes only what is sent: each attempt's params get
+``cache_control`` at their stable prefixes (``Settings.prompt_caching``, ``NormalizedRequest.prompt_cache``).
+The response cache and the ledger see the request as given. The admission estimate leaves out a prefix
+believed warm (cache reads do not count toward ITPM); the budget reservation stays a bound for any outcome.
+    Observer        optional: told of results, errors, admission waits and failed attempts (runtime/observe.py)
 
 ``actors/caller.py`` builds the real ports (actor handles, the SDK); tests build in-memory ones and run every
 path in milliseconds.
@@ -44,7 +52,11 @@ from runtime.errors import (AuthenticationError, ClaudeRuntimeError, InvalidRequ
 from runtime.estimate import TokenEstimator, input_upper_bound
 from runtime.fallback import CircuitBreaker, FallbackPolicy, FallbackRun, Move, fallback_chain
 from runtime.intents import Begin, Begun, Owner
+from runtime.prefixes import LocalPrefixes, PrefixAsk, PrefixPort
+from runtime.observe import Observer
 from runtime.pricing import bound_cost, price
+from runtime.prompt_cache import Decision, Plan, admission_input_tokens, outcome, plan as place_markers, \
+    prefix_params
 from runtime.records import Record
 from runtime.request import AUTO, NormalizedRequest
 from runtime.result import Result
@@ -102,6 +114,8 @@ class Ports:
     transport: Transport | None = None
     cache: CachePort | None = None
     transports: dict[str, Transport] = field(default_factory=dict)
+    prefixes: PrefixPort | None = None
+    observer: Observer | None = None
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -116,6 +130,18 @@ class _Attempts:
     holds_reservation: bool = False
     void: list[int] = field(default_factory=list)
     calls: int = 0
+    prompt: "_PromptUse | None" = None   # the current attempt's prompt-cache placement and decision
+
+
+@dataclass
+class _PromptUse:
+    """One attempt's automatic prompt caching: what is sent, and what the tracker is owed afterwards."""
+
+    plan: Plan
+    model: str
+    key: str = ""                      # the tracked prefix, scoped to the attempt's upstreams
+    decision: Decision | None = None   # None: no tracked prefix
+    owed: bool = False                 # a finish (a response came) or an abandon (none did) is still due
 
 
 class Pipeline:
@@ -147,16 +173,23 @@ class Pipeline:
         self.wall = wall
         self.sleep = sleep
         self.stats = {"requests": 0, "hits": 0, "calls": 0, "count_tokens": 0, "unreconciled": 0,
-                      "reservation_exceeded": 0}
+                      "reservation_exceeded": 0, "prompt_cache_placed": 0}
+        self.prefixes: PrefixPort = ports.prefixes or LocalPrefixes(settings)
+        # placements per request and model, so the reservation and the call price and send the same markers
+        self._plans: dict[str, dict[str, Plan]] = {}
 
     # -- entry point -------------------------------------------------------------------------------------------
     async def run(self, req: NormalizedRequest) -> Result:
         self.stats["requests"] += 1
         t0 = self.clock()
         try:
-            return await self._run(req, t0)
+            return self._observed(req, await self._run(req, t0))
         except ClaudeRuntimeError as exc:
-            raise exc.with_request_id(req.request_id)
+            raise self._observed_error(req, exc.with_request_id(req.request_id), t0)
+        except Exception as exc:
+            raise self._observed_error(req, exc, t0)
+        finally:
+            self._plans.pop(req.request_id, None)
 
     async def stream(self, req: NormalizedRequest) -> AsyncIterator[dict[str, Any]]:
         """The same path as ``run``, yielding the API's stream events (dicts) as they arrive; a cache hit is
@@ -170,9 +203,11 @@ class Pipeline:
         done = object()
 
         async def produce() -> None:
+            t0 = self.clock()
             try:
-                await self._run(req, self.clock(), emit=queue.put_nowait)
+                self._observed(req, await self._run(req, t0, emit=queue.put_nowait))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                self._observed_error(req, exc, t0)
                 queue.put_nowait(exc.with_request_id(req.request_id) if isinstance(exc, ClaudeRuntimeError)
                                  else exc)
             finally:
@@ -234,6 +269,7 @@ class Pipeline:
                         exc: BaseException, t0: float) -> None:
         # each step on its own: one failing must not skip the others (a leaked reservation would hold budget
         # until the sweep; unclosed intents would turn into unreconciled rows)
+        self._prompt_done(run, None)
         steps = []
         if outcome is not None:
             steps.append(self.ports.cache.release(outcome))
@@ -286,15 +322,87 @@ class Pipeline:
         f = self._price_factor()
         bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
+        markers = self._cache_bound(req, model)
         if mode == "always" or (mode == "auto" and not bound.sure):
             counted = await self._count_tokens(req, model, deadline_at)
             if counted is not None:
-                return bound_cost(model, counted, req.max_tokens, s, price_factor=f)
+                return bound_cost(model, counted, req.max_tokens, s, price_factor=f, **markers)
         if bound.sure:
             est = self.estimator.estimate(req.params, s.models[model].tokenizer)
-            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, price_factor=f)
+            return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, price_factor=f,
+                              **markers)
         # no count to be had: the structural bound, priced at the dearest tier it could fall in
-        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, price_factor=f)
+        return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, price_factor=f, **markers)
+
+    def _cache_bound(self, req: NormalizedRequest, model: str) -> dict[str, Any]:
+        """What the markers this request is sent with allow to be written or read: the part up to the last one
+        (a structural token bound, so it holds however the estimate errs), at their longest TTL. Nothing
+        known about the markers (caching off: the user's own are not looked at): every token at any rate."""
+        p = self._plan(req, model)
+        if p.reason == "off":
+            return {}
+        if p.cacheable_upto is None:   # a marker in the last turn: the whole prompt may be written
+            return {"cache_ttl": p.max_ttl}
+        part = prefix_params(p.params, p.cacheable_upto)
+        return {"cacheable_tokens_bound": input_upper_bound(part).tokens if part else 0, "cache_ttl": p.max_ttl}
+
+    # -- automatic prompt caching ------------------------------------------------------------------------------
+    def _plan(self, req: NormalizedRequest, model: str) -> Plan:
+        plans = self._plans.setdefault(req.request_id, {})
+        p = plans.get(model)
+        if p is None:
+            p = plans[model] = place_markers(req.params, model, self.settings, self.estimator,
+                                             prompt_cache=req.prompt_cache)
+        return p
+
+    async def _prompt_cache(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
+                            est: int, scope: str = "") -> int:
+        """Place this attempt's markers and, for a tracked prefix, claim it (waiting briefly while another
+        request writes it). ``scope``: the upstreams this attempt may go to (each keeps its own cache).
+        Returns the input tokens to reserve against ITPM."""
+        self._prompt_done(run, None)  # an earlier attempt's claim (a retry, a downgrade) ends here
+        p = self._plan(req, model)
+        if p.added:
+            self.stats["prompt_cache_placed"] += 1
+        if p.prefix_hash is None:
+            run.prompt = _PromptUse(p, model)
+            return est
+        key = f"{p.prefix_hash}@{scope}" if scope else p.prefix_hash
+        d = await self.prefixes.claim(PrefixAsk(key, model, p.prefix_tokens,
+                                                deadline_in_s=max(0.0, deadline_at - self.clock())))
+        if p.added and d.ttl != p.ttl and not run.holds_reservation:
+            # the reservation (made next, in _begin) prices this TTL; an attempt that runs under an earlier
+            # reservation keeps the TTL that one priced
+            p = p.with_ttl(d.ttl)
+            self._plans[req.request_id][model] = p
+        run.prompt = _PromptUse(p, model, key, d, owed=True)
+        return admission_input_tokens(est, p.prefix_tokens if d.kind == "warm" else 0)
+
+    def _on_start(self, run: _Attempts, emit: Callable[[dict], None]) -> Callable[[dict], None]:
+        """A streamed answer's first event already says what it wrote and read: tell the tracker then, so
+        requests waiting for this write need not wait for the whole answer."""
+        def watched(event: dict) -> None:
+            if isinstance(event, dict) and event.get("type") == "message_start":
+                usage = (event.get("message") or {}).get("usage")
+                if usage:
+                    self._prompt_done(run, Usage.from_api(usage))
+            emit(event)
+
+        return watched
+
+    def _prompt_done(self, run: _Attempts, usage: Usage | None) -> None:
+        """Tell the tracker what the current attempt's tracked prefix got: the response's usage, or no response
+        (``usage`` None: a failed call, a cancellation, a change of model)."""
+        use = run.prompt
+        if use is None or not use.owed or use.decision is None:
+            return
+        use.owed = False
+        p, d = use.plan, use.decision
+        if usage is not None:
+            wrote, read = outcome(usage)
+            self.prefixes.finish(use.key, use.model, wrote, read, ttl=p.ttl, token=d.token)
+        elif d.kind == "lead":
+            self.prefixes.abandon(use.key, use.model, d.token)
 
     async def _count_tokens(self, req: NormalizedRequest, model: str, deadline_at: float) -> int | None:
         # Bedrock has no token counting: ask an upstream that does
@@ -345,11 +453,13 @@ class Pipeline:
             candidates = [self.upstreams[n] for n in step.upstreams if n in self.upstreams]
             # the limiter grants on whichever candidate group has the most headroom
             groups = tuple(dict.fromkeys(u.group for u in candidates))
+            itpm = await self._prompt_cache(req, model, run, deadline_at, est, scope=",".join(step.upstreams))
             estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=est, max_output_tokens=req.max_tokens,
+                                priority=req.priority, input_tokens=itpm, max_output_tokens=req.max_tokens,
                                 groups=groups, tenant=req.tenant)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
+            asked = self.clock()
             grant_task = asyncio.ensure_future(self.ports.admission.acquire(
                 estimate, deadline_s=max(0.0, deadline_at - self.clock())))
             try:
@@ -392,19 +502,23 @@ class Pipeline:
                 # never sent: its intent is void
                 run.void.append(run.attempt)
                 raise
+            self._observe("on_admission", info.model_class, req.priority, self.clock() - asked, grant.delay_s > 0)
             upstream = pick(candidates, grant.group, self.rng).name if candidates else ""
             try:
                 run.calls += 1
                 self.stats["calls"] += 1
                 transport = self._transport(upstream)
+                sent = run.prompt.plan.params   # the request, with the markers automatic caching placed
                 if emit is None:
-                    resp = await transport.create(model, req.params, request_id=req.request_id,
+                    resp = await transport.create(model, sent, request_id=req.request_id,
                                                   attempt=run.attempt, max_tokens=req.max_tokens)
                 else:
-                    resp = await transport.stream(model, req.params, request_id=req.request_id,
-                                                  attempt=run.attempt, max_tokens=req.max_tokens, emit=emit)
+                    resp = await transport.stream(model, sent, request_id=req.request_id, attempt=run.attempt,
+                                                  max_tokens=req.max_tokens, emit=self._on_start(run, emit))
             except CallFailed as f:
                 last_failure = f
+                self._prompt_done(run, None)
+                self._observe("on_attempt_failed", model, upstream, f.status)
                 self.ports.admission.reconcile(Outcome(grant.lease_id, None, _limiter_status(f), f.headers,
                                                        self.wall()))
                 if f.maybe_billed:
@@ -466,6 +580,7 @@ class Pipeline:
         s = self.settings
         message = resp.message
         usage = Usage.from_api(message.usage)
+        self._prompt_done(run, usage)
         self.ports.admission.reconcile(Outcome(grant.lease_id, usage, 200, resp.headers, self.wall()))
         fb.succeeded(upstream)
         self.estimator.observe(est, usage.itpm_tokens + usage.cache_read_tokens, s.models[model].tokenizer)
@@ -487,6 +602,23 @@ class Pipeline:
         return Result(message=message, model=model, cache=cache_kind, cost_usd=cost.total_usd,
                       attempts=run.attempt, latency_s=latency, request_id=req.request_id, route_reason=reason,
                       user_id=req.user_id, tenant=req.tenant, history=fb.history, upstream=upstream or None)
+
+    # -- observation (never fails a request) -------------------------------------------------------------------
+    def _observe(self, event: str, *args: Any) -> None:
+        if self.ports.observer is not None:
+            try:
+                getattr(self.ports.observer, event)(*args)
+            except Exception:  # noqa: BLE001
+                log.warning("observer %s failed", event, exc_info=True)
+
+    def _observed(self, req: NormalizedRequest, result: Result) -> Result:
+        self._observe("on_result", req, result)
+        return result
+
+    def _observed_error(self, req: NormalizedRequest, exc: BaseException, t0: float) -> BaseException:
+        if not isinstance(exc, asyncio.CancelledError):
+            self._observe("on_error", req, exc, self.clock() - t0)
+        return exc
 
     # -- failures ----------------------------------------------------------------------------------------------
     def _drop_grant(self, task: asyncio.Future | None) -> None:

@@ -72,18 +72,30 @@ def max_cost(model: str, est_input_tokens: int, max_tokens: int, settings: Setti
 
 
 def bound_cost(model: str, input_tokens_bound: int, max_tokens: int, settings: Settings, *, batch: bool = False,
-               worst_tier: bool = False, price_factor: float = 1.0) -> float:
+               worst_tier: bool = False, price_factor: float = 1.0, cacheable_tokens_bound: int | None = None,
+               cache_ttl: str | None = "1h") -> float:
     """The most one call can cost when its prompt is at most ``input_tokens_bound`` tokens and its answer at
     most ``max_tokens``: the tier that many tokens would reach (or the dearest tier, when even the bound is not
     trusted), every input token at the dearest input-side rate of that tier (a 1 h cache write costs 2x input),
-    every output token at the output rate. A budget reservation of this size cannot be overshot by the bill."""
+    every output token at the output rate. A budget reservation of this size cannot be overshot by the bill.
+
+    When the request's ``cache_control`` markers are known: only the tokens up to the last marker can be
+    written or read, at most ``cacheable_tokens_bound`` of them (None: all), each at the dearest of input, the
+    writes up to ``cache_ttl`` (the markers' longest TTL; None: no marker) and read; the rest are plain input.
+    The defaults give the bound above."""
     info = settings.model_info(model)
     n = max(0, int(input_tokens_bound))
+    c = n if cacheable_tokens_bound is None else min(n, max(0, int(cacheable_tokens_bound)))
     tiers = list(info.prices) if worst_tier else [tier_for(info, n)]
     cost = 0.0
     for tier in tiers:
-        in_rate = max(tier.input, tier.cache_write_5m, tier.cache_write_1h, tier.cache_read)
-        cost = max(cost, n * in_rate + max(0, int(max_tokens)) * tier.output)
+        if cache_ttl is None:
+            cached_rate = tier.input
+        else:
+            # markers with a 1 h TTL may sit beside 5 m ones: either write can be billed
+            write = max(tier.cache_write_1h, tier.cache_write_5m) if cache_ttl == "1h" else tier.cache_write_5m
+            cached_rate = max(tier.input, write, tier.cache_read)
+        cost = max(cost, n * tier.input + c * (cached_rate - tier.input) + max(0, int(max_tokens)) * tier.output)
     return cost * _PER_TOKEN * (_BATCH_FACTOR if batch else 1.0) * price_factor
 
 

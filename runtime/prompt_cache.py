@@ -39,7 +39,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal, Protocol, Sequence
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence
 
 from runtime.pricing import tier_for, token_factor
 from runtime.settings import PriceTier, Settings
@@ -111,6 +111,10 @@ class Plan:
     cacheable_tokens: int | None = 0
     max_ttl: TTL | None = None     # the dearest TTL among all markers (prices the budget bound)
     reason: str = ""               # why nothing was added ("off", "below-minimum", "no-prefix", ...)
+    # where the cacheable part ends, by section: "none" (no marker at all), "tools", "system", "turns" (the
+    # earlier turns), or None (a marker in the last user turn or at the top level, or not looked at: the whole
+    # prompt). ``prefix_params`` gives that part as a params-like dict, for a structural token bound
+    cacheable_upto: Literal["none", "tools", "system", "turns"] | None = "none"
     _layout: _Layout | None = field(default=None, repr=False, compare=False)
 
     def with_ttl(self, ttl: TTL) -> "Plan":
@@ -134,7 +138,7 @@ def plan(params: dict[str, Any], model: str, settings: Settings, count_tokens: T
     if not enabled or not isinstance(params, dict):
         # the user's own markers were not looked at: the budget bound must assume the worst of them
         return Plan(params=params, prefix_hash=None, prefix_tokens=0, ttl=None, added=False,
-                    cacheable_tokens=None, max_ttl="1h", reason="off")
+                    cacheable_tokens=None, max_ttl="1h", reason="off", cacheable_upto=None)
     info = settings.model_info(model)
     layout = _layout(params, model, scope, settings, info.min_cache_tokens, info.tokenizer, count_tokens)
     return _apply(layout, ttl)
@@ -318,10 +322,35 @@ def _apply(layout: _Layout, ttl: TTL) -> Plan:
     max_ttl: TTL | None = None
     if markers:
         max_ttl = "1h" if any(t == "1h" for _, t in markers) else "5m"
+    # the section of the last marker (user markers sort by section first; _TAIL sorts after every section)
+    last = max([pos[0] for pos, _ in markers], default=-1)
+    upto = None if last >= _TAIL[0] else ("none", "tools", "system", "turns")[last + 1]
     return Plan(params=new_params, prefix_hash=tracked.hash if tracked else None,
                 prefix_tokens=tracked.tokens if tracked else 0, ttl=tracked.ttl if tracked else None,
                 added=bool(given), breakpoints_added=len(given), boundaries=tuple(bs),
-                cacheable_tokens=cacheable, max_ttl=max_ttl, reason=reason, _layout=layout)
+                cacheable_tokens=cacheable, max_ttl=max_ttl, reason=reason, cacheable_upto=upto,
+                _layout=layout)
+
+
+def prefix_params(params: dict[str, Any], upto: str | None) -> dict[str, Any] | None:
+    """The part of ``params`` a prompt-cache write or read can cover, as a params-like dict (``tools``,
+    ``system``, ``messages``), for ``Plan.cacheable_upto``: ``{}`` for "none", None for the whole prompt."""
+    if upto is None:
+        return None
+    if upto == "none":
+        return {}
+    out: dict[str, Any] = {}
+    if params.get("tools"):
+        out["tools"] = params["tools"]
+    if upto in ("system", "turns") and params.get("system") not in (None, "", []):
+        out["system"] = params["system"]
+    if upto == "turns":
+        messages = params.get("messages")
+        messages = list(messages) if isinstance(messages, (list, tuple)) else []
+        lu = _last_user(messages)
+        if lu:
+            out["messages"] = messages[:lu]
+    return out
 
 
 def _cc(ttl: TTL) -> dict[str, str]:
@@ -455,6 +484,9 @@ class PrefixTracker:
         self._cfg = settings.prompt_cache
         self._entries: dict[tuple[str, str], PrefixState] = {}   # least recently touched first
         self._next_token = 1
+        # decisions by kind (a waiter's re-asks count each time), responses seen, writes freed unanswered
+        self.stats = {"lead": 0, "wait": 0, "warm": 0, "pass": 0, "finished": 0, "wrote": 0, "read": 0,
+                      "abandoned": 0}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -485,6 +517,12 @@ class PrefixTracker:
         deadline); ``waiting_since``: when it first asked (a re-ask after WAIT passes the first answer's
         time, so ``write_wait_s`` bounds the whole wait, not each re-ask). ``prefix_tokens`` picks the price
         tier for the TTL rule."""
+        d = self._begin(prefix, model, now, prefix_tokens, deadline, waiting_since)
+        self.stats[d.kind] += 1
+        return d
+
+    def _begin(self, prefix: str, model: str, now: float, prefix_tokens: int, deadline: float | None,
+               waiting_since: float | None) -> Decision:
         cfg = self._cfg
         self.prune(now)
         st = self._touch((prefix, model), now)
@@ -523,6 +561,9 @@ class PrefixTracker:
         st = self._touch((prefix, model), now)
         released = st.writer is not None
         st.writer, st.lease_until = None, 0.0
+        self.stats["finished"] += 1
+        self.stats["wrote"] += bool(wrote)
+        self.stats["read"] += bool(read)
         if wrote or read:
             if wrote and ttl is not None:
                 st.ttl = ttl
@@ -545,6 +586,7 @@ class PrefixTracker:
             return False
         st = self._touch((prefix, model), now)
         st.writer, st.lease_until = None, 0.0
+        self.stats["abandoned"] += 1
         return True
 
     def prune(self, now: float) -> int:
@@ -664,3 +706,49 @@ def savings(usage: Usage | Any, model: str, settings: Settings, *, batch: bool =
             + u.cache_write_1h_tokens * float(tier.cache_write_1h)  # type: ignore[arg-type]
             + u.cache_read_tokens * float(tier.cache_read))  # type: ignore[arg-type]
     return (plain - paid) * token_factor(batch)
+
+
+def savings_summary(rows: Iterable[dict[str, Any]], settings: Settings) -> dict[str, Any]:
+    """Prompt-cache reads and writes, and the dollars they saved against uncached input, over ledger rows
+    (``Record.to_row`` dicts; only billed rows, those with a message id, count). Totals and ``by_model``:
+
+    ``calls`` billed calls, ``reads`` / ``writes`` calls that read / wrote the cache, ``read_tokens``,
+    ``write_tokens`` (5 m + 1 h), ``read_usd`` / ``write_usd`` what they cost, ``as_input_usd`` what the same
+    tokens would have cost as plain input, ``saved_usd`` the difference (negative: writes not yet repaid).
+    A model no longer in the configuration is counted in tokens but not priced (``unpriced_calls``). A row's
+    ``upstream`` applies that upstream's ``price_factor``, as its bill did.
+    """
+    factors = {u.name: u.price_factor for u in settings.upstreams}
+    def empty() -> dict[str, Any]:
+        return {"calls": 0, "reads": 0, "writes": 0, "read_tokens": 0, "write_tokens": 0, "read_usd": 0.0,
+                "write_usd": 0.0, "as_input_usd": 0.0, "saved_usd": 0.0, "unpriced_calls": 0}
+
+    total = empty()
+    by_model: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r.get("message_id"):
+            continue
+        model = r.get("model") or "-"
+        u = Usage(input_tokens=int(r.get("input_tokens") or 0), output_tokens=int(r.get("output_tokens") or 0),
+                  cache_write_5m_tokens=int(r.get("cache_write_5m_tokens") or 0),
+                  cache_write_1h_tokens=int(r.get("cache_write_1h_tokens") or 0),
+                  cache_read_tokens=int(r.get("cache_read_tokens") or 0))
+        add = {"calls": 1, "reads": int(u.cache_read_tokens > 0), "writes": int(u.cache_write_tokens > 0),
+               "read_tokens": u.cache_read_tokens, "write_tokens": u.cache_write_tokens}
+        if u.cache_read_tokens or u.cache_write_tokens:
+            try:
+                tier = tier_for(settings.model_info(model), u.prompt_tokens)
+            except Exception:  # noqa: BLE001 - UnknownModel: a model since removed from the configuration
+                add["unpriced_calls"] = 1
+            else:
+                f = token_factor(bool(r.get("batch"))) * factors.get(r.get("upstream") or "", 1.0)
+                read = u.cache_read_tokens * float(tier.cache_read) * f  # type: ignore[arg-type]
+                write = (u.cache_write_5m_tokens * float(tier.cache_write_5m)  # type: ignore[arg-type]
+                         + u.cache_write_1h_tokens * float(tier.cache_write_1h)) * f  # type: ignore[arg-type]
+                plain = (u.cache_read_tokens + u.cache_write_tokens) * tier.input * f
+                add.update(read_usd=read, write_usd=write, as_input_usd=plain, saved_usd=plain - read - write)
+        for acc in (total, by_model.setdefault(model, empty())):
+            for k, v in add.items():
+                acc[k] += v
+    total["by_model"] = by_model
+    return total

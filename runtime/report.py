@@ -1,4 +1,5 @@
-"""The cost report: spend by UTC day and model, totals, what the cache saved; a table and a PNG.
+"""The cost report: spend by UTC day and model, totals, what the response cache and prompt caching saved; a
+table and a PNG.
 
 ``main`` reads the ledger's SQLite file directly and read-only (WAL lets it run beside the live ledger actor),
 so ``claude-runtime report --since 7d`` needs no Ray cluster.
@@ -15,8 +16,9 @@ from typing import Any
 from runtime.budget import day_key
 
 
-def summarize(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
-    """Aggregate ledger rows (``Record.to_row`` dicts) with ``ts >= since``."""
+def summarize(records: list[dict[str, Any]], since: float, settings: Any = None) -> dict[str, Any]:
+    """Aggregate ledger rows (``Record.to_row`` dicts) with ``ts >= since``. With ``settings`` (for the
+    prices), ``prompt_cache`` says what prompt caching read, wrote and saved (prompt_cache.savings_summary)."""
     by_day_model: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     by_model: dict[str, float] = defaultdict(float)
     saved_by_day: dict[str, float] = defaultdict(float)
@@ -54,7 +56,13 @@ def summarize(records: list[dict[str, Any]], since: float) -> dict[str, Any]:
                   "cache_read_tokens"):
             tokens[k] += int(r.get(k) or 0)
     days = sorted(set(by_day_model) | set(saved_by_day))
+    prompt_cache = None
+    if settings is not None:
+        from runtime.prompt_cache import savings_summary
+
+        prompt_cache = savings_summary((r for r in records if r["ts"] >= since), settings)
     return {
+        "prompt_cache": prompt_cache,
         "since": since,
         "days": days,
         "models": sorted(by_model, key=lambda m: -by_model[m]),
@@ -105,12 +113,13 @@ def _plot(summary: dict[str, Any], png_path: Path) -> None:
     plt.close(fig)
 
 
-def render(records: list[dict[str, Any]], since: float, png_path: Path | None, console=None) -> dict[str, Any]:
+def render(records: list[dict[str, Any]], since: float, png_path: Path | None, console=None,
+           settings: Any = None) -> dict[str, Any]:
     """Print the table (rich) and write the PNG; returns the summary."""
     from rich.console import Console
     from rich.table import Table
 
-    s = summarize(records, since)
+    s = summarize(records, since, settings)
     console = console or Console()
     table = Table(title=f"Spend since {time.strftime('%Y-%m-%d %H:%M', time.gmtime(since))} UTC")
     table.add_column("day (UTC)")
@@ -126,6 +135,12 @@ def render(records: list[dict[str, Any]], since: float, png_path: Path | None, c
     console.print(table)
     console.print(f"requests {s['requests']}  billed {s['billed']}  cache hits {s['cache_hits']} "
                   f"({s['hit_rate']:.1%})  errors {s['errors']} ({s['error_rate']:.1%})")
+    pc = s["prompt_cache"]
+    if pc is not None and pc["calls"]:
+        console.print(f"prompt cache: {pc['reads']} of {pc['calls']} billed calls read a cached prefix "
+                      f"({pc['read_tokens']:,} tokens, ${pc['read_usd']:.4f}), {pc['writes']} wrote one "
+                      f"({pc['write_tokens']:,} tokens, ${pc['write_usd']:.4f}); saved ${pc['saved_usd']:.4f} "
+                      f"against the same tokens as uncached input (${pc['as_input_usd']:.4f})")
     lost = s["lost_calls"]
     if lost:
         console.print(f"calls whose answer was lost: {lost.get('unreconciled', 0)} unreconciled "
@@ -154,6 +169,6 @@ def read_records(ledger_path: Path, since: float) -> list[dict[str, Any]]:
         conn.close()
 
 
-def main(ledger_path: Path, since_seconds: float, png_path: Path) -> dict[str, Any]:
+def main(ledger_path: Path, since_seconds: float, png_path: Path, settings: Any = None) -> dict[str, Any]:
     since = time.time() - since_seconds
-    return render(read_records(ledger_path, since), since, png_path)
+    return render(read_records(ledger_path, since), since, png_path, settings=settings)

@@ -43,6 +43,8 @@ class NormalizedRequest:
     deadline_s: float | None = None   # how long the caller may wait for admission
     meta: dict[str, Any] = field(default_factory=dict)
     id_given: bool = False            # the caller chose the request id (it may collide with a running one)
+    # automatic prompt caching for this request: None follows Settings.prompt_caching, True / False override it
+    prompt_cache: bool | None = None
 
 
 def _fail(msg: str, field_name: str, request_id: str) -> InvalidRequest:
@@ -151,6 +153,7 @@ def validate(
     request_id: str | None = None,
     deadline_s: float | None = None,
     streaming: bool = False,
+    prompt_cache: bool | None = None,
 ) -> NormalizedRequest:
     """``streaming``: the request is for ``rt.stream`` (``stream=True`` in it is then allowed, and implied)."""
     rid = check_request_id(request_id) if request_id is not None else f"req_{uuid.uuid4().hex}"
@@ -164,6 +167,8 @@ def validate(
         raise _fail("tenant must be a non-empty string of at most 256 characters", "tenant", rid)
     if not isinstance(cache, bool):
         raise _fail("cache must be True or False", "cache", rid)
+    if prompt_cache is not None and not isinstance(prompt_cache, bool):
+        raise _fail("prompt_cache must be None (follow the settings), True or False", "prompt_cache", rid)
     if deadline_s is not None:
         if isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float)) or not math.isfinite(
                 deadline_s) or deadline_s <= 0:
@@ -254,7 +259,7 @@ def validate(
     return NormalizedRequest(
         request_id=rid, requested_model=model, params=params, max_tokens=max_tokens, user_id=user_id,
         tenant=tenant, priority=priority, cache_enabled=bool(cache), deadline_s=deadline_s,
-        id_given=request_id is not None,
+        id_given=request_id is not None, prompt_cache=prompt_cache,
     )
 
 

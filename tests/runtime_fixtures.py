@@ -29,7 +29,13 @@ def fast_settings(data_dir, **over: Any) -> Settings:
         fake_api=True,  # tests opt in to the embedded local API
         retry={"backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_cooldown_s": 1.0},
         callers={"num_callers": 2},
+        # a semantic hit must not turn into a bypass because a loaded test machine was slow to embed
+        embedding={"deadline_s": 30.0},
     )
+    ledger = dict(over.pop("ledger", {}))
+    # pytest's folders live under /tmp: the ledger's persistence check would rightly refuse them
+    ledger.setdefault("allow_temporary_path", True)
+    kw["ledger"] = ledger
     kw.update(over)
     return Settings(**kw)
 

@@ -17,7 +17,7 @@ dummy credentials, and the Admin API's usage, cost and rate-limit reports (``adm
 
 Controls: ``GET /_fake/stats`` (counters, ``billed_by_platform``, ``in_flight``), ``POST /_fake/config`` (p529,
 p500, latency_ms, p529_by_class, p500_by_class, limits, output_tokens, output_tokens_per_s, batch_seconds,
-cache_min_tokens, platform_models), ``POST /_fake/reset``, ``GET /_fake/health``.
+cache_min_tokens: null for each model's own minimum, platform_models), ``POST /_fake/reset``, ``GET /_fake/health``.
 """
 
 from runtime.fake_api.billing import read_billing

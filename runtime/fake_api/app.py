@@ -15,6 +15,7 @@ from aiohttp import web
 from runtime.fake_api import admin, platforms
 from runtime.fake_api.batches import BatchStore
 from runtime.fake_api.engine import Engine, Reply
+from runtime.fake_api.prompt_cache import CachePlan
 from runtime.fake_api.platforms import ANTHROPIC, BEDROCK, VERTEX
 from runtime.fake_api.protocol import ApiError, error_body
 from runtime.fake_api.validation import Prepared, resolve_model, validate
@@ -61,17 +62,25 @@ def _pace(rep: Reply, tokens_per_s: float | None) -> float:
 
 
 class _Done:
-    """Settles and bills one response exactly once, whichever way its handler ends."""
+    """Starts (prompt-cache entries become readable), then settles and bills, one response exactly once each,
+    whichever way its handler ends."""
 
-    __slots__ = ("h", "rep", "rid", "request", "key", "platform", "platform_model", "called")
+    __slots__ = ("h", "rep", "plan", "rid", "request", "key", "platform", "platform_model", "called", "started")
 
-    def __init__(self, h: "Handlers", rep: Reply, rid: str, request: web.Request, key: str, platform: str,
-                 platform_model: str | None) -> None:
-        self.h, self.rep, self.rid, self.request, self.key = h, rep, rid, request, key
+    def __init__(self, h: "Handlers", rep: Reply, plan: CachePlan, rid: str, request: web.Request, key: str,
+                 platform: str, platform_model: str | None) -> None:
+        self.h, self.rep, self.plan, self.rid, self.request, self.key = h, rep, plan, rid, request, key
         self.platform, self.platform_model = platform, platform_model
         self.called = False
+        self.started = False
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.h.e.response_started(self.plan)
 
     def __call__(self) -> None:
+        self.start()
         if self.called:
             return
         self.called = True
@@ -147,15 +156,20 @@ class Handlers:
             rep = e.reply(prep, plan)
         except ApiError as err:
             return self._fail(err, cls, headers, rid, platform)
-        done = _Done(self, rep, rid, request, key, platform, platform_model)
+        done = _Done(self, rep, plan, rid, request, key, platform, platform_model)
         if prep.stream:
             return await self._stream(request, done, headers)
-        delay = e.cfg.latency_ms / 1000.0 + _pace(rep, e.cfg.output_tokens_per_s)
+        first = e.cfg.latency_ms / 1000.0
+        pace = _pace(rep, e.cfg.output_tokens_per_s)
+        delay = first + pace
         # aiohttp does not cancel a handler whose client went away (handler_cancellation=False, set explicitly
         # in server.py), so the answer is generated and billed in full; the finally covers a cancellation anyway
         try:
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if first > 0:
+                await asyncio.sleep(first)
+            done.start()  # generation begins: this response's cache writes are readable from now on
+            if pace > 0:
+                await asyncio.sleep(pace)
         finally:
             done()
         if platform == ANTHROPIC:
@@ -226,6 +240,7 @@ class Handlers:
                 gone = True
             if e.cfg.latency_ms > 0:
                 await asyncio.sleep(e.cfg.latency_ms / 1000.0)
+            done.start()
             await send(
                 enc("message_start", {"type": "message_start", "message": start})
                 + enc("content_block_start", {"type": "content_block_start", "index": 0,

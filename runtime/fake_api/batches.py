@@ -173,6 +173,7 @@ class BatchStore:
                 plan = e.plan(prep, b.api_key)
                 e.check_size(prep, plan)
                 rep = e.reply(prep, plan, batch=True)
+                e.response_started(plan)
             except ApiError as err:
                 counts["errored"] += 1
                 out.append(orjson.dumps({"custom_id": cid, "result": {"type": "errored", "error": {

@@ -43,8 +43,9 @@ class FakeApiConfig:
     platform_models: dict[str, str] = field(default_factory=dict)
     admin_api_key: str | None = None
     batch_seconds: float = 2.0
-    # the real API ignores cache_control on prefixes shorter than this (1,024 on Sonnet/Opus)
-    cache_min_tokens: int = 1024
+    # the real API ignores cache_control on prefixes shorter than the model's minimum
+    # (ModelInfo.min_cache_tokens); a number here overrides it for every model (tests)
+    cache_min_tokens: int | None = None
     # period of the rate-limit buckets; the real API meters per minute
     limit_period_s: float = 60.0
     host: str = "127.0.0.1"

@@ -183,7 +183,12 @@ class Engine:
         body = prep.body
         if raw is not None and b"cache_control" not in raw:
             return CachePlan(total=count_prompt(body, prep.family))
-        return self.cache.plan(f"{api_key}\x00{prep.model}", body, prep.family)
+        return self.cache.plan(f"{api_key}\x00{prep.model}", body, prep.family, prep.info.min_cache_tokens)
+
+    def response_started(self, plan: CachePlan) -> None:
+        """The response has begun: only now do its cache writes become readable (and its read refresh the
+        entry), as on the real API, where concurrent first requests with a new prefix each pay the write."""
+        self.cache.commit(plan)
 
     def check_size(self, prep: Prepared, plan: CachePlan) -> None:
         limit = prep.info.max_input_tokens
@@ -192,7 +197,7 @@ class Engine:
                            model_class=prep.model_class)
 
     def reply(self, prep: Prepared, plan: CachePlan, *, batch: bool = False) -> Reply:
-        self.cache.commit(plan)
+        """The answer and its usage; the cache changes later, in ``response_started``."""
         text, out, stop, stop_seq = generate(prep.body, prep.max_tokens, prep.family, self.cfg.output_tokens)
         usage = {
             "input_tokens": plan.uncached,
@@ -245,9 +250,11 @@ class Engine:
                     raise ValueError(f"{k} must be in [0, 1]")
                 if k == "output_tokens_per_s" and v is not None and not v > 0:
                     raise ValueError("output_tokens_per_s must be > 0, or null for instant answers")
+                if k == "cache_min_tokens" and v is not None and not v > 0:
+                    raise ValueError("cache_min_tokens must be > 0, or null for each model's own minimum")
                 setattr(cfg, k, v)
                 if k == "cache_min_tokens":
-                    self.cache.min_tokens = int(v)
+                    self.cache.min_tokens = None if v is None else int(v)
             elif k in ("p529_by_class", "p500_by_class"):
                 if not isinstance(v, dict):
                     raise ValueError(f"{k} must be an object of model class -> probability")

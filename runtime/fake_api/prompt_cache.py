@@ -4,8 +4,14 @@ The prompt is read in cache order (tools, system, messages). At each breakpoint 
 against stored entries, also up to ``LOOKBACK`` blocks before it (so a breakpoint that moves forward along a
 conversation still reads the previous turn's prefix). The longest fresh hit is read; each breakpoint after it
 is written, its segment's tokens counted under that breakpoint's TTL (5 m or 1 h). A read refreshes the
-entry's TTL. Prefixes shorter than ``min_tokens`` are not cached (the API ignores them silently). Entries are
-scoped per API key + model. Planning does not change state: ``commit`` does, once the request is admitted.
+entry's TTL. Prefixes shorter than the model's minimum (``ModelInfo.min_cache_tokens``) are not cached (the
+API ignores them silently). Entries are scoped per API key + model. A string content and its one text block
+are the same prompt (they hash alike).
+
+Planning does not change state: ``commit`` does, when the response begins (not when the request is admitted):
+the API makes an entry available only once the first response has started, so concurrent first requests
+with the same new prefix each write it. That is the cost single-flight in the runtime exists to avoid, so the
+fake must not hide it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ class CachePlan:
 
 
 def _canon(block: Any) -> bytes:
-    if isinstance(block, dict) and "cache_control" in block:
+    if isinstance(block, str):
+        block = {"type": "text", "text": block}
+    elif isinstance(block, dict) and "cache_control" in block:
         block = {k: v for k, v in block.items() if k != "cache_control"}
     return orjson.dumps(block, option=orjson.OPT_SORT_KEYS)
 
@@ -54,8 +62,9 @@ def _ttl_of(cc: Any) -> str:
 
 
 class PromptCache:
-    def __init__(self, clock: Callable[[], float], min_tokens: int = 1024) -> None:
+    def __init__(self, clock: Callable[[], float], min_tokens: int | None = None) -> None:
         self._clock = clock
+        # None: each model's own minimum (passed to ``plan``); a number overrides it for every model
         self.min_tokens = min_tokens
         self._entries: dict[bytes, tuple[float, float]] = {}  # digest -> (expires_at, ttl_s)
 
@@ -65,7 +74,10 @@ class PromptCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def plan(self, scope: str, body: dict, family: str) -> CachePlan:
+    def plan(self, scope: str, body: dict, family: str, min_tokens: int = 1024) -> CachePlan:
+        """What this request reads and writes; ``min_tokens``: the model's minimum cacheable prefix."""
+        if self.min_tokens is not None:
+            min_tokens = self.min_tokens
         h = hashlib.blake2b(scope.encode(), digest_size=16)
         digests: list[bytes] = []        # prefix digest after each block
         cum: list[int] = []              # prefix tokens after each block
@@ -108,7 +120,7 @@ class PromptCache:
             plan.read_key = digests[best]
             done = cum[best]
         for bp, ttl in breakpoints:
-            if bp <= best or cum[bp] < self.min_tokens:
+            if bp <= best or cum[bp] < min_tokens:
                 continue
             seg = cum[bp] - done
             if ttl == "1h":

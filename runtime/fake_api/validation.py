@@ -25,6 +25,8 @@ COUNT_FIELDS = frozenset({
 })
 ROLES = frozenset({"user", "assistant", "system"})
 _CACHE_TTLS = frozenset({"5m", "1h"})
+# the API's limit on cache_control markers per request (top-level automatic caching takes one of them)
+MAX_CACHE_BREAKPOINTS = 4
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ def _check_block(b: Any, where: str, cls: str | None) -> None:
     t = b.get("type")
     if not isinstance(t, str):
         raise _bad(f"{where}.type: Field required", cls)
+    if b.get("cache_control") is not None:
+        if t in ("thinking", "redacted_thinking"):
+            raise _bad(f"{where}.{t}.cache_control: Extra inputs are not permitted: thinking blocks cannot be "
+                       "marked for caching directly (they are cached with the turn that holds them)", cls)
+        if t == "text" and b.get("text") == "":
+            raise _bad(f"{where}: cache_control cannot be set for empty text blocks", cls)
     if t == "text":
         text = b.get("text")
         if not isinstance(text, str):
@@ -146,6 +154,47 @@ def _check_document(b: dict, where: str, cls: str | None) -> None:
                    cls)
 
 
+def _markers(body: dict) -> list[str]:
+    """The TTL of every cache_control in the request, in the order the API caches the prompt: tools, system,
+    messages (a tool_result's inner blocks before the block itself), then a top-level one."""
+    out: list[str] = []
+
+    def add(cc: Any) -> None:
+        if cc is not None:
+            out.append("1h" if isinstance(cc, dict) and cc.get("ttl") == "1h" else "5m")
+
+    for t in body.get("tools") or ():
+        if isinstance(t, dict):
+            add(t.get("cache_control"))
+    system = body.get("system")
+    for b in system if isinstance(system, list) else ():
+        if isinstance(b, dict):
+            add(b.get("cache_control"))
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for b in content if isinstance(content, list) else ():
+            if not isinstance(b, dict):
+                continue
+            inner = b.get("content") if b.get("type") == "tool_result" else None
+            for ib in inner if isinstance(inner, list) else ():
+                if isinstance(ib, dict):
+                    add(ib.get("cache_control"))
+            add(b.get("cache_control"))
+    add(body.get("cache_control"))
+    return out
+
+
+def _check_breakpoints(body: dict, cls: str | None) -> None:
+    ttls = _markers(body)
+    if len(ttls) > MAX_CACHE_BREAKPOINTS:
+        raise _bad(f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+                   f"Found {len(ttls)}.", cls)
+    first_5m = next((i for i, t in enumerate(ttls) if t == "5m"), None)
+    if first_5m is not None and "1h" in ttls[first_5m + 1:]:
+        raise _bad("a ttl='1h' cache_control block must not come after a ttl='5m' cache_control block. Note "
+                   "that blocks are processed in the following order: `tools`, `system`, `messages`.", cls)
+
+
 def resolve_model(body: Any, models: dict[str, ModelInfo]) -> tuple[str, ModelInfo] | None:
     """The request's model if it is a known one (used to pick rate-limit headers even for a bad request)."""
     if isinstance(body, dict):
@@ -231,6 +280,7 @@ def validate(body: Any, models: dict[str, ModelInfo], *, count_only: bool = Fals
                 _check_cache_control(t["cache_control"], f"tools.{j}", cls)
     if body.get("cache_control") is not None:
         _check_cache_control(body["cache_control"], "", cls)
+    _check_breakpoints(body, cls)
     seqs = body.get("stop_sequences")
     if seqs is not None and (not isinstance(seqs, list) or not all(isinstance(s, str) for s in seqs)):
         raise _bad("stop_sequences: Input should be a valid list of strings", cls)

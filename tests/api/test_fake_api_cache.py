@@ -7,7 +7,8 @@ from runtime.fake_api.tokenizer import count_text
 from runtime.settings import ClassLimits
 from tests.fake_api_fixtures import HAIKU, SONNET, client, start_server, user
 
-LONG = "Shared instructions for every request in this tenant. " * 200  # 3,000 v2 tokens
+# 4,500 v2 tokens: above Haiku 5.5's minimum cacheable prefix (4,096), which the fake applies per model
+LONG = "Shared instructions for every request in this tenant. " * 300
 
 
 def _system(ttl=None):
@@ -115,3 +116,84 @@ def test_cache_reads_do_not_count_toward_itpm(tmp_path):
         u2 = raw2.parse().usage
         assert u2.cache_read_input_tokens > 1000
         assert int(raw2.headers["anthropic-ratelimit-input-tokens-remaining"]) == left - u2.input_tokens
+
+
+def test_the_minimum_cacheable_prefix_is_per_model(tmp_path):
+    # 2,000 tokens: enough for Sonnet 5.5 (1,024), not for Haiku 5.5 (4,096)
+    sys_ = [{"type": "text", "text": "word " * 2_000, "cache_control": {"type": "ephemeral"}}]
+    with start_server(tmp_path) as s:
+        c = client(s)
+        assert c.messages.create(model=SONNET, max_tokens=5, system=sys_,
+                                 messages=user("q")).usage.cache_creation_input_tokens == 2_000
+        assert c.messages.create(model=HAIKU, max_tokens=5, system=sys_,
+                                 messages=user("q")).usage.cache_creation_input_tokens == 0
+
+
+def test_a_string_and_its_text_block_are_the_same_cached_prompt(tmp_path):
+    with start_server(tmp_path) as s:
+        c = client(s)
+        turn1 = [{"role": "user", "content": [{"type": "text", "text": LONG, "cache_control": {"type": "ephemeral"}}]}]
+        w = c.messages.create(model=HAIKU, max_tokens=5, messages=turn1).usage.cache_creation_input_tokens
+        # the next turn sends the first one as a plain string and marks its own last block
+        turn2 = [{"role": "user", "content": LONG}, {"role": "assistant", "content": "ok"},
+                 {"role": "user", "content": [{"type": "text", "text": "more", "cache_control": {"type": "ephemeral"}}]}]
+        assert c.messages.create(model=HAIKU, max_tokens=5, messages=turn2).usage.cache_read_input_tokens == w
+        # and a string system prompt reads what its block form wrote
+        marked = [{"role": "user", "content": [{"type": "text", "text": "q", "cache_control": {"type": "ephemeral"}}]}]
+        w = c.messages.create(model=HAIKU, max_tokens=5, system=[{"type": "text", "text": LONG}],
+                              messages=marked).usage.cache_creation_input_tokens
+        assert w > 4_000
+        assert c.messages.create(model=HAIKU, max_tokens=5, system=LONG,
+                                 messages=marked).usage.cache_read_input_tokens == w
+
+
+def test_concurrent_first_requests_each_write_until_a_response_begins(tmp_path):
+    """The API makes an entry readable only once the writer's response has started: requests that arrive
+    together with a new prefix all pay the write. The runtime's single-flight exists because of this."""
+    import asyncio
+
+    from tests.fake_api_fixtures import async_client
+
+    with start_server(tmp_path, latency_ms=200) as s:
+        async def go():
+            c = async_client(s)
+            return await asyncio.gather(*(c.messages.create(model=HAIKU, max_tokens=5, system=_system(),
+                                                             messages=user(f"q{i}")) for i in range(5)))
+
+        first = asyncio.run(go())
+        assert all(m.usage.cache_creation_input_tokens > 4_000 for m in first)
+        later = client(s).messages.create(model=HAIKU, max_tokens=5, system=_system(), messages=user("late"))
+        assert later.usage.cache_read_input_tokens > 4_000
+
+
+def test_cache_control_rules_are_enforced(tmp_path):
+    import anthropic
+    import pytest
+
+    cc5, cc1 = {"type": "ephemeral"}, {"type": "ephemeral", "ttl": "1h"}
+    with start_server(tmp_path) as s:
+        c = client(s)
+
+        def bad(**kw):
+            with pytest.raises(anthropic.BadRequestError) as exc:
+                c.messages.create(model=SONNET, max_tokens=5, **kw)
+            return exc.value.message
+
+        five = [{"type": "text", "text": f"part {i}", "cache_control": cc5} for i in range(5)]
+        assert "maximum of 4 blocks with cache_control" in bad(system=five, messages=user("q"))
+        # four is fine, and a top-level marker counts as one of them
+        c.messages.create(model=SONNET, max_tokens=5, system=five[:4], messages=user("q"))
+        assert "maximum of 4" in bad(system=five[:4], messages=user("q"), cache_control=cc5)
+        # a 5 m marker may not come before a 1 h one (cache order: tools, system, messages)
+        order = [{"type": "text", "text": "a", "cache_control": cc5}, {"type": "text", "text": "b", "cache_control": cc1}]
+        assert "ttl='1h'" in bad(system=order, messages=user("q"))
+        c.messages.create(model=SONNET, max_tokens=5, system=order[::-1], messages=user("q"))
+        assert "ttl='1h'" in bad(tools=[{"name": "t", "input_schema": {"type": "object"}, "cache_control": cc5}],
+                                 system=[order[1]], messages=user("q"))
+        thinking = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": [{"type": "thinking", "thinking": "hmm", "signature": "s",
+                                                       "cache_control": cc5}, {"type": "text", "text": "a"}]},
+                    {"role": "user", "content": "q2"}]
+        assert "thinking" in bad(messages=thinking)
+        assert "empty text" in bad(messages=[{"role": "user", "content": [
+            {"type": "text", "text": "", "cache_control": cc5}]}])

@@ -335,3 +335,47 @@ async def test_a_restarted_caller_takes_over_its_dead_life_claim_at_once(tmp_pat
     assert await svc.claim(key, owner="caller-0|life-2|e1")       # the same caller, restarted: its old self is gone
     assert await svc.renew(key, owner="caller-0|life-2|e1")
     assert not await svc.renew(key, owner="caller-0|life-1|e1")
+
+
+# -- where the table lives: a path, or a URI handed to LanceDB ------------------------------------------------------
+
+def _row(key: str) -> dict:
+    vec = np.random.default_rng(int(key[:6], 16)).standard_normal(384).astype(np.float32)
+    return {"key": key, "scope_id": "ab" * 16, "tenant": "t", "model": "m", "kind": "factual", "prompt": "p",
+            "vector": vec, "response": "{}", "cost_usd": 0.01, "created_at": T0, "expires_at": T0 + 3600, "hits": 0}
+
+
+def _put(store, key: str) -> None:
+    from actors.cache import CacheService
+
+    row = CacheService._validate(_row(key))
+    store.write([row])
+    store.apply([row])
+
+
+def test_a_file_uri_is_a_table_that_outlives_its_store(tmp_path):
+    from actors.cache import CacheStore
+
+    uri = f"file://{tmp_path}/remote-cache"
+    store = CacheStore(uri)
+    assert store.uri == uri and store.path is None and store.disk_bytes() is None
+    _put(store, "a1" * 16)
+    reopened = CacheStore(uri)
+    assert reopened.lookup_exact("a1" * 16, T0) is not None
+    assert (tmp_path / "remote-cache").is_dir()
+
+
+def test_an_object_store_uri_goes_to_lancedb_not_to_a_local_folder(tmp_path, monkeypatch):
+    from actors.cache import CacheStore
+
+    monkeypatch.chdir(tmp_path)
+    mem = CacheStore("memory://claude-runtime-test")   # an object store that needs no network
+    _put(mem, "b2" * 16)
+    assert mem.lookup_exact("b2" * 16, T0) is not None and mem.uri == "memory://claude-runtime-test"
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(Exception) as exc:   # nothing reaches S3 from here: LanceDB's own error shows it tried
+        CacheStore("s3://claude-runtime-no-such-bucket/cache", storage_options={"region": "us-east-1"})
+    assert "AWS" in str(exc.value) or "credential" in str(exc.value).lower() or "s3" in str(exc.value).lower()
+    assert list(tmp_path.iterdir()) == []   # no "s3:" or "memory:" folder was made here

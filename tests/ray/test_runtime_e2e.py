@@ -239,3 +239,48 @@ async def test_awaiting_submit_and_async_streaming(rt):
     assert res.message.content[0].text
     kinds = [e["type"] async for e in rt.astream(user_msg("Name an even number.", 16), cache=False)]
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+
+
+def _counted(n: int, seen: list[int], bad_every: int = 0):
+    """A generator of ``n`` requests that records how far it was consumed (``n`` may be 10M: it is never
+    materialised)."""
+    for i in range(n):
+        seen[0] = i + 1
+        req = user_msg(f"Lazy input question number {i}.", 16)
+        if bad_every and i % bad_every == bad_every - 1:
+            req["temperature"] = 1.0  # refused locally: comes back as a value
+        yield req
+
+
+def test_map_consumes_its_input_lazily(rt):
+    seen = [0]
+    it = rt.map(_counted(10_000_000, seen), max_in_flight=4, progress=False, cache=False)
+    first = [next(it) for _ in range(3)]
+    assert all(isinstance(r, Result) for r in first)
+    assert seen[0] <= 3 + 4
+    it.close()
+
+
+async def test_amap_is_lazy_yields_as_completed_and_errors_as_values(rt):
+    seen = [0]
+    got = []
+    async for i, value in rt.amap(_counted(10_000_000, seen, bad_every=5), max_in_flight=8, with_index=True,
+                                  cache=False, request_id="amap-lazy"):
+        got.append((i, value))
+        assert seen[0] <= len(got) + 8  # never more than the window ahead of what was yielded
+        if len(got) == 30:
+            break
+    for i, value in got:
+        if i % 5 == 4:
+            assert isinstance(value, InvalidRequest) and value.field == "temperature"
+        else:
+            assert isinstance(value, Result) and value.request_id == f"amap-lazy-{i}"
+
+
+async def test_amap_ordered_keeps_input_order_from_an_async_source(rt):
+    async def source():
+        for i in range(12):
+            yield user_msg(f"Ordered async question {i}.", 16)
+
+    out = [r async for r in rt.amap(source(), ordered=True, max_in_flight=4, cache=False, request_id="amap-ord")]
+    assert [r.request_id for r in out] == [f"amap-ord-{i}" for i in range(12)]

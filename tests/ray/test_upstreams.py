@@ -32,6 +32,7 @@ def server(tmp_path, name, rpm=300, **kw):
 
 def settings(tmp_path, upstreams, **kw):
     base = dict(data_dir=tmp_path / "data", cache={"enabled": False}, callers={"num_callers": 2},
+                ledger={"allow_temporary_path": True},
                 retry={"backoff_base_s": 0.02, "backoff_max_s": 0.1, "breaker_cooldown_s": 60.0},
                 limits=uniform_limits(300, 10_000_000, 10_000_000), upstreams=upstreams)
     base.update(kw)
@@ -155,7 +156,8 @@ def test_restarting_with_other_settings_is_refused_unless_reconfigured_and_names
 
 def test_the_local_api_runs_only_when_asked_and_says_so(tmp_path, ray_up, monkeypatch):
     monkeypatch.setenv("CLAUDE_RUNTIME_FAKE_API", "1")
-    rt = runtime.start(Settings(data_dir=tmp_path / "fake", cache={"enabled": False}), name="optin")
+    rt = runtime.start(Settings(data_dir=tmp_path / "fake", cache={"enabled": False},
+                                ledger={"allow_temporary_path": True}), name="optin")
     try:
         res = ray.get(rt.submit(user_msg("hello", 8)))
         assert rt.fake_api is not None and res.upstream == "fake-api"

@@ -547,7 +547,13 @@ def test_unsure_prompts_are_counted_by_the_api_and_priced_at_that_count():
     run(p, r)
     assert ports.transport.counted == 1
     from runtime.pricing import bound_cost
-    assert ports.ledger.begins[0].reserve_usd == pytest.approx(bound_cost(SONNET, 10_000, 64, S))
+    # no cache_control anywhere (too short for automatic placement): nothing can be written, all plain input
+    assert ports.ledger.begins[0].reserve_usd == pytest.approx(
+        bound_cost(SONNET, 10_000, 64, S, cacheable_tokens_bound=0, cache_ttl=None))
+    # with automatic caching off the user's markers are not looked at: every token at the dearest rate
+    p3, ports3, _ = make(count=10_000)
+    run(p3, req(text="この文書を要約してください。" * 20, prompt_cache=False))
+    assert ports3.ledger.begins[0].reserve_usd == pytest.approx(bound_cost(SONNET, 10_000, 64, S))
     p2, ports2, _ = make()
     run(p2, req(text="Plain English prose about the weather and the sea."))
     assert ports2.transport.counted == 0  # prose is bounded locally
@@ -559,7 +565,8 @@ def test_without_a_count_an_unsure_prompt_is_priced_at_the_dearest_tier():
     from runtime.estimate import input_upper_bound
     from runtime.pricing import bound_cost
     bound = input_upper_bound(req(text="这是一个很长的中文句子。" * 3000, model=HAIKU).params).tokens
-    assert ports.ledger.begins[0].reserve_usd == pytest.approx(bound_cost(HAIKU, bound, 16, S, worst_tier=True))
+    assert ports.ledger.begins[0].reserve_usd == pytest.approx(
+        bound_cost(HAIKU, bound, 16, S, worst_tier=True, cacheable_tokens_bound=0, cache_ttl=None))
 
 
 def test_a_bill_over_its_reservation_is_reported():

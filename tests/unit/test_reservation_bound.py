@@ -23,6 +23,7 @@ from tests.unit.test_pipeline import Admission, Ledger, Transport
 
 S_AUTO = Settings(cache={"enabled": False})
 S_NEVER = Settings(cache={"enabled": False}, estimate={"count_tokens": "never"})
+S_OFF = Settings(cache={"enabled": False}, prompt_caching="off")
 ENGINE = Engine(FakeApiConfig(limits=None, billing_path=None))
 
 ALPHABETS = [
@@ -77,6 +78,14 @@ def requests(draw):
     if draw(st.booleans()):
         body["tools"] = [{"name": "lookup", "description": draw(text),
                           "input_schema": {"type": "object", "properties": {"q": {"type": "string"}}}}]
+    if draw(st.booleans()):
+        # a conversation: earlier turns before the last user turn (a boundary automatic caching may mark)
+        body["messages"] = [{"role": "user", "content": draw(text) * draw(st.integers(1, 20))},
+                            {"role": "assistant", "content": draw(text)}] + body["messages"]
+    if draw(st.booleans()):
+        # the user's own marker in the last turn: the whole prompt may then be written
+        last = body["messages"][-1]["content"]
+        last[-1] = {**last[-1], "cache_control": {"type": "ephemeral"}}
     return body
 
 
@@ -84,6 +93,7 @@ def billed(body: dict) -> float:
     prep = api_validate(body, ENGINE.cfg.models)
     plan = ENGINE.plan(prep, "property-test-key")
     usage = Usage.from_api(ENGINE.reply(prep, plan).usage)
+    ENGINE.response_started(plan)  # later examples may read what this one wrote
     return price(usage, prep.model, S_AUTO).total_usd
 
 
@@ -103,9 +113,50 @@ def exact_count(body: dict) -> int:
 @given(requests())
 def test_reserved_is_never_below_billed(body):
     bill = billed(body)
-    # with the API's count where the local estimate is unsure (the default), and with no count at all
-    assert reservation(body, S_AUTO, exact_count(body)) >= bill - 1e-12
-    assert reservation(body, S_NEVER, None) >= bill - 1e-12
+    # automatic caching off (the request goes as given): with the API's count where the local estimate is
+    # unsure (the default), and with no count at all
+    assert reservation(body, S_OFF, exact_count(body)) >= bill - 1e-12
+    assert reservation(body, S_OFF.model_copy(update={"estimate": S_NEVER.estimate}), None) >= bill - 1e-12
+
+
+def sent_bills_and_reservation(body: dict, settings: Settings, count: int | None, ttl: str) -> tuple[list, float]:
+    """The pipeline's own placement (markers added at ``ttl``, as a tracker decision would set it) sent to a
+    fresh fake API that caches every prefix, however short: the cold bill (writes), then the warm one (reads),
+    and the reservation the pipeline makes for that placement."""
+    ports = Ports(admission=Admission(), ledger=Ledger(), transport=Transport(count=count))
+    p = Pipeline(settings, ports)
+    req = validate(body, settings)
+    model = body["model"]
+    plan = p._plan(req, model).with_ttl(ttl)
+    p._plans[req.request_id][model] = plan
+    reserved = asyncio.run(p._reservation(req, model, deadline_at=float("inf")))
+    engine = Engine(FakeApiConfig(limits=None, billing_path=None, cache_min_tokens=1))
+    sent = {**plan.params, "model": model, "max_tokens": body["max_tokens"]}
+    bills = []
+    for _ in range(2):
+        prep = api_validate(sent, engine.cfg.models)
+        cp = engine.plan(prep, "k")
+        bills.append(price(Usage.from_api(engine.reply(prep, cp).usage), model, settings).total_usd)
+        engine.response_started(cp)
+    return bills, reserved
+
+
+@hsettings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests(), st.sampled_from(["5m", "1h"]))
+def test_reserved_is_never_below_billed_with_automatic_cache_control(body, ttl):
+    for settings, count in ((S_AUTO, exact_count(body)), (S_NEVER, None)):
+        bills, reserved = sent_bills_and_reservation(body, settings, count, ttl)
+        assert reserved >= max(bills) - 1e-12, (bills, reserved)
+
+
+def test_placed_markers_tighten_the_reservation_of_a_long_shared_prefix():
+    body = {"model": "claude-sonnet-5-5", "max_tokens": 100, "system": "Shared rules of the house. " * 800,
+            "messages": [{"role": "user", "content": "one short question"}]}
+    bills, tight = sent_bills_and_reservation(body, S_NEVER, None, "5m")
+    loose = reservation(body, S_OFF.model_copy(update={"estimate": S_NEVER.estimate}), None)
+    assert bills[0] > bills[1] and tight >= bills[0]
+    # every token at the 5 m write rate (1.25x) instead of the 1 h one (2x), the short question at 1x
+    assert tight < 0.65 * loose
 
 
 def test_near_the_long_context_tier_the_reservation_prices_the_dearer_tier():
