@@ -864,8 +864,9 @@ class CacheOutcome:
 
 
 class CacheClient:
-    """The only cache surface a caller touches. ``embedder``: anything with ``async embed_async(text)`` returning
-    a (384,) unit vector; by default a client of the shared embedding pool."""
+    """The only cache surface a caller touches. ``embedder``: anything with ``async encode_async(texts,
+    tokens=True)`` returning an ``Encoded`` (an in-process ``runtime.embedding.Embedder`` in tests and
+    benchmarks); by default a client of the shared embedding pool."""
 
     def __init__(self, actor_handle: Any, settings: Any, embedder: Any = None, *, k: int = 5) -> None:
         self._actor = actor_handle
