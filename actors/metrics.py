@@ -23,13 +23,16 @@ are read from the singletons (buckets, budgets, cache size, callers). Metric obj
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from logging.handlers import RotatingFileHandler
 from typing import Any
 
 from runtime.observe import dumps, error_line, fallbacks, result_line, usage_of
 
 PREFIX = "claude_runtime_"
 REQUEST_LOG = "claude_runtime.requests"
+REQUEST_LOG_FILE_PREFIX = "claude_runtime_requests-"  # + pid + ".jsonl", in the node's Ray logs folder
 
 _METRICS: dict[tuple[float, ...], dict[str, Any]] = {}
 
@@ -73,16 +76,33 @@ def _metrics(buckets: tuple[float, ...]) -> dict[str, Any]:
     return m
 
 
-def _request_logger() -> logging.Logger:
+def _request_logger(to: str) -> logging.Logger:
     log = logging.getLogger(REQUEST_LOG)
     if not log.handlers:
         # its own handler: a Ray worker's root logger drops INFO, and these lines are the point
-        h = logging.StreamHandler(sys.stderr)
+        h = _log_handler(to)
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
         log.propagate = False
     return log
+
+
+def _log_handler(to: str) -> logging.Handler:
+    """"file": a rotating file in this node's Ray session logs (what ``ray logs``, the dashboard and a log
+    shipper on /tmp/ray/session_latest/logs read). Ray forwards workers' stderr to the driver, so "stderr" would
+    print a line per request into the user's console (or notebook, over the progress bar)."""
+    if to == "file":
+        try:
+            from ray._private.worker import _global_node
+
+            logs = _global_node.get_logs_dir_path() if _global_node is not None else None
+        except Exception:  # noqa: BLE001 - not a Ray worker: stderr below
+            logs = None
+        if logs:
+            path = os.path.join(logs, f"{REQUEST_LOG_FILE_PREFIX}{os.getpid()}.jsonl")
+            return RotatingFileHandler(path, maxBytes=100 << 20, backupCount=3, encoding="utf-8")
+    return logging.StreamHandler(sys.stderr)
 
 
 class RequestObserver:
@@ -92,7 +112,7 @@ class RequestObserver:
     def __init__(self, settings: Any) -> None:
         o = settings.observability
         self._m = _metrics(tuple(o.latency_buckets_s)) if o.metrics else None
-        self._log = _request_logger() if o.request_log else None
+        self._log = _request_logger(o.request_log_to) if o.request_log else None
 
     def on_result(self, req: Any, result: Any) -> None:
         if self._log is not None:

@@ -559,6 +559,9 @@ class ObservabilitySettings(_Strict):
 
     metrics: bool = True
     request_log: bool = True
+    # "file": claude_runtime_requests-<pid>.jsonl in each node's Ray session logs (rotated at 100 MB);
+    # "stderr": the caller's stderr, which Ray also prints in the driver's console
+    request_log_to: Literal["file", "stderr"] = "file"
     # seconds; the limiter-wait and latency histograms' upper bucket bounds
     latency_buckets_s: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                                             60.0, 120.0)

@@ -43,3 +43,24 @@ def _no_stray_ray():
 
         if ray.is_initialized():
             ray.shutdown()
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave at once with pytest's own status once everything is reported and cleaned up. A full run loads
+    torch, LanceDB and Ray's core worker into this one process; their native threads have crashed the
+    interpreter's final teardown (a segfault after the summary line, seen once in 836 tests), which would turn a
+    green run red. Nothing of the tests' is left to do at that point."""
+    import sys
+
+    if _EXIT_STATUS and os.environ.get("CLAUDE_RUNTIME_TESTS_NORMAL_EXIT") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])

@@ -99,7 +99,9 @@ def test_one_json_line_per_request_with_no_prompt_or_answer(rt):
     while True:
         lines = []
         blob = ""
-        for path in glob.glob(os.path.join(logs, "worker-*")):
+        # the request log's own files, and the workers' output: neither may hold the prompt or the answer
+        for path in glob.glob(os.path.join(logs, "claude_runtime_requests-*")) + glob.glob(os.path.join(logs,
+                                                                                                       "worker-*")):
             with open(path, errors="replace") as f:
                 text = f.read()
             blob += text
