@@ -161,6 +161,10 @@ class LocalLedgerClient(LedgerClient):
                 await self.ledger.budget_lease_return.remote(old[0], keep)
             lease_id, size = await self.ledger.budget_lease.remote(self.owner, max(wanted, 1e-6))
             self._lease = (lease_id, size, time.monotonic() + self.lease_term_s) if lease_id else None
+            if self._lease is not None:
+                # the drain loop hands an unused lease back; it may have stopped while this was being asked for,
+                # and a slice nobody returns holds budget that queued requests wait for until their deadline
+                self._kick()
         except Exception:  # noqa: BLE001 - requests simply ask the ledger meanwhile
             log.debug("budget lease refused or unavailable", exc_info=True)
             self._lease = None
