@@ -100,9 +100,7 @@ class CallerActor:
         self._upstreams = list(upstreams)  # for callers this one spawns for the pool, and count_tokens
         self._fingerprint = secrets_fingerprint(upstreams)
         if self._journal is not None:
-            budgeted = any(v is not None for v in settings.budgets.model_dump(
-                include={"daily_usd", "monthly_usd", "per_user_daily_usd", "per_user_monthly_usd",
-                         "per_tenant_daily_usd", "per_tenant_monthly_usd"}).values())
+            budgeted = settings.budgets.configured
             ledger_port = LocalLedgerClient(self._ledger, self._journal, owner=f"{self._name}|{self._life}",
                                             budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s)
         else:

@@ -177,6 +177,13 @@ class LimiterClient:
                 # actor restarting or unreachable: like a short RetryAfter, bounded by the same deadline
                 decision = RetryAfter(e.request_id, self._unavailable_retry_s, "limiter unavailable")
             if isinstance(decision, Grant):
+                if decision.delay_s > give_up_at - loop.time():
+                    # scheduled past the caller's deadline: the capacity goes back, the caller hears at once
+                    self.give_back(decision)
+                    raise RateLimitedPastDeadline(
+                        f"no admission within {budget:.3g}s (granted for {decision.delay_s:.3g}s from now)",
+                        request_id=e.request_id, reason="scheduled past the deadline",
+                        retry_after_s=decision.delay_s)
                 if decision.delay_s > 0.0:
                     try:
                         await asyncio.sleep(decision.delay_s)

@@ -38,7 +38,9 @@ def main() -> None:
     console = Console()
     big = ClassLimits(rpm=10**7, itpm=10**10, otpm=10**10)
     with FakeApiProcess("--rpm", str(10**7), "--itpm", str(10**10), "--otpm", str(10**10)) as fake:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # two runtimes side by side, each with an embedding replica that asks for one logical CPU: four logical
+        # CPUs on the two cores, or the second replica never schedules and its miss path bypasses the cache
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
             def settings(fast: bool, tag: str) -> Settings:
                 return Settings(base_url=fake.url, api_key="bench-key",

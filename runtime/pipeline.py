@@ -323,8 +323,12 @@ class Pipeline:
         bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
         markers = self._cache_bound(req, model)
-        if mode == "always" or (mode == "auto" and not bound.sure):
-            counted = await self._count_tokens(req, model, deadline_at)
+        if mode == "always" or (mode == "auto" and not bound.sure and s.budgets.configured):
+            # "auto" counts only where a budget needs the tighter figure, and only if counting capacity is free
+            # at once: waiting for it would put the count_tokens rate limit (100 RPM at the lowest tier) and a
+            # round trip on every code or non-English prompt; the structural bound below is an upper bound too
+            until = deadline_at if mode == "always" else min(deadline_at, self.clock() + s.estimate.count_wait_s)
+            counted = await self._count_tokens(req, model, until)
             if counted is not None:
                 return bound_cost(model, counted, req.max_tokens, s, price_factor=f, **markers)
         if bound.sure:

@@ -334,6 +334,13 @@ class BudgetSettings(_Strict):
     cost_ratio_alpha: float = Field(default=0.05, gt=0, le=1)
     cost_ratio_floor: float = Field(default=0.10, gt=0, le=1)
 
+    @property
+    def configured(self) -> bool:
+        """Does any budget apply (else there is nothing to reserve against)."""
+        return any(v is not None for v in (self.daily_usd, self.monthly_usd, self.per_user_daily_usd,
+                                           self.per_user_monthly_usd, self.per_tenant_daily_usd,
+                                           self.per_tenant_monthly_usd))
+
 
 def is_uri(path: Any) -> bool:
     """A location with a scheme (``s3://``, ``gs://``, ``az://``, ``file://``, ``memory://``), not a bare path."""
@@ -492,6 +499,9 @@ class EstimateSettings(_Strict):
     "never" falls back to a structural upper bound priced at the dearest tier."""
 
     count_tokens: Literal["auto", "always", "never"] = "auto"
+    # "auto" counts only when counting capacity comes within this many seconds (an actor round trip); past it
+    # the reservation uses the structural bound, so the count_tokens rate limit never slows requests
+    count_wait_s: float = Field(default=0.05, ge=0)
 
 
 class AlertSettings(_Strict):

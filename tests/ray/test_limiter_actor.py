@@ -140,6 +140,25 @@ async def test_past_deadline_and_impossible_requests_raise(ray_local):
         await client.acquire(est("big", out=5_000))
 
 
+async def test_a_grant_scheduled_past_the_deadline_is_given_back_and_refused_at_once(ray_local):
+    # 60 RPM and the default schedule-ahead: once the bucket is empty the next slot frees within a second and
+    # is granted with a send-at delay; a caller with 50 ms left must hear no at once, and the slot stays free
+    handle = get_or_create_limiter(settings(rpm=60).model_copy(update={"limiter": LimiterSettings()}),
+                                   name=unique_name())
+    client = LimiterClient(handle, max_wait_s=60)
+    level = lambda snap: snap["classes"]["sonnet"]["rpm"]["level"]  # noqa: E731
+    while level(await handle.snapshot.remote()) >= 1.0:
+        await client.acquire(est(f"fill-{time.monotonic_ns()}"))
+    t0 = time.monotonic()
+    with pytest.raises(RateLimitedPastDeadline) as err:
+        await client.acquire(est("late"), deadline_s=0.05)
+    assert time.monotonic() - t0 < 0.5 and err.value.request_id == "rlate"
+    # the refused grant's slot went back: the next patient caller is granted within about one refill
+    t1 = time.monotonic()
+    await client.acquire(est("patient"))
+    assert time.monotonic() - t1 < 1.5
+
+
 async def test_reconcile_through_client_returns_capacity(ray_local):
     handle = get_or_create_limiter(settings(otpm=10_000, users=UserLimits(rpm=100, tpm=100_000)),
                                    name=unique_name())

@@ -541,8 +541,11 @@ def test_a_duplicate_request_id_is_refused_before_anything_is_sent():
 
 # -- sizing: reservations are upper bounds ---------------------------------------------------------------------
 
-def test_unsure_prompts_are_counted_by_the_api_and_priced_at_that_count():
-    p, ports, _ = make(count=10_000)
+S_BUDGET = S.model_copy(update={"budgets": S.budgets.model_copy(update={"daily_usd": 1_000.0})})
+
+
+def test_unsure_prompts_are_counted_by_the_api_and_priced_at_that_count_where_a_budget_applies():
+    p, ports, _ = make(count=10_000, settings=S_BUDGET)
     r = req(text="この文書を要約してください。" * 20)
     run(p, r)
     assert ports.transport.counted == 1
@@ -551,12 +554,33 @@ def test_unsure_prompts_are_counted_by_the_api_and_priced_at_that_count():
     assert ports.ledger.begins[0].reserve_usd == pytest.approx(
         bound_cost(SONNET, 10_000, 64, S, cacheable_tokens_bound=0, cache_ttl=None))
     # with automatic caching off the user's markers are not looked at: every token at the dearest rate
-    p3, ports3, _ = make(count=10_000)
+    p3, ports3, _ = make(count=10_000, settings=S_BUDGET)
     run(p3, req(text="この文書を要約してください。" * 20, prompt_cache=False))
     assert ports3.ledger.begins[0].reserve_usd == pytest.approx(bound_cost(SONNET, 10_000, 64, S))
-    p2, ports2, _ = make()
+    p2, ports2, _ = make(settings=S_BUDGET)
     run(p2, req(text="Plain English prose about the weather and the sea."))
     assert ports2.transport.counted == 0  # prose is bounded locally
+
+
+def test_without_a_budget_nothing_is_counted_and_the_reservation_is_the_structural_bound():
+    # code, digits and other scripts are all "unsure": counting each would put every such request behind
+    # the count_tokens rate limit and a round trip, for a figure nothing needs when no budget applies
+    from runtime.estimate import input_upper_bound
+    from runtime.pricing import bound_cost
+    p, ports, _ = make(count=10_000)
+    r = req(text="def f(x): return {k: v**2 for k, v in x.items()}  # 42")
+    run(p, r)
+    assert ports.transport.counted == 0
+    bound = input_upper_bound(r.params).tokens
+    assert ports.ledger.begins[0].reserve_usd == pytest.approx(
+        bound_cost(SONNET, bound, 64, S, worst_tier=True, cacheable_tokens_bound=0, cache_ttl=None))
+
+
+def test_always_counts_even_without_a_budget():
+    always = S.model_copy(update={"estimate": S.estimate.model_copy(update={"count_tokens": "always"})})
+    p, ports, _ = make(count=10_000, settings=always)
+    run(p, req(text="Plain English prose about the weather and the sea."))
+    assert ports.transport.counted == 1
 
 
 def test_without_a_count_an_unsure_prompt_is_priced_at_the_dearest_tier():

@@ -21,7 +21,8 @@ from runtime.settings import Settings
 from runtime.usage import Usage
 from tests.unit.test_pipeline import Admission, Ledger, Transport
 
-S_AUTO = Settings(cache={"enabled": False})
+# a budget applies, so "auto" asks the API to count unsure prompts (without one it never counts)
+S_AUTO = Settings(cache={"enabled": False}, budgets={"daily_usd": 1_000_000.0})
 S_NEVER = Settings(cache={"enabled": False}, estimate={"count_tokens": "never"})
 S_OFF = Settings(cache={"enabled": False}, prompt_caching="off")
 ENGINE = Engine(FakeApiConfig(limits=None, billing_path=None))
