@@ -10,7 +10,8 @@ semantic-hit latency at 100k cache entries.
      pool x2         two replicas
 2. Caller RSS: a real runtime (runtime.start against the embedded API) answers 50 requests (misses and
    semantic hits) and each actor's resident memory is read; once with this tree, once with the tree of
-   --before-ref (default: main), exported by `git archive`, so "before" is the code as it was.
+   --before-ref (default: d824f33, the last commit before the pool), exported by `git archive`, so "before" is
+   the code as it was.
 3. Semantic-hit p50 end to end (CacheClient.lookup: exact lookup, embedding, scope-filtered search, guard) at
    100k entries, 10 % in the queried scope, cold embeddings (LRUs off): the model in this process vs the pool.
 
@@ -182,8 +183,12 @@ def private(pid):
 prompts = json.loads(sys.argv[1])
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 lim = {c: ClassLimits(rpm=60_000, itpm=50_000_000, otpm=10_000_000) for c in ("haiku", "sonnet", "opus", "fable")}
+import runtime.settings as rs
+# trees from before the persistence check have no such setting (Settings refuses unknown fields)
+extra = ({"ledger": {"allow_temporary_path": True}}
+         if "allow_temporary_path" in getattr(getattr(rs, "LedgerSettings", None), "model_fields", {}) else {})
 rt = runtime.start(Settings(data_dir=tempfile.mkdtemp(prefix="rss_probe_"), limits=lim, fake_api=True,
-                            user_limits=UserLimits(rpm=0, tpm=0)))
+                            user_limits=UserLimits(rpm=0, tpm=0), **extra))
 kinds = Counter()
 for batch in (prompts[0::2], prompts[1::2]):  # the cached side first, then its paraphrases
     for r in ray.get([rt.submit({"model": "auto", "max_tokens": 64, "messages": [{"role": "user", "content": p}]},
@@ -321,7 +326,8 @@ def main() -> None:
     ap.add_argument("--hot-fraction", type=float, default=0.1)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--rss-requests", type=int, default=50)
-    ap.add_argument("--before-ref", default="main", help="git ref whose tree gives the 'before' caller RSS")
+    # d824f33: main before the embedding pool landed, the last tree whose callers load the model themselves
+    ap.add_argument("--before-ref", default="d824f33", help="git ref whose tree gives the 'before' caller RSS")
     ap.add_argument("--parts", default="rss,throughput,semantic")
     ap.add_argument("--out", default="embedding", help="results/<out>.json")
     args = ap.parse_args()

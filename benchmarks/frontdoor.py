@@ -92,7 +92,8 @@ def main() -> None:
             rt = runtime.start(Settings(base_url=fake.url, api_key="bench-key",
                                         limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
                                         user_limits=UserLimits(rpm=0, tpm=0), cache={"enabled": False},
-                                        callers={"num_callers": 2}, data_dir=data_dir))
+                                        callers={"num_callers": 2}, data_dir=data_dir,
+                                        ledger={"allow_temporary_path": True}))  # a throwaway run under /tmp
             key, _ = KeyStore.in_dir(rt.settings.data_dir).create("bench", "bench")
             url = run_front_door(port=free_port(), replicas=args.replicas)
             serve.run(serve.deployment(Echo, name="Echo").options(

@@ -126,7 +126,7 @@ def run_variant(name: str, over: dict, fake: FakeApiProcess, args, data_root: Pa
     limits = {c: ClassLimits(**LIMITS) for c in ("haiku", "sonnet", "opus", "fable")}
     settings = Settings(base_url=fake.url, api_key="bench-key", limits=limits, user_limits=UserLimits(rpm=0, tpm=0),
                         cache={"enabled": False}, callers={"num_callers": 2}, limiter={"max_wait_s": 600},
-                        data_dir=data_root / tag, **over)
+                        data_dir=data_root / tag, ledger={"allow_temporary_path": True}, **over)
     rt = runtime.start(settings)
     try:
         out: dict = {"variant": name}
