@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from typing import Any
 
@@ -18,6 +19,17 @@ CLASSES = ("haiku", "sonnet", "opus", "fable")
 
 def uniform_limits(rpm: int, itpm: int, otpm: int) -> dict[str, ClassLimits]:
     return {c: ClassLimits(rpm=rpm, itpm=itpm, otpm=otpm) for c in CLASSES}
+
+
+def wait_for(cond, what: str = "condition", timeout_s: float = 60.0, every_s: float = 0.05):
+    """Poll ``cond`` until it returns something truthy and return that; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every_s)
 
 
 def fast_settings(data_dir, **over: Any) -> Settings:

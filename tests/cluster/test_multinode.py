@@ -14,7 +14,8 @@ import runtime
 from runtime.errors import ConfigurationError
 from runtime.result import Result
 from runtime.settings import Settings
-from tests.runtime_fixtures import fake_post, fake_stats, fast_settings, read_billing, uniform_limits, user_msg
+from tests.runtime_fixtures import (fake_post, fake_stats, fast_settings, read_billing, uniform_limits, user_msg,
+                                    wait_for)
 
 RPM = 600
 SINGLETONS = {"limiter", "ledger", "fake_api", "cache", "caller_pool"}
@@ -32,16 +33,6 @@ def cluster_rt(tmp_path_factory):
     rt.shutdown()
     ray.shutdown()
     cluster.shutdown()
-
-
-def wait_for(cond, what: str, timeout_s: float = 60.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every_s)
 
 
 def live_actors(namespace: str) -> dict[str, str]:

@@ -7,7 +7,6 @@ after ``rt.reconcile()`` the ledger's total equals the bill's."""
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -15,7 +14,8 @@ import ray
 
 from runtime.errors import ClaudeRuntimeError
 from runtime.result import Result
-from tests.runtime_fixtures import fake_post, fake_stats, fast_settings, read_billing, start_local, user_msg
+from tests.runtime_fixtures import (fake_post, fake_stats, fast_settings, read_billing, start_local, user_msg,
+                                    wait_for)
 
 pytestmark = pytest.mark.ray
 
@@ -35,14 +35,6 @@ def workload(n: int) -> list[tuple[dict, str]]:
             q = f"Question {i}: explain {topic} in {i % 7 + 2} sentences."
         out.append((user_msg(q, 96), f"tenant-{i % 3}"))
     return out
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def in_flight(rt) -> int:
@@ -74,17 +66,17 @@ def test_kills_of_callers_ledger_and_cache_lose_nothing_and_bill_nothing_unrecor
     # 1: kill each caller while its calls are on the wire
     send(work[:30])
     for caller in rt.callers:
-        wait_for(lambda: in_flight(rt) >= 2, what="calls in flight")
+        wait_for(lambda: in_flight(rt) >= 2, what="calls in flight", every_s=0.02)
         ray.kill(caller, no_restart=False)
         kills["caller"] += 1
     # 2: kill the ledger while calls are in flight (their intents and commits retry across its restart)
     send(work[30:60])
-    wait_for(lambda: in_flight(rt) >= 2, what="calls in flight")
+    wait_for(lambda: in_flight(rt) >= 2, what="calls in flight", every_s=0.02)
     ray.kill(rt.ledger, no_restart=False)
     kills["ledger"] += 1
     # 3: kill the cache while lookups and single-flight waits are going on
     send(work[60:])
-    wait_for(lambda: in_flight(rt) >= 2, what="calls in flight")
+    wait_for(lambda: in_flight(rt) >= 2, what="calls in flight", every_s=0.02)
     ray.kill(rt.cache, no_restart=False)
     kills["cache"] += 1
 
@@ -102,7 +94,7 @@ def test_kills_of_callers_ledger_and_cache_lose_nothing_and_bill_nothing_unrecor
     assert len(answered) >= len(work) * 0.9  # faults may cost a few requests a typed error, never silence
 
     ray.get(rt.ledger.ping.remote(), timeout=60)
-    wait_for(lambda: in_flight(rt) == 0, what="the API to go quiet")
+    wait_for(lambda: in_flight(rt) == 0, what="the API to go quiet", every_s=0.02)
     ours = {r.request_id for r in answered} | {o.request_id for o in outcomes if isinstance(o, ClaudeRuntimeError)}
     bill = [b for b in read_billing(rt.settings) if b.get("runtime_request_id") in ours]
     rows = rt.ledger_records()

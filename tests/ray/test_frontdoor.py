@@ -4,14 +4,13 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import anthropic
 import httpx2
 import pytest
 import ray
 
-from tests.runtime_fixtures import fake_post, fake_url, fast_settings, read_billing, start_local
+from tests.runtime_fixtures import fake_post, fake_url, fast_settings, read_billing, start_local, wait_for
 
 HAIKU = "claude-haiku-5-5"
 
@@ -26,16 +25,6 @@ def _cli_key(data_dir, *args: str) -> str:
     out = subprocess.run([sys.executable, "-m", "runtime.cli", "keys", "create", "--data-dir", str(data_dir),
                           *args], capture_output=True, text=True, timeout=120, check=True)
     return out.stdout.split()[-1]
-
-
-def _wait(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +86,7 @@ def test_sdk_streams_and_the_ledger_row_is_the_billing_line(door):
         final = s.get_final_message()
         rid = s.response.headers["request-id"]
     assert text and text == final.content[0].text
-    row = _wait(lambda: [r for r in _row(rt, rid) if r["message_id"]], what="the stream's ledger row")[0]
+    row = wait_for(lambda: [r for r in _row(rt, rid) if r["message_id"]], what="the stream's ledger row")[0]
     (line,) = [b for b in read_billing(rt.settings) if b["id"] == final.id]
     assert row["message_id"] == final.id
     assert (row["input_tokens"], row["output_tokens"]) == (line["input_tokens"], line["output_tokens"])
@@ -201,8 +190,8 @@ def test_a_client_that_disconnects_mid_stream_is_still_billed(door):
                     if b"content_block_delta" in seen:
                         break  # leave with most of the answer still to come
         assert b"message_stop" not in seen
-        row = _wait(lambda: [x for x in _row(rt, rid) if x["message_id"]], timeout=60,
-                    what="the abandoned stream's ledger row")[0]
+        row = wait_for(lambda: [x for x in _row(rt, rid) if x["message_id"]], timeout_s=60,
+                       what="the abandoned stream's ledger row")[0]
         (line,) = [b for b in read_billing(rt.settings) if b["id"] == row["message_id"]]
         assert (row["input_tokens"], row["output_tokens"]) == (line["input_tokens"], line["output_tokens"])
         assert row["output_tokens"] > 10 and row["cost_usd"] == pytest.approx(line["cost_usd"])
