@@ -118,7 +118,9 @@ def test_the_pool_grows_under_load_and_drains_before_it_shrinks(cluster_rt, tmp_
         assert cluster.head_node.node_id not in {placed[n] for n in ("caller-1", "caller-2")}
         # handles follow the pool: new requests reach the new callers
         wait_for(lambda: len(rt.callers) == 3, "the handle to see 3 callers")
-        fake_post(rt, "/_fake/config", {"latency_ms": 4000})
+        # longer than the first batch's 6 s: caller-2 must still hold some of these when the first batch ends and
+        # the pool drains it, however quickly the pool grew (at 4 s a fast start let them finish first)
+        fake_post(rt, "/_fake/config", {"latency_ms": 8000})
         second = [rt.submit(user_msg(f"pool follow-up {i}", 16), cache=False) for i in range(6)]
         # 2. shrinks: demand falls below 3 x 4 as the first batch ends; the highest caller is drained while
         # it still holds requests of the second batch, and stays until they are done
