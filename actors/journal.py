@@ -3,6 +3,7 @@ the ledger in the background, so a request makes no ledger round trip on its way
 
     journal = Journal(path)                       # one file per caller actor name, on node-local disk
     await journal.append([entry, ...])            # returns once the entries are on disk (fdatasync)
+    n = journal.write([entry, ...]); await journal.synced(n)   # the same in two steps (see write)
     entries = journal.pending()                   # written, not yet acknowledged by the ledger
     journal.acknowledge(n)                        # the ledger has the first n pending entries
 
@@ -23,12 +24,13 @@ import asyncio
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from runtime.groupsubmit import GroupSubmitter
 
 _ROTATE_BYTES = 8 << 20
+_OFFSET_EVERY_S = 1.0
 
 
 class Journal:
@@ -37,10 +39,17 @@ class Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._offset_path = self.path.with_suffix(self.path.suffix + ".drained")
         self._lock = threading.Lock()
+        self._sizes: list[int] = []  # each pending entry's line length, to find the drained position
         self._entries: list[dict[str, Any]] = self._read()  # every entry not yet acknowledged, in order
+        self._offset_at = 0.0
         self._f = open(self.path, "ab")
-        self._group: GroupSubmitter[dict[str, Any], None] = GroupSubmitter(
-            self._write, max_batch=4_096, max_inflight=1, name="journal")
+        # write(2) puts entries in the kernel's page cache (they survive this process) and fdatasync puts them
+        # on the disk (they survive the node's kernel): writes are numbered, and one fdatasync covers every write
+        # numbered before it started, so concurrent appends share a sync (group commit)
+        self._written = 0
+        self._synced = 0
+        self._syncing = False
+        self._waiters: list[tuple[int, asyncio.Future]] = []
         self.appended = 0
 
     def _read(self) -> list[dict[str, Any]]:
@@ -60,52 +69,101 @@ class Journal:
                         out.append(json.loads(line))
                     except ValueError:
                         break
+                    self._sizes.append(len(line))
         except FileNotFoundError:
             pass
         return out
 
     async def append(self, entries: list[dict[str, Any]]) -> None:
-        await asyncio.gather(*(self._group.submit(e) for e in entries))
+        """Returns once ``entries`` are on disk (fdatasync)."""
+        await self.synced(self.write(entries))
 
-    async def _write(self, batch: list[dict[str, Any]]) -> list[None]:
-        data = b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in batch)
+    def write(self, entries: list[dict[str, Any]]) -> int:
+        """Write ``entries`` now, in order, without waiting for the disk: from here they survive this process
+        (a killed process's writes are the kernel's), and ``await synced(n)`` with the number this returns
+        waits until they survive the node too. A write-ahead intent needs the first before its call leaves;
+        the record that closes it waits for the second, which covers the intent as well."""
+        lines = [json.dumps(e, separators=(",", ":")).encode() + b"\n" for e in entries]
+        with self._lock:
+            self._f.write(b"".join(lines))
+            self._f.flush()
+            self._entries.extend(entries)
+            self._sizes.extend(len(x) for x in lines)
+            self.appended += len(entries)
+            self._written += 1
+            return self._written
 
-        def write() -> None:
-            with self._lock:
-                self._f.write(data)
-                self._f.flush()
-                os.fdatasync(self._f.fileno())
-                self._entries.extend(batch)
-                self.appended += len(batch)
+    async def synced(self, n: int) -> None:
+        """Returns once write number ``n`` (and every one before it) is on disk."""
+        if self._synced >= n:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        self._start_sync()
+        await fut
 
-        await asyncio.to_thread(write)
-        return [None] * len(batch)
+    def _start_sync(self) -> None:
+        if self._syncing:
+            return  # the running sync's callback starts the next one for whoever it did not cover
+        self._syncing = True
+        target = self._written
+        with self._lock:
+            fd = self._f.fileno()  # acknowledge() does not swap the file while a sync is running
+        fut = asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
+        fut.add_done_callback(lambda f: self._sync_done(target, f))
+
+    def _sync_done(self, target: int, f: asyncio.Future) -> None:
+        self._syncing = False
+        exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+        if exc is None:
+            self._synced = max(self._synced, target)
+        keep = []
+        for n, w in self._waiters:
+            if w.done():
+                continue
+            if exc is not None:
+                w.set_exception(exc)  # the disk refused: the caller's request fails rather than lie
+            elif n <= self._synced:
+                w.set_result(None)
+            else:
+                keep.append((n, w))
+        self._waiters = keep
+        if keep:
+            self._start_sync()
 
     def pending(self, limit: int = 4_096) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._entries[:limit])
 
-    def acknowledge(self, n: int) -> None:
-        """The ledger has the first ``n`` pending entries."""
+    def acknowledge(self, n: int, *, force: bool = False) -> None:
+        """The ledger has the first ``n`` pending entries. The drained position is saved at most every
+        ``_OFFSET_EVERY_S`` (or with ``force``): it only spares the next life from sending entries again, and the
+        ledger ignores entries it already has, while saving it on every drain cost a request on this loop ~1 ms."""
         with self._lock:
             del self._entries[:n]
+            del self._sizes[:n]
             size = self._f.tell()
-            if not self._entries and size > _ROTATE_BYTES:
+            rotated = False
+            if not self._entries and size > _ROTATE_BYTES and not self._syncing and self._synced == self._written:
                 # everything is drained: start the file afresh instead of growing it forever
                 self._f.close()
                 self._f = open(self.path, "wb")
                 size = 0
+                rotated = True
             else:
                 # the drained position: the end of the file less what is still pending
-                pending_bytes = sum(len(json.dumps(e, separators=(",", ":")).encode()) + 1 for e in self._entries)
-                size -= pending_bytes
-            tmp = self._offset_path.with_suffix(".tmp")
-            tmp.write_text(str(size))
-            os.replace(tmp, self._offset_path)
+                size -= sum(self._sizes)
+            now = time.monotonic()
+            if rotated or force or now - self._offset_at >= _OFFSET_EVERY_S:
+                self._offset_at = now
+                tmp = self._offset_path.with_suffix(".tmp")
+                tmp.write_text(str(size))
+                os.replace(tmp, self._offset_path)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def close(self) -> None:
+        self.acknowledge(0, force=True)
         with self._lock:
             self._f.close()

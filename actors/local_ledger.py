@@ -6,8 +6,10 @@ A request begins locally when nothing needs the ledger's judgement there and the
     only the ledger can tell);
   * no budget applies, or this caller holds a budget lease with room for the request's worst case (leases are
     only granted far from any threshold and only where no per-user or per-tenant budget is configured).
-Otherwise it asks the ledger as before (``LedgerClient``). Either way every intent is durable before its call
-leaves and every record before its answer goes back: the journal's fdatasync instead of the ledger's.
+Otherwise it asks the ledger as before (``LedgerClient``). Either way every intent is written before its call
+leaves (to the journal: from then on it survives the process) and is on disk before the answer goes back, with
+the record that closes it: the journal's fdatasync instead of the ledger's, and one sync per answer, not two
+(the intent's sync runs while the call is in flight).
 
 At start, a caller first drains what its previous life left in the journal, then tells the ledger it restarted:
 the open intents of its earlier lives become unreconciled rows and a re-run numbers its attempts after them.
@@ -75,7 +77,9 @@ class LocalLedgerClient(LedgerClient):
         if local and self._reserve(b):
             attempt = b.attempt if b.attempt is not None else self._attempt_base.pop(b.request_id, 0) + 1
             self._journaled.add(b.request_id)
-            await self.journal.append([_intent(b, attempt)])
+            # write-ahead: in the journal before the call leaves; on disk before the answer goes back, because
+            # the record that closes this request waits for a sync that covers this write too
+            self.journal.write([_intent(b, attempt)])
             self._kick()
             self.stats["local"] += 1
             return Begun(Reservation(True, "normal", amount_usd=b.reserve_usd), attempt)
@@ -103,8 +107,8 @@ class LocalLedgerClient(LedgerClient):
     async def intent(self, request_id: str, attempt: int, model: str, owner: str, reserved_usd: float) -> None:
         if request_id not in self._journaled:
             return await super().intent(request_id, attempt, model, owner, reserved_usd)
-        await self.journal.append([{"k": "intent", "request_id": request_id, "attempt": attempt, "model": model,
-                                    "ts": time.time(), "owner": owner, "reserved_usd": reserved_usd}])
+        self.journal.write([{"k": "intent", "request_id": request_id, "attempt": attempt, "model": model,
+                             "ts": time.time(), "owner": owner, "reserved_usd": reserved_usd}])
         self._kick()
 
     async def commit(self, record: Record, *, tries: int = 1) -> bool:
