@@ -162,7 +162,7 @@ def classify(exc: BaseException, *, stream_started: bool = False) -> CallFailed:
                           api_request_id=headers.get("request-id"))
     if isinstance(exc, anthropic.APIConnectionError):
         cause = exc.__cause__
-        if isinstance(cause, _NOT_SENT_CAUSES) and not stream_started:
+        if isinstance(cause, _NOT_SENT_CAUSES) and not stream_started and not _lost_after_connect(cause):
             return CallFailed(0, "no", error_type="connection_error", message=type(cause).__name__)
         kind = "timeout" if isinstance(exc, anthropic.APITimeoutError) else "connection_error"
         return CallFailed(0, "maybe", error_type=kind, message=type(cause or exc).__name__)
@@ -171,6 +171,22 @@ def classify(exc: BaseException, *, stream_started: bool = False) -> CallFailed:
     # anything else (a malformed answer the SDK could not parse, a bug): the request went out; whether it was
     # billed is unknown
     return CallFailed(0, "maybe", error_type=type(exc).__name__, message=redact(str(exc))[:300])
+
+
+def _lost_after_connect(cause: BaseException) -> bool:
+    """The aiohttp backend reports every ``aiohttp.ClientConnectionError`` as an httpx ``ConnectError``, including
+    a connection the server closed after the request went out (``ServerDisconnectedError``, a reset while
+    reading). Only a failure to connect (``ClientConnectorError``) or a connect timeout proves nothing was sent."""
+    origin = cause.__cause__
+    if origin is None or type(origin).__module__.split(".")[0] != "aiohttp":
+        return False
+    import aiohttp
+
+    not_sent = (aiohttp.ClientConnectorError,)
+    timeout = getattr(aiohttp, "ConnectionTimeoutError", None)
+    if timeout is not None:
+        not_sent += (timeout,)
+    return not isinstance(origin, not_sent)
 
 
 # -- the SDK implementation -----------------------------------------------------------------------------------
@@ -307,5 +323,8 @@ def build_transport(upstream: Any, retry: RetrySettings) -> SdkTransport:
                                       access_token=secret(upstream.access_token), base_url=upstream.base_url,
                                       max_retries=0, timeout=retry.request_timeout_s)
         return SdkTransport(retry, client=client, model_id=upstream.platform_model)
+    http_client = None
+    if retry.http_client == "aiohttp":
+        http_client = anthropic.DefaultAioHttpClient(timeout=retry.request_timeout_s)
     return SdkTransport(retry, api_key=secret(upstream.api_key), base_url=upstream.base_url,
-                        model_id=upstream.platform_model)
+                        model_id=upstream.platform_model, http_client=http_client)
