@@ -5,7 +5,9 @@
 The fake API runs in its own process with no limits and no latency, so the difference is the runtime's own work:
 validation, routing, the ledger reservation and durable record, the limiter grant and reconcile, Ray hops. Calls
 alternate (direct, ours, direct, ...) so both see the same machine noise. Variants of ours: cache bypassed
-(cache=False), and cache on with unique prompts (the miss path: embedding + vector search + single-flight).
+(cache=False), and cache on with unique prompts (the miss path: embedding + vector search + single-flight), each
+through a caller actor (``ray.get(rt.submit(...))``: two Ray hops) and through the driver's own in-process caller
+(``rt.call(...)`` with ``Settings.callers.in_process=True``: no hop).
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ def main() -> None:
         # CPUs on the two cores, or the second replica never schedules and its miss path bypasses the cache
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         try:
-            def settings(fast: bool, tag: str) -> Settings:
+            def settings(fast: bool, tag: str, in_process: bool = False) -> Settings:
                 return Settings(base_url=fake.url, api_key="bench-key",
                                 limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
-                                user_limits=UserLimits(rpm=0, tpm=0), callers={"num_callers": 1},
+                                user_limits=UserLimits(rpm=0, tpm=0),
+                                callers={"num_callers": 1, "in_process": in_process},
                                 limiter={"leases": fast},
                                 ledger={"local_journal": fast, "allow_temporary_path": True},
                                 budgets={"daily_usd": 1_000.0} if args.budget else {},
@@ -53,7 +56,7 @@ def main() -> None:
 
             # today's design (leases and the caller's journal) beside the previous one (every decision and
             # every write a call to the limiter or the ledger), in one run on the same machine noise
-            rt = runtime.start(settings(True, "fast"))
+            rt = runtime.start(settings(True, "fast", in_process=True))
             old = runtime.start(settings(False, "rpc"), name="rpc")
             client = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
 
@@ -67,7 +70,12 @@ def main() -> None:
                 ray.get(rt.submit(req(i, "warm"), cache=False))
                 ray.get(old.submit(req(i, "warm"), cache=False))
                 ray.get(rt.submit(req(i, "warm-cache")))
-            direct, bypass, cached, rpc = [], [], [], []
+                rt.call(req(i, "warm-local"), cache=False)
+                rt.call(req(i, "warm-local-cache"))
+            direct, bypass, cached, rpc, local, local_miss, embed = [], [], [], [], [], [], []
+            # the miss path's own floor, measured beside it: one prompt through the embedding pool (with the token
+            # embeddings the verifier needs), as the cache client asks for it
+            embedder = rt._local.caller._cache.embedder
             for i in range(args.n):
                 t0 = time.perf_counter()
                 client.messages.create(**req(i, "direct"))
@@ -81,6 +89,15 @@ def main() -> None:
                 t0 = time.perf_counter()
                 ray.get(rt.submit(req(i, "cachemiss")))
                 cached.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rt.call(req(i, "local"), cache=False)
+                local.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rt.call(req(i, "localmiss"))
+                local_miss.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                rt._local._submit(embedder.encode([f"embedding probe number {i}"], tokens=True)).result()
+                embed.append(time.perf_counter() - t0)
             lease_stats = ray.get(rt.callers[0].pipeline_stats.remote())
             rt.shutdown()
             old.shutdown()
@@ -94,8 +111,11 @@ def main() -> None:
     t = Table(title=f"per-call latency, {args.n} sequential calls each (ms)")
     for col in ("path", "p50", "p99", "mean", "added p50", "added p99"):
         t.add_column(col, justify="right")
-    for name, vals in (("direct SDK", direct), ("runtime, cache bypassed", bypass),
-                       ("runtime, cache miss path", cached),
+    for name, vals in (("direct SDK", direct),
+                       ("runtime in-process (rt.call), cache bypassed", local),
+                       ("runtime in-process (rt.call), cache miss path", local_miss),
+                       ("runtime via a caller actor (rt.submit), cache bypassed", bypass),
+                       ("runtime via a caller actor (rt.submit), cache miss path", cached),
                        ("previous design (an actor call per decision and write), bypassed", rpc)):
         row = {"p50_ms": ms(vals, 50), "p99_ms": ms(vals, 99), "mean_ms": statistics.mean(vals) * 1000,
                "added_p50_ms": ms(vals, 50) - ms(direct, 50), "added_p99_ms": ms(vals, 99) - ms(direct, 99)}
@@ -103,8 +123,15 @@ def main() -> None:
         t.add_row(name, f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['mean_ms']:.2f}",
                   f"{row['added_p50_ms']:.2f}", f"{row['added_p99_ms']:.2f}")
     console.print(t)
+    emb = {"p50_ms": ms(embed, 50), "p99_ms": ms(embed, 99)}
+    for name in ("runtime in-process (rt.call), cache miss path", "runtime via a caller actor (rt.submit), cache miss path"):
+        rows[name]["added_p50_minus_embedding_ms"] = rows[name]["added_p50_ms"] - emb["p50_ms"]
+    console.print(f"embedding alone (pool, with token embeddings): p50 {emb['p50_ms']:.2f} ms, p99 {emb['p99_ms']:.2f} ms; "
+                  "miss path added p50 less the embedding: in-process "
+                  f"{rows['runtime in-process (rt.call), cache miss path']['added_p50_minus_embedding_ms']:.2f} ms, via an "
+                  f"actor {rows['runtime via a caller actor (rt.submit), cache miss path']['added_p50_minus_embedding_ms']:.2f} ms")
     console.print(f"caller pipeline stats: {lease_stats}")
-    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows})}")
+    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows, 'embedding': emb})}")
 
 
 if __name__ == "__main__":

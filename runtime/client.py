@@ -13,13 +13,16 @@ import time
 from collections import deque
 from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import ray
 
 from runtime.errors import ConfigurationError, InvalidRequest
 from runtime.request import validate
 from runtime.settings import Settings
+
+if TYPE_CHECKING:
+    from runtime.result import Result
 
 NAMESPACE = "claude_runtime"
 CALLER_PREFIX = "caller-"
@@ -59,7 +62,8 @@ def _since_ts(since: float | str | datetime | None) -> float | None:
 
 class Runtime:
     def __init__(self, settings: Settings, callers: list, limiter, ledger, cache=None, fake_api=None,
-                 namespace: str = NAMESPACE, pool=None, placement_group=None, _fresh: bool = True) -> None:
+                 namespace: str = NAMESPACE, pool=None, placement_group=None, _fresh: bool = True,
+                 local=None) -> None:
         if not callers:
             raise ConfigurationError("a runtime needs at least one caller actor")
         # the handle travels to tasks and actors: it keeps the secrets only in the process that has them
@@ -77,6 +81,8 @@ class Runtime:
         self._members_at = time.monotonic() if _fresh else float("-inf")
         self._members_ref = None
         self._rr = itertools.count()
+        # actors/inprocess.py: this process's own caller (Settings.callers.in_process), never pickled
+        self._local = local
 
     @property
     def embedders(self) -> list:
@@ -140,6 +146,30 @@ class Runtime:
         """``submit`` for a request already through ``runtime.request.validate`` (the front door validates
         first, to size a key's budget reservation, and need not do it twice)."""
         return self._pick().handle.remote(req)
+
+    def call(self, request: dict[str, Any], *, timeout: float | None = None, **kwargs: Any) -> Result:
+        """Send one request and wait for its ``Result``; same keyword arguments as ``submit``. Failures are
+        raised as the typed errors themselves. In the process that started the runtime with
+        ``Settings.callers.in_process=True`` the pipeline runs here, with no Ray hop; elsewhere this is
+        ``ray.get(rt.submit(...))``."""
+        req = validate(request, self.settings, **kwargs)
+        if self._local is not None:
+            return self._local.call(req, timeout)
+        ref = self.submit_validated(req)
+        try:
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.RayTaskError as exc:
+            raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
+
+    async def acall(self, request: dict[str, Any], **kwargs: Any) -> Result:
+        """``call``'s async twin: ``result = await rt.acall(request)``."""
+        req = validate(request, self.settings, **kwargs)
+        if self._local is not None:
+            return await self._local.acall(req)
+        try:
+            return await self.submit_validated(req)
+        except ray.exceptions.RayTaskError as exc:
+            raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
 
     def stream(self, request: dict[str, Any], **kwargs: Any) -> Iterator[dict[str, Any]]:
         """The answer as the API's stream events (``message_start``, ``content_block_delta``, ...,
@@ -393,6 +423,8 @@ class Runtime:
     def flush(self) -> None:
         """Everything the callers journaled so far is in the ledger when this returns (the ledger's readers
         below call it first, so a result's row is there once the result is)."""
+        if self._local is not None:
+            self._local.flush()
         callers = self._callers
         if self.pool is not None:
             try:  # draining callers too: they may still hold journaled records
@@ -472,6 +504,12 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Stop every actor of this runtime (they are detached: they outlive drivers until this is called)."""
+        if self._local is not None:
+            from actors.inprocess import forget
+
+            self._local.close()
+            forget(self.namespace)
+            self._local = None
         if self.fake_api is not None:
             try:
                 ray.get(self.fake_api.stop.remote(), timeout=10)
@@ -507,6 +545,8 @@ def namespace_for(name: str) -> str:
 
 def _settings_diff(running: Settings, wanted: Settings) -> list[str]:
     a, b = running.model_dump(mode="json"), wanted.model_dump(mode="json")
+    for d in (a, b):  # whether a driver runs a caller of its own is that driver's choice, not the runtime's
+        d.get("callers", {}).pop("in_process", None)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
@@ -631,7 +671,12 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
         # a lower ceiling drains the callers above it (they finish what they hold first)
         ray.get(pool.configure.remote(public))
     ray.get(pool.adopt.remote(names))
-    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace, pool, group)
+    local = None
+    if settings.callers.in_process:
+        from actors.inprocess import local_caller
+
+        local = local_caller(namespace, public, ups, limiter, ledger, cache, reconfigure=bool(running and reconfigure))
+    return Runtime(settings, callers, limiter, ledger, cache, fake, namespace, pool, group, local=local)
 
 
 def _running_callers(namespace: str) -> list:

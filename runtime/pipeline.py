@@ -616,7 +616,11 @@ class Pipeline:
                 log.warning("observer %s failed", event, exc_info=True)
 
     def _observed(self, req: NormalizedRequest, result: Result) -> Result:
-        self._observe("on_result", req, result)
+        # metrics and the log line are not the caller's business: they run once the result has gone back
+        try:
+            asyncio.get_running_loop().call_soon(self._observe, "on_result", req, result)
+        except RuntimeError:  # no loop running (never on the pipeline's paths): observe now
+            self._observe("on_result", req, result)
         return result
 
     def _observed_error(self, req: NormalizedRequest, exc: BaseException, t0: float) -> BaseException:
