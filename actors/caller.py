@@ -102,7 +102,8 @@ class CallerActor:
         if self._journal is not None:
             budgeted = settings.budgets.configured
             ledger_port = LocalLedgerClient(self._ledger, self._journal, owner=f"{self._name}|{self._life}",
-                                            budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s)
+                                            budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s,
+                                            drain_interval_s=settings.ledger.journal_drain_s)
         else:
             ledger_port = LedgerClient(self._ledger)
         self._ports = ports = Ports(

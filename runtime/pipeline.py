@@ -68,6 +68,7 @@ from runtime.upstreams import pick
 from runtime.usage import Usage
 
 log = logging.getLogger("claude_runtime.pipeline")
+_OBSERVE_AFTER_S = 0.002
 
 
 # -- ports ------------------------------------------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Pipeline:
         self.clock = clock
         self.wall = wall
         self.sleep = sleep
+        self.observe_after_s = _OBSERVE_AFTER_S
         self.stats = {"requests": 0, "hits": 0, "calls": 0, "count_tokens": 0, "unreconciled": 0,
                       "reservation_exceeded": 0, "prompt_cache_placed": 0}
         self.prefixes: PrefixPort = ports.prefixes or LocalPrefixes(settings)
@@ -616,9 +618,14 @@ class Pipeline:
                 log.warning("observer %s failed", event, exc_info=True)
 
     def _observed(self, req: NormalizedRequest, result: Result) -> Result:
-        # metrics and the log line are not the caller's business: they run once the result has gone back
+        # metrics and the log line are not the caller's business: they run just after the result has gone back
+        # (a moment later, not next on the loop: the thread waiting for this result needs the GIL first)
         try:
-            asyncio.get_running_loop().call_soon(self._observe, "on_result", req, result)
+            loop = asyncio.get_running_loop()
+            if self.observe_after_s > 0:
+                loop.call_later(self.observe_after_s, self._observe, "on_result", req, result)
+            else:
+                loop.call_soon(self._observe, "on_result", req, result)
         except RuntimeError:  # no loop running (never on the pipeline's paths): observe now
             self._observe("on_result", req, result)
         return result

@@ -11,7 +11,21 @@ from actors.metrics import REQUEST_LOG, RequestObserver
 from runtime.errors import OverloadedAfterFallback
 from runtime.observe import error_line, fallbacks, result_line
 from runtime.settings import Settings
-from tests.unit.test_pipeline import HAIKU, OPUS, SONNET, Admission, fail, make, req, run
+from tests.unit.test_pipeline import HAIKU, OPUS, SONNET, Admission, fail, make, req
+
+# observers run just after the result goes back (Pipeline.observe_after_s); here on the next turn of the loop
+
+
+def run(p, r):
+    p.observe_after_s = 0.0
+
+    async def go():
+        try:
+            return await p.run(r)
+        finally:
+            await asyncio.sleep(0)  # one turn of the loop: the observation scheduled with the result runs
+
+    return asyncio.run(go())
 
 SECRET_PROMPT = "the launch code is 0000-SECRET-PROMPT"
 
@@ -98,8 +112,12 @@ def test_a_stream_is_observed_when_it_ends():
     p, ports, _ = observed()
     r = req(streaming=True)
 
+    p.observe_after_s = 0.0
+
     async def consume():
-        return [e async for e in p.stream(r)]
+        events = [e async for e in p.stream(r)]
+        await asyncio.sleep(0)
+        return events
 
     events = asyncio.run(consume())
     assert events and ports.observer.events[-1][0:2] == ("result", r.request_id)
