@@ -188,6 +188,12 @@ class InProcessCaller:
                     await asyncio.wait_for(admission.refresh(close=True), timeout=5)
                 except Exception:  # noqa: BLE001 - the limiter reclaims them at expiry
                     pass
+            if hasattr(self, "caller"):
+                for t in self.caller.pipeline.ports.transports.values():
+                    try:  # an aiohttp session is closed on its own loop, or it warns at exit
+                        await t.client.close()
+                    except Exception:  # noqa: BLE001
+                        pass
             me = asyncio.current_task()
             tasks = [t for t in asyncio.all_tasks() if t is not me]
             for t in tasks:
