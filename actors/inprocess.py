@@ -124,8 +124,11 @@ class InProcessCaller:
     def _submit(self, coro: Any) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def call(self, req: NormalizedRequest, timeout: float | None = None) -> Result:
-        return self._submit(self.caller.handle(req)).result(timeout)
+    def call(self, req: NormalizedRequest) -> Result:
+        if threading.current_thread() is self._thread:
+            # blocking the loop that would run it can only hang
+            raise RuntimeError("rt.call() from the runtime's own event loop: use `await rt.acall(...)`")
+        return self._submit(self.caller.handle(req)).result()
 
     async def acall(self, req: NormalizedRequest) -> Result:
         fut = self._submit(self.caller.handle(req))

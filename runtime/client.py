@@ -147,17 +147,17 @@ class Runtime:
         first, to size a key's budget reservation, and need not do it twice)."""
         return self._pick().handle.remote(req)
 
-    def call(self, request: dict[str, Any], *, timeout: float | None = None, **kwargs: Any) -> Result:
-        """Send one request and wait for its ``Result``; same keyword arguments as ``submit``. Failures are
-        raised as the typed errors themselves. In the process that started the runtime with
-        ``Settings.callers.in_process=True`` the pipeline runs here, with no Ray hop; elsewhere this is
-        ``ray.get(rt.submit(...))``."""
+    def call(self, request: dict[str, Any], **kwargs: Any) -> Result:
+        """Send one request and wait for its ``Result``; same keyword arguments as ``submit`` (``deadline_s``
+        bounds the wait). Failures are raised as the typed errors themselves. In the process that started the
+        runtime with ``Settings.callers.in_process=True`` the pipeline runs here, with no Ray hop; elsewhere this
+        is ``ray.get(rt.submit(...))``."""
         req = validate(request, self.settings, **kwargs)
         if self._local is not None:
-            return self._local.call(req, timeout)
+            return self._local.call(req)
         ref = self.submit_validated(req)
         try:
-            return ray.get(ref, timeout=timeout)
+            return ray.get(ref)
         except ray.exceptions.RayTaskError as exc:
             raise (exc.cause if getattr(exc, "cause", None) is not None else exc) from None
 
