@@ -8,12 +8,14 @@ category by category and names the first one in which they disagree:
 ============  =====================================================================================
 negation      how many negations
 quoted        quoted strings, compared verbatim
-how much      numbers, units, currencies, ranges, superlatives, quantifiers (one item vs all of them)
+how much      numbers (and Roman numerals after a name: "World War II"), units, currencies, ranges,
+              superlatives, quantifiers (one item vs all of them)
 who           age groups, pregnancy, species, gender, roles, year of study, organisation size
 when          relative days and periods, eras, weekdays, months, seasons, versions ("python3", "es6")
 where         countries, cities, regions (a place agrees with the places it lies in and that lie in it)
 which way     opposite actions and directions, word order across a relation word, to/from a shared word, a
-              word against its negated form ("mute" / "unmute", "diabetic" / "non-diabetic"), the same
+              word against its negated or opposite-prefixed form ("mute" / "unmute", "diabetic" / "non-diabetic",
+              "overvalued" / "undervalued"), the same
               alternatives with another one chosen ("before or after? Before?" / "... After?")
 modality      can / should / must / is it legal / is it safe
 object        language, library, tool, product, file format, natural language, medication, colour; a
@@ -71,12 +73,34 @@ _SENT_END = re.compile(r"[.!?:;]\s*$")
 _FREE_OF = re.compile(r"[A-Za-z]-free\b", re.IGNORECASE)  # "gluten-free": a negation ("without gluten")
 _VERSIONED = re.compile(r"^[a-z]+\d+[a-z0-9]*$")  # python3, es6, ipv6, mp4, h264, q3, v2
 _DIGITS = re.compile(r"^\d+(?:[.,]\d+)*(?:st|nd|rd|th)?$")
-_HYPHEN = re.compile(r"\s*-\s*")
+_ROMAN = re.compile(r"^(?=[IVX])X{0,3}(?:IX|IV|V?I{0,3})$")
+_ROMAN_VALUE = {"I": 1, "V": 5, "X": 10}
+_CLAUSE_END = re.compile(r"[.,;:!?)]")
+
+
+def _roman(orig: list[str], words: list[str], i: int, function: frozenset[str], clause_end: bool) -> str | None:
+    """A Roman numeral that numbers the capitalised name in front of it ("World War II", "Henry VIII", "Part
+    IV"), as a number ("2", so "World War 2" agrees): another numeral is another war, monarch or sequel. Only
+    after a capitalised word that is neither a function word ("Should I" is the pronoun) nor the prompt's first;
+    a lone letter ("I", "V", "X") only where its clause ends ("World War I?"): "Steve I have seen" is a pronoun
+    after a name (STS-B train)."""
+    tok = orig[i]
+    if i < 2 or not tok.isupper() or not _ROMAN.match(tok) or not orig[i - 1][:1].isupper() \
+            or words[i - 1] in function or (len(tok) == 1 and not clause_end):
+        return None
+    total, top = 0, 0
+    for ch in reversed(tok):
+        v = _ROMAN_VALUE[ch]
+        if v < top:
+            total -= v
+        else:
+            total, top = total + v, v
+    return f"{total:g}"
 
 
 def _join_prefixes(text: str) -> str:
-    """"non-diabetic" -> "nondiabetic": a hyphenated negating prefix (negation.txt [negating prefixes]) stays on
-    its word, so the word reads as the opposite of the bare one (``_prefixed_opposite``) and not as the same word
+    """"non-diabetic" -> "nondiabetic": a hyphenated negating or opposite prefix (negation.txt [negating
+    prefixes], which_way.txt [opposite prefixes]) stays on its word, so the word reads as the opposite of the bare one (``_prefixed_opposite``) and not as the same word
     after a stray "non"; "non-profit" and "nonprofit" become one spelling."""
     pattern = _lexicon().prefix_pattern
     return pattern.sub(r"\1", text) if "-" in text else text
@@ -143,17 +167,22 @@ class _Rewrites:
         return self.pattern.sub(lambda m: self.table[m.group(0).lower()], text)
 
 
-def _list_section(text: str, name: str) -> frozenset[str]:
-    """The words of one ``[name] list`` section of a vocabulary file."""
-    words: set[str] = set()
+def _section_lines(text: str, name: str) -> list[str]:
+    """The lines of one ``[name]`` section of a vocabulary file, comments dropped."""
+    lines: list[str] = []
     inside = False
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
         if line.startswith("["):
-            inside = re.fullmatch(r"\[([^\]]+)\]\s*list", line) is not None and line[1:].startswith(name + "]")
+            inside = line[1:].startswith(name + "]")
         elif inside and line:
-            words |= {w.strip().lower() for w in line.split(",") if w.strip()}
-    return frozenset(words)
+            lines.append(line)
+    return lines
+
+
+def _list_section(text: str, name: str) -> frozenset[str]:
+    """The words of one ``[name] list`` section of a vocabulary file."""
+    return frozenset(w.strip().lower() for line in _section_lines(text, name) for w in line.split(",") if w.strip())
 
 
 @lru_cache(maxsize=1)
@@ -180,7 +209,10 @@ def _lexicon() -> _Lexicon:
         return forms.split(",")[0].strip().lstrip("=").lower()
 
     # the negating prefixes are read first: every form below is matched with them joined (see _join_prefixes)
-    prefixes = sorted(_list_section(_data("negation.txt"), "negating prefixes"), key=len, reverse=True)
+    prefixes = sorted(_list_section(_data("negation.txt"), "negating prefixes")
+                      | {line.split("=")[0].strip().lower() for line in _section_lines(_data("which_way.txt"),
+                                                                                         "opposite prefixes")},
+                      key=len, reverse=True)
     if prefixes:
         lex.prefix_pattern = re.compile(rf"(?<![A-Za-z0-9])({'|'.join(map(re.escape, prefixes))})-(?=[A-Za-z])",
                                         re.IGNORECASE)
@@ -315,8 +347,12 @@ def _analyse(text: str) -> _Text:
         i += n
     negations += len(_FREE_OF.findall(text))
     number_words = lex.maps.get("number words", {})
+    function = lex.lists.get("function words", frozenset())
     numbers = sorted([_number(w) for w in words if _DIGITS.match(w)]
-                     + [number_words[w] for w in words if w in number_words])
+                     + [number_words[w] for w in words if w in number_words]
+                     + [r for r in (_roman(orig, words, i, function, i + 1 == len(spans) or bool(
+                         _CLAUSE_END.search(rewritten[spans[i].end():spans[i + 1].start()])))
+                         for i in range(len(orig))) if r])
     versions = frozenset(w for w in words if _VERSIONED.match(w))
     quoted = tuple(sorted(_norm_ws(next(g for g in m.groups() if g is not None)) for m in _QUOTED.finditer(text)))
     joined = tuple(i > 0 and rewritten[spans[i - 1].end():spans[i].start()] == "-" for i in range(len(spans)))
@@ -446,13 +482,19 @@ def _prefixed_opposite(q: _Text, c: _Text) -> str | None:
     """A word on one side whose negated form is on the other ("mute" / "unmute", "like" / "dislike"): the
     lists cannot name every such pair."""
     qs, cs = set(q.words), set(c.words)
-    prefixes = _lexicon().lists.get("negating prefixes", frozenset())
+    lex = _lexicon()
+    prefixes = lex.lists.get("negating prefixes", frozenset())
+    opposite = lex.maps.get("opposite prefixes", {})
     for a, b in ((qs, cs), (cs, qs)):
         for w in a - b:
             for p in prefixes:
                 base = w[len(p):]
                 if w.startswith(p) and len(base) >= 3 and base in b and base not in a and w not in b:
                     return f"{base} vs {w}"
+            for p, other in opposite.items():  # "overvalued" / "undervalued"
+                base = w[len(p):]
+                if w.startswith(p) and len(base) >= 3 and other + base in b and other + base not in a:
+                    return f"{w} vs {other + base}"
     return None
 
 

@@ -127,3 +127,35 @@ def test_variety_rule_compares_only_whole_modifiers():
     # a modifier partly shared ("flat road" / "flat mountain") is left to the verifier: on STS-B train, reading
     # such spans as modifiers vetoed subject + verb phrases ("a dog jumps over" / "a dog leaping over")
     assert cg.check("A dog jumps over a fence.", "A dog leaping over a fence.") is None
+
+
+# -- found under the v2 verifier on seen sets (the test half, the older 84 pairs), fixed by category ------------
+
+@pytest.mark.parametrize("q,c", [
+    ("Is the pound overvalued against the dollar?", "Is the pound undervalued against the dollar?"),
+    ("How do I calculate pre-tax income?", "How do I calculate post-tax income?"),
+    ("How do I upvote a post on Reddit?", "How do I downvote a post on Reddit?"),
+    ("What are the symptoms of hyperthyroidism?", "What are the symptoms of hypothyroidism?"),
+])
+def test_opposite_prefixes(q, c):
+    assert all(_vetoed(q, c)), (q, c)
+
+
+@pytest.mark.parametrize("q,c", [
+    ("Summarise the reign of Henry VIII", "Summarise the reign of Henry VII"),
+    ("Who was Elizabeth I?", "Who was Elizabeth II?"),
+    ("What happened in Rocky III", "What happened in Rocky IV"),
+])
+def test_roman_numerals_number_what_they_follow(q, c):
+    vetoes = _vetoed(q, c)
+    assert all(v is not None and v.category == "how much" for v in vetoes), vetoes
+
+
+@pytest.mark.parametrize("q,c", [
+    ("What were the causes of World War II?", "What were the causes of World War 2?"),  # one numeral, two spellings
+    ("Should I learn Python or Java first?", "Which should I learn first, Python or Java?"),  # "I", the pronoun
+    ("Steve I have seen the film twice.", "I have seen the film twice."),  # a pronoun after a name
+])
+def test_roman_numerals_leave_pronouns_and_equal_numbers_alone(q, c):
+    veto = cg.check(q, c)
+    assert veto is None or veto.category != "how much", veto
