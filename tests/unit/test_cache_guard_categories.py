@@ -159,3 +159,17 @@ def test_roman_numerals_number_what_they_follow(q, c):
 def test_roman_numerals_leave_pronouns_and_equal_numbers_alone(q, c):
     veto = cg.check(q, c)
     assert veto is None or veto.category != "how much", veto
+
+
+@pytest.mark.parametrize("q,c", [
+    ("What's a realistic grocery budget for a couple?", "What's a realistic grocery budget for a family?"),
+    ("Which phone plan suits a single person?", "Which phone plan suits a family?"),
+])
+def test_household_differs(q, c):
+    vetoes = _vetoed(q, c)
+    assert all(v is not None and v.category == "who" for v in vetoes), vetoes
+
+
+def test_same_household_passes():
+    assert cg.check("What's a good car for a family with kids?", "Which car is good for a family with children?") \
+        is None
