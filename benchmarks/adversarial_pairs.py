@@ -12,8 +12,9 @@ Written for this project; not taken from a data set. Each entry: (query, cached 
 
 ``load_pairs`` reads the larger set in benchmarks/data/cache_pairs.tsv: near misses by category (who, when,
 where, which way, how much, modality, object, negation) and paraphrases written as prompts to an assistant, each
-in a fixed tune or test half; and benchmarks/data/cache_pairs_holdout.tsv, a fresh set written once the guard
-and verifier were final and never used to tune them.
+in a fixed tune or test half; benchmarks/data/cache_pairs_holdout.tsv, a fresh set written once the guard
+and verifier were final (its misses were then read and fixed by category, so it is seen now); and
+cache_pairs_holdout2.tsv, written before those fixes and never used to tune anything.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from typing import NamedTuple
 
 PAIRS_FILE = Path(__file__).resolve().parent / "data" / "cache_pairs.tsv"
 HOLDOUT_FILE = Path(__file__).resolve().parent / "data" / "cache_pairs_holdout.tsv"
+HOLDOUT2_FILE = Path(__file__).resolve().parent / "data" / "cache_pairs_holdout2.tsv"
+_FILES = {"holdout": HOLDOUT_FILE, "holdout2": HOLDOUT2_FILE}
 
 
 class Pair(NamedTuple):
     query: str
     cached: str
     category: str  # "paraphrase" for the same question, else the kind of near miss
-    split: str  # "tune" | "test" | "holdout"
+    split: str  # "tune" | "test" | "holdout" | "holdout2"
 
     @property
     def same(self) -> bool:
@@ -38,10 +41,10 @@ class Pair(NamedTuple):
 
 
 def load_pairs(split: str | None = None) -> list[Pair]:
-    """The pairs of one half ("tune" or "test"), the fresh "holdout" set, or (None) tune and test."""
-    if split not in (None, "tune", "test", "holdout"):
-        raise ValueError(f"split must be 'tune', 'test' or 'holdout', not {split!r}")
-    with open(HOLDOUT_FILE if split == "holdout" else PAIRS_FILE, newline="", encoding="utf-8") as f:
+    """The pairs of one half ("tune" or "test"), a fresh set ("holdout", "holdout2"), or (None) tune and test."""
+    if split not in (None, "tune", "test", "holdout", "holdout2"):
+        raise ValueError(f"split must be 'tune', 'test', 'holdout' or 'holdout2', not {split!r}")
+    with open(_FILES.get(split or "", PAIRS_FILE), newline="", encoding="utf-8") as f:
         lines = [line for line in f if not line.startswith("#")]
     rows = [Pair(r["query"], r["cached"], r["category"], r["split"])
             for r in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]

@@ -8,13 +8,18 @@ category by category and names the first one in which they disagree:
 ============  =====================================================================================
 negation      how many negations
 quoted        quoted strings, compared verbatim
-how much      numbers, units, currencies, ranges, superlatives, quantifiers
-who           age groups, pregnancy, species, gender, roles, organisation size
+how much      numbers (and Roman numerals after a name: "World War II"), units, currencies, ranges,
+              superlatives, quantifiers (one item vs all of them)
+who           age groups, pregnancy, species, gender, roles, year of study, organisation size
 when          relative days and periods, eras, weekdays, months, seasons, versions ("python3", "es6")
 where         countries, cities, regions (a place agrees with the places it lies in and that lie in it)
-which way     opposite actions and directions, word order across a relation word, to/from a shared word
+which way     opposite actions and directions, word order across a relation word, to/from a shared word, a
+              word against its negated or opposite-prefixed form ("mute" / "unmute", "diabetic" / "non-diabetic",
+              "overvalued" / "undervalued"), the same
+              alternatives with another one chosen ("before or after? Before?" / "... After?")
 modality      can / should / must / is it legal / is it safe
-object        language, library, tool, product, file format, natural language, medication, colour
+object        language, library, tool, product, file format, natural language, medication, colour; a
+              modifier picking another variety of the same head noun ("green tea" / "black tea")
 names         capitalised names, when each side has one the other lacks
 ============  =====================================================================================
 
@@ -68,6 +73,37 @@ _SENT_END = re.compile(r"[.!?:;]\s*$")
 _FREE_OF = re.compile(r"[A-Za-z]-free\b", re.IGNORECASE)  # "gluten-free": a negation ("without gluten")
 _VERSIONED = re.compile(r"^[a-z]+\d+[a-z0-9]*$")  # python3, es6, ipv6, mp4, h264, q3, v2
 _DIGITS = re.compile(r"^\d+(?:[.,]\d+)*(?:st|nd|rd|th)?$")
+_ROMAN = re.compile(r"^(?=[IVX])X{0,3}(?:IX|IV|V?I{0,3})$")
+_ROMAN_VALUE = {"I": 1, "V": 5, "X": 10}
+_CLAUSE_END = re.compile(r"[.,;:!?)]")
+
+
+def _roman(orig: list[str], words: list[str], i: int, function: frozenset[str], clause_end: bool) -> str | None:
+    """A Roman numeral that numbers the capitalised name in front of it ("World War II", "Henry VIII", "Part
+    IV"), as a number ("2", so "World War 2" agrees): another numeral is another war, monarch or sequel. Only
+    after a capitalised word that is neither a function word ("Should I" is the pronoun) nor the prompt's first;
+    a lone letter ("I", "V", "X") only where its clause ends ("World War I?"): "Steve I have seen" is a pronoun
+    after a name (STS-B train)."""
+    tok = orig[i]
+    if i < 2 or not tok.isupper() or not _ROMAN.match(tok) or not orig[i - 1][:1].isupper() \
+            or words[i - 1] in function or (len(tok) == 1 and not clause_end):
+        return None
+    total, top = 0, 0
+    for ch in reversed(tok):
+        v = _ROMAN_VALUE[ch]
+        if v < top:
+            total -= v
+        else:
+            total, top = total + v, v
+    return f"{total:g}"
+
+
+def _join_prefixes(text: str) -> str:
+    """"non-diabetic" -> "nondiabetic": a hyphenated negating or opposite prefix (negation.txt [negating
+    prefixes], which_way.txt [opposite prefixes]) stays on its word, so the word reads as the opposite of the bare one (``_prefixed_opposite``) and not as the same word
+    after a stray "non"; "non-profit" and "nonprofit" become one spelling."""
+    pattern = _lexicon().prefix_pattern
+    return pattern.sub(r"\1", text) if "-" in text else text
 
 
 @dataclass
@@ -92,6 +128,7 @@ class _Lexicon:
     maps: dict[str, dict[str, str]]
     lists: dict[str, frozenset[str]]
     rewrites: _Rewrites
+    prefix_pattern: re.Pattern[str] = re.compile(r"(?!x)x")
 
 
 def _words(text: str) -> list[str]:
@@ -130,6 +167,24 @@ class _Rewrites:
         return self.pattern.sub(lambda m: self.table[m.group(0).lower()], text)
 
 
+def _section_lines(text: str, name: str) -> list[str]:
+    """The lines of one ``[name]`` section of a vocabulary file, comments dropped."""
+    lines: list[str] = []
+    inside = False
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line.startswith("["):
+            inside = line[1:].startswith(name + "]")
+        elif inside and line:
+            lines.append(line)
+    return lines
+
+
+def _list_section(text: str, name: str) -> frozenset[str]:
+    """The words of one ``[name] list`` section of a vocabulary file."""
+    return frozenset(w.strip().lower() for line in _section_lines(text, name) for w in line.split(",") if w.strip())
+
+
 @lru_cache(maxsize=1)
 def _lexicon() -> _Lexicon:
     lex = _Lexicon({}, {}, 1, set(), [], [], {}, {}, {}, _Rewrites(_data("rewrites.txt")))
@@ -140,6 +195,8 @@ def _lexicon() -> _Lexicon:
         exact = form.startswith("=") or any(ch.isupper() for ch in form)
         form = form.lstrip("=")
         form = lex.rewrites(form)
+        if "-" in form:
+            form = lex.prefix_pattern.sub(r"\1", form)
         words = tuple(w if exact else _fold(w) for w in _words(form))
         if not words:
             return
@@ -151,6 +208,14 @@ def _lexicon() -> _Lexicon:
     def canon(forms: str) -> str:
         return forms.split(",")[0].strip().lstrip("=").lower()
 
+    # the negating prefixes are read first: every form below is matched with them joined (see _join_prefixes)
+    prefixes = sorted(_list_section(_data("negation.txt"), "negating prefixes")
+                      | {line.split("=")[0].strip().lower() for line in _section_lines(_data("which_way.txt"),
+                                                                                         "opposite prefixes")},
+                      key=len, reverse=True)
+    if prefixes:
+        lex.prefix_pattern = re.compile(rf"(?<![A-Za-z0-9])({'|'.join(map(re.escape, prefixes))})-(?=[A-Za-z])",
+                                        re.IGNORECASE)
     for fname, category in _FILES.items():
         section, rule, shared = "", "", -1
         for raw in _data(fname).splitlines():
@@ -217,6 +282,7 @@ class _Text:
     words: list[str]  # folded (lower-case) words, in order
     orig: tuple[str, ...]  # the same words as written
     classes: dict[int, frozenset[int]]  # group index -> classes named
+    mentions: dict[int, tuple[int, ...]]  # group index -> how often each named class is named, by class
     negations: int
     places: frozenset[int]
     numbers: tuple[str, ...]
@@ -224,6 +290,7 @@ class _Text:
     quoted: tuple[str, ...]
     names: frozenset[str]
     claimed: dict[int, frozenset[str]]  # word position -> the categories that claimed it
+    joined: tuple[bool, ...]  # word position -> written with a hyphen to the word before ("round-trip")
 
 
 def _number(tok: str) -> str:
@@ -239,11 +306,12 @@ def _number(tok: str) -> str:
 @lru_cache(maxsize=8192)
 def _analyse(text: str) -> _Text:
     lex = _lexicon()
-    rewritten = lex.rewrites(text)
+    rewritten = _join_prefixes(lex.rewrites(text))
     spans = list(_WORD.finditer(rewritten))
     orig = [m.group(0) for m in spans]
     words = [_fold(w) for w in orig]
     classes: dict[int, set[int]] = {}
+    mentions: dict[tuple[int, int], int] = {}
     places: set[int] = set()
     claimed: dict[int, frozenset[str]] = {}
     negations = 0
@@ -272,18 +340,26 @@ def _analyse(text: str) -> _Text:
                 kinds.add("where")
             elif gi >= 0:
                 classes.setdefault(gi, set()).add(ci)
+                mentions[(gi, ci)] = mentions.get((gi, ci), 0) + 1
                 kinds.add(lex.groups[gi].category)
         for j in range(i, i + n):
             claimed[j] = frozenset(kinds)
         i += n
     negations += len(_FREE_OF.findall(text))
     number_words = lex.maps.get("number words", {})
+    function = lex.lists.get("function words", frozenset())
     numbers = sorted([_number(w) for w in words if _DIGITS.match(w)]
-                     + [number_words[w] for w in words if w in number_words])
+                     + [number_words[w] for w in words if w in number_words]
+                     + [r for r in (_roman(orig, words, i, function, i + 1 == len(spans) or bool(
+                         _CLAUSE_END.search(rewritten[spans[i].end():spans[i + 1].start()])))
+                         for i in range(len(orig))) if r])
     versions = frozenset(w for w in words if _VERSIONED.match(w))
     quoted = tuple(sorted(_norm_ws(next(g for g in m.groups() if g is not None)) for m in _QUOTED.finditer(text)))
-    return _Text(words, tuple(orig), {g: frozenset(c) for g, c in classes.items()}, negations, frozenset(places),
-                 tuple(numbers), versions, quoted, _names(rewritten, spans, words, claimed), claimed)
+    joined = tuple(i > 0 and rewritten[spans[i - 1].end():spans[i].start()] == "-" for i in range(len(spans)))
+    return _Text(words, tuple(orig), {g: frozenset(c) for g, c in classes.items()},
+                 {g: tuple(mentions[(g, ci)] for ci in sorted(c)) for g, c in classes.items()}, negations,
+                 frozenset(places), tuple(numbers), versions, quoted, _names(rewritten, spans, words, claimed),
+                 claimed, joined)
 
 
 def _names(text: str, spans: list[re.Match[str]], words: list[str], claimed: dict[int, frozenset[str]]
@@ -345,9 +421,13 @@ def _classes(q: _Text, c: _Text) -> Veto | None:
     lex = _lexicon()
     for gi in sorted(set(q.classes) | set(c.classes)):
         qs, cs = q.classes.get(gi, frozenset()), c.classes.get(gi, frozenset())
-        if qs == cs:
-            continue
         g = lex.groups[gi]
+        if qs == cs:
+            # both name the same alternatives but lean on different ones: "before or after a workout? Before?"
+            # against "... After?". One class named more or less often says nothing ("a car ... the car").
+            if len(qs) >= 2 and q.mentions[gi] != c.mentions[gi]:
+                return Veto(g.category, f"{g.section}: the same alternatives, a different one chosen")
+            continue
 
         def names(s: frozenset[int]) -> str:
             return "/".join(sorted(g.classes[i] for i in s)) or "-"
@@ -398,19 +478,97 @@ def _direction(q: _Text, c: _Text) -> str | None:
 _ENTITY_KINDS = frozenset({"names", "object", "where"})  # proper nouns, whichever list knows them
 
 
-_NEGATING_PREFIXES = ("un", "dis", "non")
-
-
 def _prefixed_opposite(q: _Text, c: _Text) -> str | None:
     """A word on one side whose negated form is on the other ("mute" / "unmute", "like" / "dislike"): the
     lists cannot name every such pair."""
     qs, cs = set(q.words), set(c.words)
+    lex = _lexicon()
+    prefixes = lex.lists.get("negating prefixes", frozenset())
+    opposite = lex.maps.get("opposite prefixes", {})
     for a, b in ((qs, cs), (cs, qs)):
         for w in a - b:
-            for p in _NEGATING_PREFIXES:
+            for p in prefixes:
                 base = w[len(p):]
                 if w.startswith(p) and len(base) >= 3 and base in b and base not in a and w not in b:
                     return f"{base} vs {w}"
+            for p, other in opposite.items():  # "overvalued" / "undervalued"
+                base = w[len(p):]
+                if w.startswith(p) and len(base) >= 3 and other + base in b and other + base not in a:
+                    return f"{w} vs {other + base}"
+    return None
+
+
+_MAX_MODIFIER = 2
+
+
+def _modifier(t: _Text, i: int) -> tuple[str, ...] | None:
+    """The one or two words in front of word ``i`` when they modify it: opened by a determiner or preposition
+    and neither function words nor words that only praise or grade (object.txt). A hyphenated compound
+    ("round-trip", "first-year") counts as one word. Not the prompt's start: a headline's subject stands there
+    in front of its verb ("Syria rebels leave" / "Syrian rebels retreat"). Places and names are left to the
+    checks that know them (a country and its adjective agree there)."""
+    lex = _lexicon()
+    function = lex.lists.get("function words", frozenset())
+    openers = lex.lists.get("modifier openers", frozenset())
+    soft = lex.lists.get("evaluative modifiers", frozenset())
+    j, n = i - 1, 0
+    while t.words[j] not in openers:
+        if j == 0 or t.words[j] in function or not t.words[j][:1].isalpha() or t.words[j] in t.names \
+                or "where" in t.claimed.get(j, ()):
+            return None
+        if not t.joined[j + 1]:
+            n += 1  # a hyphenated compound is one modifier
+        j -= 1
+        if n > _MAX_MODIFIER:
+            return None
+    mod = tuple(w for w in t.words[j + 1:i] if w not in soft)
+    return mod or None
+
+
+def _variant(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Two spellings or forms of one modifier rather than two modifiers: "grey" / "gray", "chipmaker" / "chip
+    maker", "terrorism" / "terror", "camouflage" / "camouflaged" (one edit, or a shared start of 4 letters)."""
+    if "".join(a) == "".join(b):
+        return True
+    lex = _lexicon()
+    for x in a:  # one class of a vocabulary group ("final" / "last"): the vocabulary already says they agree
+        for y in b:
+            tx, ty = lex.phrases.get((x,), []), lex.phrases.get((y,), [])
+            if any(gi >= 0 and (gi, ci) in ty for gi, ci in tx):
+                return True
+    for x in a:
+        for y in b:
+            if x[:4] == y[:4] and min(len(x), len(y)) >= 4:
+                return True
+            if len(x) == len(y) and sum(p != r for p, r in zip(x, y)) <= 1:
+                return True
+    return False
+
+
+def _variety(q: _Text, c: _Text) -> str | None:
+    """The same head word with a different modifier on each side: "a cup of green tea" / "a cup of black tea",
+    "a suede jacket" / "a leather jacket". Each side's modifier must be absent from the other prompt (a modifier
+    moved elsewhere in the sentence is the verifier's to weigh)."""
+    function = _lexicon().lists.get("function words", frozenset())
+    qset, cset = set(q.words), set(c.words)
+    cpos: dict[str, list[int]] = {}
+    for j, w in enumerate(c.words):
+        cpos.setdefault(w, []).append(j)
+    for i, w in enumerate(q.words):
+        if w in function or w not in cpos or len(w) < 3 or not w[:1].isalpha() or i == 0 \
+                or "negation" in q.claimed.get(i, ()) or (w.endswith("ed") and len(w) > 4):
+            continue  # "-ed": a verb in the past ("the court accused"), not a noun a modifier picks a kind of
+        if i + 1 < len(q.words) and q.joined[i + 1]:
+            continue  # "first" in "first-year" is a modifier itself, not a head
+        mq = _modifier(q, i)
+        if not mq or any(m in cset for m in mq):
+            continue
+        for j in cpos[w]:
+            if j == 0 or (j + 1 < len(c.words) and c.joined[j + 1]):
+                continue
+            mc = _modifier(c, j)
+            if mc and not any(m in qset for m in mc) and not _variant(mq, mc):
+                return f"{' '.join(mq)} {w} vs {' '.join(mc)} {w}"
     return None
 
 
@@ -468,6 +626,9 @@ def check(query: str, candidate: str) -> Veto | None:
     way = _direction(q, c) or _prefixed_opposite(q, c)
     if way:
         return Veto("which way", way)
+    variety = _variety(q, c)
+    if variety:
+        return Veto("object", f"variety differs ({variety})")
     q_only, c_only = q.names - set(c.words), c.names - set(q.words)
     if q_only and c_only:
         return Veto("names", f"{sorted(q_only)} vs {sorted(c_only)}")

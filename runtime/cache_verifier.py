@@ -16,7 +16,8 @@ Small gradient-boosted trees (depth 2, evaluated in numpy) turn them into a log-
 scaling makes a probability; a candidate is the same question when that probability reaches the threshold
 stored with the model (chosen on training data only, see ``runtime.cache_train``, which also says why trees
 and not a logistic regression). The model is a versioned JSON file shipped in the package
-(``runtime/data/verifier_v1.json``): feature names, trees, calibration, threshold, IDF table, training
+(``runtime/data/verifier_v2.json``; v1, trained with 5 folds and the guard before the first holdout's fixes, is
+in git history): feature names, trees, calibration, threshold, IDF table, training
 metadata.
 
     v = Verifier()                          # the packaged model and its threshold
@@ -39,7 +40,7 @@ import numpy as np
 
 from runtime import cache_guard
 
-MODEL_FILE = "verifier_v1.json"
+MODEL_FILE = "verifier_v2.json"
 FEATURES = (
     "cosine",
     "align_p", "align_r", "align_f", "align_min", "worst_q", "worst_c", "worst2_q", "worst2_c", "low_q", "low_c",

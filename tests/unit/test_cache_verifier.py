@@ -29,7 +29,9 @@ def test_the_packaged_model_loads_offline_and_describes_itself():
     path = resources.files("runtime") / "data" / cv.MODEL_FILE
     raw = json.loads(path.read_text(encoding="utf-8"))
     model = cv.load_model()
-    assert model.version == raw["version"] == "v1"
+    # one version everywhere: the file the cache loads is named after the version the trainer writes
+    assert model.version == raw["version"] == ct.VERSION == "v2"
+    assert cv.MODEL_FILE == f"verifier_{ct.VERSION}.json"
     assert model.features == cv.FEATURES
     assert 0.5 < model.threshold < 1.0
     assert model.split_feature.shape[0] == model.leaf.shape[0] > 0
@@ -37,6 +39,7 @@ def test_the_packaged_model_loads_offline_and_describes_itself():
     meta = model.metadata
     assert "STS-B train" in meta["data"] and meta["precision_target"] == 0.98
     assert meta["oof"]["precision"] >= 0.98
+    assert meta["folds"] == ct.DEFAULT_FOLDS  # the shipped model is what `python -m runtime.cache_train` writes
     assert meta["loose_cosine"] == CacheSettings().verify_min_similarity
     assert len(model.idf) > 1000 and model.idf_default >= max(model.idf.values())
 
