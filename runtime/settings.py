@@ -366,7 +366,7 @@ class CacheSettings(_Strict):
     verifier: bool = True
     verify_min_similarity: float = Field(default=0.70, gt=0, le=1)
     verifier_threshold: float | None = Field(default=None, gt=0, le=1)
-    verifier_model: Path | None = None  # default: runtime/data/verifier_v1.json in the package
+    verifier_model: Path | None = None  # default: runtime/data/verifier_v2.json in the package
     similarity_threshold: float = Field(default=0.945, gt=0, le=1)
     # wrong-answer feedback (Runtime.cache_feedback): how many recent request ids the cache remembers, and how
     # far above a wrong match's score the neighbours' own thresholds are raised
