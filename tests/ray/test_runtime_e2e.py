@@ -284,3 +284,18 @@ async def test_amap_ordered_keeps_input_order_from_an_async_source(rt):
 
     out = [r async for r in rt.amap(source(), ordered=True, max_in_flight=4, cache=False, request_id="amap-ord")]
     assert [r.request_id for r in out] == [f"amap-ord-{i}" for i in range(12)]
+
+
+def test_call_and_acall_through_the_caller_actors_return_results_and_raise_typed_errors(rt):
+    import asyncio
+
+    assert rt._local is None  # this runtime has no in-process caller: call goes through the actors
+    res = rt.call(user_msg("Name a planet.", 16), cache=False)
+    assert isinstance(res, Result) and res.attempts == 1
+    bad = {"model": "auto", "max_tokens": 32, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Use the tool", "cache_control": {"type": "forever"}}]}]}
+    with pytest.raises(UpstreamError) as exc:
+        rt.call(bad, cache=False)
+    assert exc.value.status == 400
+    got = asyncio.run(rt.acall(user_msg("Name a moon.", 16), cache=False))
+    assert isinstance(got, Result) and got.request_id != res.request_id
