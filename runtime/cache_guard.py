@@ -508,12 +508,19 @@ def _party_order(q: _Text, c: _Text) -> str | None:
     qp, cp = _parties(q), _parties(c)
     if not qp or not cp:
         return None
+    rel = _lexicon().maps.get("direction words", {})
+
+    def same(u: frozenset[str], v: frozenset[str]) -> bool:
+        # the same relation: the same words, or a shared verb or comparative ("than" alone is not one:
+        # "hotter than" / "colder than" is the converse, the same question)
+        return u == v or any(x not in rel for x in u & v)
+
     for a, b, between in qp:
-        if any(x == a and y == b and between & w for x, y, w in cp):
+        if any(x == a and y == b and same(between, w) for x, y, w in cp):
             continue  # the same order on the other side too
         for x, y, w in cp:
-            if x == b and y == a and between & w and not any(
-                    x2 == b and y2 == a and between & w2 for x2, y2, w2 in qp):
+            if x == b and y == a and same(between, w) and not any(
+                    x2 == b and y2 == a and same(between, w2) for x2, y2, w2 in qp):
                 return f"order of {a} / {b} around {'/'.join(sorted(between & w))} reversed"
     return None
 
