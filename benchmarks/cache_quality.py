@@ -18,7 +18,9 @@ runtime/cache_train.py; the plain cosine's here, with the same rule: the highest
   written once the guard and verifier were final; its misses have since been read and fixed, so it is seen)
   and holdout2 (cache_pairs_holdout2.tsv, written before those fixes, never tuned on: the unseen one): wrong
   hits by category, and recall on their assistant-style paraphrases; the older 84 + 40 pairs
-  (benchmarks/adversarial_pairs.py) too.
+  (benchmarks/adversarial_pairs.py) too;
+* holdout3 (cache_pairs_holdout3.tsv, same format as holdout2), only when that file exists: the same columns
+  as holdout2.
 
     python benchmarks/cache_quality.py     # ~2 min on 2 cores (embedding ~6k sentences with tokens)
 
@@ -44,6 +46,7 @@ from runtime.cache_train import choose_threshold, load_sts  # noqa: E402
 from runtime.settings import CacheSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
+HOLDOUT3_FILE = ROOT / "benchmarks/data/cache_pairs_holdout3.tsv"
 PRECISION_TARGET = 0.98
 COS_GRID = [round(t, 3) for t in np.arange(0.70, 0.9951, 0.005)]
 PROB_GRID = [round(t, 3) for t in np.arange(0.50, 0.9951, 0.005)]
@@ -79,6 +82,20 @@ def by_category(pairs: list, hits: np.ndarray) -> dict[str, int]:
     for p, h in zip(pairs, hits):
         out[p.category] = out.get(p.category, 0) + int(h)
     return out
+
+
+def load_holdout3() -> list:
+    """holdout3's pairs (same format as cache_pairs_holdout2.tsv), or [] when the file is not there."""
+    import csv
+
+    from benchmarks.adversarial_pairs import Pair
+
+    if not HOLDOUT3_FILE.exists():
+        return []
+    with open(HOLDOUT3_FILE, newline="", encoding="utf-8") as f:
+        lines = [line for line in f if not line.startswith("#")]
+    return [Pair(r["query"], r["cached"], r["category"], r["split"])
+            for r in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
 def prf(accept: np.ndarray, labels: np.ndarray) -> dict:
@@ -136,6 +153,10 @@ def main() -> None:
     h_para = [p for p in holdout if p.same]
     h2_near = [p for p in holdout2 if not p.same]
     h2_para = [p for p in holdout2 if p.same]
+    holdout3 = load_holdout3()
+    h3 = bool(holdout3)
+    h3_near = [p for p in holdout3 if not p.same]
+    h3_para = [p for p in holdout3 if p.same]
     sets = {
         "train": ([(a, b) for a, b, _ in train], np.array([y for _, _, y in train])),
         "dev": ([(a, b) for a, b, _ in dev], np.array([y for _, _, y in dev])),
@@ -145,6 +166,8 @@ def main() -> None:
         "h_para": ([(p.query, p.cached) for p in h_para], np.ones(len(h_para), dtype=int)),
         "h2_near": ([(p.query, p.cached) for p in h2_near], np.zeros(len(h2_near), dtype=int)),
         "h2_para": ([(p.query, p.cached) for p in h2_para], np.ones(len(h2_para), dtype=int)),
+        "h3_near": ([(p.query, p.cached) for p in h3_near], np.zeros(len(h3_near), dtype=int)),
+        "h3_para": ([(p.query, p.cached) for p in h3_para], np.ones(len(h3_para), dtype=int)),
         "old_adv": ([(q, c) for q, c, _ in ADVERSARIAL], np.zeros(len(ADVERSARIAL), dtype=int)),
         "old_para": ([(q, c) for q, c, _ in PARAPHRASES], np.ones(len(PARAPHRASES), dtype=int)),
     }
@@ -187,6 +210,16 @@ def main() -> None:
             "old_adversarial_hits": int(sc["old_adv"].accept(m, t).sum()),
             "old_paraphrase_recall": float(sc["old_para"].accept(m, t).mean()),
         })
+        if h3:
+            h3_hit = sc["h3_near"].accept(m, t)
+            rows[-1].update({
+                "holdout3_wrong_hits": int(h3_hit.sum()), "holdout3_pairs": len(h3_near),
+                "holdout3_by_category": by_category(h3_near, h3_hit),
+                "holdout3_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(h3_near, h3_hit)
+                                                if h],
+                "holdout3_paraphrase_recall": float(sc["h3_para"].accept(m, t).mean()) if h3_para else 0.0,
+                "holdout3_paraphrase_pairs": len(h3_para),
+            })
     extra = [
         {"method": "plain cosine @ 0.95 (seed)", "threshold": 0.95,
          "dev": prf(sc["dev"].accept("plain cosine", 0.95), sets["dev"][1]),
@@ -201,7 +234,10 @@ def main() -> None:
                    "near_miss_hits": int(sc["near"].accept(m, t).sum()),
                    "paraphrase_recall": float(sc["para"].accept(m, t).mean()),
                    "holdout2_near_miss_hits": int(sc["h2_near"].accept(m, t).sum()),
-                   "holdout2_paraphrase_recall": float(sc["h2_para"].accept(m, t).mean())}
+                   "holdout2_paraphrase_recall": float(sc["h2_para"].accept(m, t).mean()),
+                   **({"holdout3_near_miss_hits": int(sc["h3_near"].accept(m, t).sum()),
+                       "holdout3_paraphrase_recall": float(sc["h3_para"].accept(m, t).mean()) if h3_para else 0.0}
+                      if h3 else {})}
                   for t in (PROB_GRID if m == "guard + verifier" else COS_GRID)] for m in METHODS}
     vetoes: dict[str, int] = {}
     for v in sc["near"].veto:
@@ -215,28 +251,38 @@ def main() -> None:
           f"embedding {embed_s:.0f}s, guards + verifier {judge_s:.1f}s")
     print(f"\n{'method':20s} {'threshold':>9} {'dev P':>6} {'dev R':>6} {'dev hits':>8} {'dev wrong':>9} "
           f"{'test wrong':>10} {'test para R':>11} {'holdout wrong':>13} {'holdout para R':>14} "
-          f"{'holdout2 wrong':>14} {'holdout2 para R':>15} {'old adv':>7} {'old para R':>10}")
+          f"{'holdout2 wrong':>14} {'holdout2 para R':>15} "
+          + (f"{'holdout3 wrong':>14} {'holdout3 para R':>15} " if h3 else "")
+          + f"{'old adv':>7} {'old para R':>10}")
     for r in rows:
         print(f"{r['method']:20s} {r['threshold']:9.4f} {r['dev']['precision']:6.3f} {r['dev']['recall']:6.3f} "
               f"{r['dev']['hits']:8d} {r['dev']['false_hits']:9d} "
               f"{r['near_miss_wrong_hits']:>4d}/{r['near_miss_pairs']:<5d} {r['paraphrase_recall']:11.3f} "
               f"{r['holdout_wrong_hits']:>6d}/{r['holdout_pairs']:<6d} {r['holdout_paraphrase_recall']:14.3f} "
               f"{r['holdout2_wrong_hits']:>7d}/{r['holdout2_pairs']:<6d} {r['holdout2_paraphrase_recall']:15.3f} "
-              f"{r['old_adversarial_hits']:>3d}/{len(ADVERSARIAL):<3d} {r['old_paraphrase_recall']:10.3f}")
+              + (f"{r['holdout3_wrong_hits']:>7d}/{r['holdout3_pairs']:<6d} {r['holdout3_paraphrase_recall']:15.3f} "
+                 if h3 else "")
+              + f"{r['old_adversarial_hits']:>3d}/{len(ADVERSARIAL):<3d} {r['old_paraphrase_recall']:10.3f}")
     for r in extra:
         print(f"{r['method']:30s} dev P {r['dev']['precision']:.3f} R {r['dev']['recall']:.3f}; near-miss wrong "
               f"{r['near_miss_wrong_hits']}; para R {r['paraphrase_recall']:.3f}")
     cats = sorted({p.category for p in near})
-    print("\nwrong hits on near misses by category: test half | holdout | holdout2 (pairs per category in brackets)")
+    print("\nwrong hits on near misses by category: test half | holdout | holdout2" + (" | holdout3" if h3 else "")
+          + " (pairs per category in brackets)")
     print(f"{'category':24s} " + " ".join(f"{m:>20s}" for m in METHODS))
+    if h3:
+        cats = sorted(set(cats) | {p.category for p in h3_near})
     for cat in cats:
-        n, hn, h2n = (sum(p.category == cat for p in s) for s in (near, h_near, h2_near))
-        print(f"{cat + f' ({n} | {hn} | {h2n})':24s} " + " ".join(
+        n, hn, h2n, h3n = (sum(p.category == cat for p in s) for s in (near, h_near, h2_near, h3_near))
+        print(f"{cat + f' ({n} | {hn} | {h2n}' + (f' | {h3n}' if h3 else '') + ')':24s} " + " ".join(
             f"{r['near_miss_by_category'].get(cat, 0):>10d} | {r['holdout_by_category'].get(cat, 0):<2d} | "
-            f"{r['holdout2_by_category'].get(cat, 0):<3d}" for r in rows))
+            f"{r['holdout2_by_category'].get(cat, 0):<3d}"
+            + (f" | {r['holdout3_by_category'].get(cat, 0):<3d}" if h3 else "") for r in rows))
     for r in rows:
         for cat, q, c in r["holdout2_wrong_hit_examples"]:
             print(f"  holdout2 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
+        for cat, q, c in r.get("holdout3_wrong_hit_examples", []):
+            print(f"  holdout3 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
     print(f"\nthe category guard's vetoes on the test half's near misses: {vetoes}")
     print(f"guard + verifier per candidate (cold caches, {cost['n']} dev candidates): p50 {cost['p50_us']:.0f} us, "
           f"p99 {cost['p99_us']:.0f} us")
@@ -247,7 +293,8 @@ def main() -> None:
         "guard_vetoes_test_half": vetoes, "verifier_cost_us": cost,
         "sizes": {"train": len(train), "dev": len(dev), "near_miss_test": len(near), "paraphrase_test": len(para),
                   "near_miss_holdout": len(h_near), "paraphrase_holdout": len(h_para),
-                  "near_miss_holdout2": len(h2_near), "paraphrase_holdout2": len(h2_para)},
+                  "near_miss_holdout2": len(h2_near), "paraphrase_holdout2": len(h2_para),
+                  **({"near_miss_holdout3": len(h3_near), "paraphrase_holdout3": len(h3_para)} if h3 else {})},
         "timing_s": {"embed": embed_s, "judge": judge_s},
     }
     (RESULTS / "cache_quality.json").write_text(json.dumps(out, indent=1, default=float))
@@ -276,6 +323,11 @@ def plot(curves: dict, chosen: dict) -> None:
         ax2.step(ts, [r["near_miss_hits"] for r in c], where="post", color="tab:red", lw=0.8, label="test half")
         ax2.step(ts, [r["holdout2_near_miss_hits"] for r in c], where="post", color="tab:red", lw=0.8, ls="--",
                  label="holdout2")
+        if "holdout3_near_miss_hits" in c[0]:
+            ax.plot(ts, [r["holdout3_paraphrase_recall"] for r in c], "-.", color="tab:olive",
+                    label="paraphrase recall (holdout3)")
+            ax2.step(ts, [r["holdout3_near_miss_hits"] for r in c], where="post", color="tab:brown", lw=0.8,
+                     ls=":", label="holdout3")
         ax2.set_ylabel("near-miss wrong hits (test half; holdout2 dashed)", color="tab:red")
         ax.set_xlabel("verifier probability threshold" if m == "guard + verifier" else "cosine threshold")
         ax.set_title(f"{m} (chosen {chosen[m]:.3f})")

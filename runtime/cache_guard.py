@@ -476,6 +476,78 @@ def _direction(q: _Text, c: _Text) -> str | None:
 
 
 _ENTITY_KINDS = frozenset({"names", "object", "where"})  # proper nouns, whichever list knows them
+_PARTY_KINDS = frozenset({"entity", "who", "number"})
+_PARTY_GAP = 4  # at most this many words between two parties for the words between to relate them
+
+
+def _parties(t: _Text) -> list[tuple[str, str, frozenset[str]]]:
+    """Every pair of consecutive parties (names, products, places, roles, numbers) in the order written, with
+    the words that relate them: the content and relation words between them ("Apple buy Beats": buy; "Einstein
+    older than Newton": older, than). Parties joined only by function words ("Einstein or Newton", "New York")
+    relate nothing."""
+    lex = _lexicon()
+    function = lex.lists.get("function words", frozenset())
+    rel = lex.maps.get("direction words", {})
+    pos = [i for i in range(len(t.words)) if _key_kinds(t, i) & _PARTY_KINDS]
+    out = []
+    for i, j in zip(pos, pos[1:]):
+        if t.words[i] == t.words[j] or j - i - 1 > _PARTY_GAP or j == i + 1:
+            continue
+        between = frozenset(w for w in t.words[i + 1:j] if (w not in function or w in rel) and w[:1].isalpha())
+        if between:
+            out.append((t.words[i], t.words[j], between))
+    return out
+
+
+def _party_order(q: _Text, c: _Text) -> str | None:
+    """The same two parties on both sides around the same verb or comparison, in opposite order: "Did Apple buy
+    Beats?" / "Did Beats buy Apple?", "Was Einstein older than Newton?" / "Was Newton older than Einstein?".
+    Every mention counts, not the first: a prompt that names both parties first ("Einstein or Newton?") and
+    then compares them still differs by the order of the comparison. A rephrased relation ("Beats bought by
+    Apple") shares no word between the parties and is left to the verifier."""
+    qp, cp = _parties(q), _parties(c)
+    if not qp or not cp:
+        return None
+    rel = _lexicon().maps.get("direction words", {})
+
+    def same(u: frozenset[str], v: frozenset[str]) -> bool:
+        # the same relation: the same words, or a shared verb or comparative ("than" alone is not one:
+        # "hotter than" / "colder than" is the converse, the same question)
+        return u == v or any(x not in rel for x in u & v)
+
+    for a, b, between in qp:
+        if any(x == a and y == b and same(between, w) for x, y, w in cp):
+            continue  # the same order on the other side too
+        for x, y, w in cp:
+            if x == b and y == a and same(between, w) and not any(
+                    x2 == b and y2 == a and same(between, w2) for x2, y2, w2 in qp):
+                return f"order of {a} / {b} around {'/'.join(sorted(between & w))} reversed"
+    return None
+
+
+def _titles(t: _Text) -> dict[str, frozenset[str]]:
+    """Role words (who.txt) with the title word that follows each ("nurse" -> practitioner), "" when none; a
+    title word that follows a role word is part of that title, not a role of its own."""
+    heads = _lexicon().lists.get("title heads", frozenset())
+    out: dict[str, set[str]] = {}
+    for i, w in enumerate(t.words):
+        if "who" not in t.claimed.get(i, ()) or (i > 0 and w in heads and "who" in t.claimed.get(i - 1, ())):
+            continue
+        nxt = t.words[i + 1] if i + 1 < len(t.words) else ""
+        out.setdefault(w, set()).add(nxt.rstrip("s") if nxt in heads else "")
+    return {w: frozenset(h) for w, h in out.items()}
+
+
+def _title_differs(q: _Text, c: _Text) -> str | None:
+    """A role word both prompts share, made into another title on one side only ("a nurse" / "a nurse
+    practitioner", "a teacher" / "a teacher assistant"): two different jobs the role lists cannot all name."""
+    qt, ct = _titles(q), _titles(c)
+    for w in sorted(set(qt) & set(ct)):
+        if qt[w] != ct[w]:
+            def show(hs: frozenset[str]) -> str:
+                return "/".join(f"{w} {h}".strip() for h in sorted(hs))
+            return f"titles differ ({show(qt[w])} vs {show(ct[w])})"
+    return None
 
 
 def _prefixed_opposite(q: _Text, c: _Text) -> str | None:
@@ -620,10 +692,13 @@ def check(query: str, candidate: str) -> Veto | None:
     veto = _classes(q, c)
     if veto is not None:
         return veto
+    title = _title_differs(q, c)
+    if title:
+        return Veto("who", title)
     where = _where(q, c)
     if where:
         return Veto("where", where)
-    way = _direction(q, c) or _prefixed_opposite(q, c)
+    way = _direction(q, c) or _party_order(q, c) or _prefixed_opposite(q, c)
     if way:
         return Veto("which way", way)
     variety = _variety(q, c)
