@@ -156,8 +156,13 @@ class Embedder:
         pooling and normalisation modules; the eager pipeline when there is no trace."""
         if self._traced is None:
             return self._model.forward(features)
+        import torch
+
         out = dict(features)
-        out["token_embeddings"] = self._traced(**{k: features[k] for k in _TRANSFORMER_INPUTS})["last_hidden_state"]
+        # the recorded ops as they are: no profiling runs and no graph optimisation passes (they cost seconds of
+        # warm-up and gain nothing measurable here), so every call runs the graph the load-time check saw
+        with torch.jit.optimized_execution(False):
+            out["token_embeddings"] = self._traced(**{k: features[k] for k in _TRANSFORMER_INPUTS})["last_hidden_state"]
         for module in list(self._model.children())[1:]:
             out = module(out)
         return out
