@@ -106,7 +106,8 @@ class EmbedderReplica:
     async def ready(self) -> dict[str, Any]:
         """Answers once the model is loaded; ``life`` changes when Ray restarts the replica."""
         self._touch()
-        return {"index": self._index, "life": self._life, "pid": os.getpid(), "device": self._emb.device}
+        return {"index": self._index, "life": self._life, "pid": os.getpid(), "device": self._emb.device,
+                "traced": self._emb.traced}
 
     async def stats(self) -> dict[str, Any]:
         return {"index": self._index, "life": self._life, "calls": self._calls, "texts": self._texts,

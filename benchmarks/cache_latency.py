@@ -4,8 +4,9 @@ Fills the table with synthetic unit vectors (spread over --scopes scopes, with -
 scope the queries use), stores the benchmark's real paraphrase prompts with real embeddings in that scope, then
 measures through CacheClient.lookup:
   exact hit (actor round trip + dict), semantic hit (encoding the prompt with its token embeddings + scope-filtered
-  vector search + guard + verifier), side by side with the same lookups judged by cosine alone (verifier off),
-  miss; plus insert throughput (bulk put_many and coalesced concurrent put), and table size on disk.
+  vector search + guard + verifier), side by side with the same lookups judged by cosine alone (verifier off)
+  and with the same lookups through the eager (untraced) transformer, miss; plus insert throughput (bulk put_many
+  and coalesced concurrent put), and table size on disk.
 
     .venv/bin/python benchmarks/cache_latency.py                    # 20k entries (~1 min)
     .venv/bin/python benchmarks/cache_latency.py --entries 100000   # the 100k target
@@ -36,7 +37,7 @@ import ray  # noqa: E402
 from actors.cache import NAMESPACE, CacheActor, CacheClient  # noqa: E402
 from benchmarks.adversarial_pairs import PARAPHRASES  # noqa: E402
 from runtime import cache_policy as cp  # noqa: E402
-from runtime.embedding import get_embedder  # noqa: E402
+from runtime.embedding import Embedder, get_embedder  # noqa: E402
 from runtime.settings import Settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
@@ -127,15 +128,23 @@ async def run(args) -> dict:
     # -- semantic lookups, with the verifier (ours) and without it (the cosine rule), interleaved -------------
     # cold embedding: every lookup encodes its prompt (with token embeddings, one forward pass)
     plain = CacheClient(actor, Settings(data_dir=data_dir, cache={"verifier": False}), emb)
-    lat: dict[str, list[float]] = {"ours": [], "plain": []}
-    hit_lat: dict[str, list[float]] = {"ours": [], "plain": []}
-    kinds: dict[str, dict[str, int]] = {"ours": {}, "plain": {}}
+    # the same lookups with the transformer's eager forward pass (the embedder before it ran as a trace); same
+    # process, so same torch threads; the two give bit-identical embeddings, so the same outcomes
+    eager_emb = Embedder(emb.model_path, trace=False)
+    eager = CacheClient(actor, settings, eager_emb)
+    variants = {"ours": client, "plain": plain, "eager": eager}
+    lat: dict[str, list[float]] = {k: [] for k in variants}
+    hit_lat: dict[str, list[float]] = {k: [] for k in variants}
+    kinds: dict[str, dict[str, int]] = {k: {} for k in variants}
     emb_lat, search_lat = [], []
     queries = [q for q, _, _ in PARAPHRASES]
     for i in range(args.queries):
         q = queries[i % len(queries)]
-        for name, c in (("ours", client), ("plain", plain)):
+        names = list(variants) if i % 2 == 0 else list(reversed(variants))  # none always goes first
+        for name in names:
+            c = variants[name]
             emb._lru.clear()
+            eager_emb._lru.clear()
             t0 = time.perf_counter()
             o = await c.lookup(req(q), MODEL, TENANT)
             dt = time.perf_counter() - t0
@@ -156,8 +165,12 @@ async def run(args) -> dict:
     res["semantic_hit"] = summary(hit_lat["ours"][5:])
     res["semantic_lookup_cosine_only"] = summary(lat["plain"][5:])
     res["semantic_hit_cosine_only"] = summary(hit_lat["plain"][5:])
+    res["semantic_lookup_eager"] = summary(lat["eager"][5:])
+    res["semantic_hit_eager"] = summary(hit_lat["eager"][5:])
     res["semantic_outcomes"] = kinds["ours"]
     res["semantic_outcomes_cosine_only"] = kinds["plain"]
+    res["semantic_outcomes_eager"] = kinds["eager"]
+    res["traced"] = emb.traced
     res["embed_only"] = summary(emb_lat[5:])
     res["search_only"] = summary(search_lat[5:])
 
@@ -207,12 +220,13 @@ def main() -> None:
     print(f"\nentries {res['entries']:,}  scopes {res['scopes']}  rows in the queried scope "
           f"~{int(res['entries'] * res['hot_fraction']):,}  ANN index: {res['stats']['vector_indexed']}")
     print(f"{'path':28s} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
-    for k in ("exact_hit", "semantic_hit", "semantic_lookup", "semantic_hit_cosine_only",
+    for k in ("exact_hit", "semantic_hit", "semantic_lookup", "semantic_hit_eager", "semantic_hit_cosine_only",
               "semantic_lookup_cosine_only", "embed_only", "search_only", "miss"):
         s = res[k]
         print(f"{k:28s} {s['p50_ms']:8.2f} {s['p90_ms']:8.2f} {s['p99_ms']:8.2f}")
-    print(f"semantic outcomes: guard + verifier {res['semantic_outcomes']}, cosine + guard "
-          f"{res['semantic_outcomes_cosine_only']}; mirror {res['stats']['memory']}")
+    print(f"semantic outcomes: guard + verifier {res['semantic_outcomes']} (eager forward pass "
+          f"{res['semantic_outcomes_eager']}), cosine + guard {res['semantic_outcomes_cosine_only']}; "
+          f"traced transformer: {res['traced']}; mirror {res['stats']['memory']}")
     print(f"bulk insert {res['bulk_insert_rows_per_s']:,.0f} rows/s; coalesced put() "
           f"{res['put_coalesced_per_s']:,.0f}/s in {res['put_coalesced_writes']} writes; "
           f"disk {res['disk_bytes'] / 1e6:.1f} MB ({res['disk_bytes_per_entry']:.0f} B/entry)")

@@ -80,6 +80,21 @@ async def test_pool_vectors_and_tokens_equal_the_model_in_process(pool, local_mo
     assert len(await client.encode([])) == 0
 
 
+def test_the_traced_transformer_embeds_exactly_as_the_eager_model(local_model):
+    """The replicas run the transformer as a TorchScript trace for speed; it must not move a single bit of any
+    embedding (a cache decision at its threshold would move with it): lone sentences and padded batches."""
+    assert local_model.traced  # on this torch / transformers; else the eager model serves and this is moot
+    eager = Embedder(lru_size=0, threads=1, trace=False)
+    assert not eager.traced
+    texts = [t for p in sts_dev_sample(100) for t in p] + [q for q, _, _ in PARAPHRASES] + [
+        "", "hi", "Is it safe to eat raw chicken? " * 40]  # empty, one word, past the 256-token window
+    for batch in (texts, *([t] for t in texts[:40] + texts[-3:])):
+        got, want = local_model.encode(batch, tokens=True), eager.encode(batch, tokens=True)
+        np.testing.assert_array_equal(got.vectors, want.vectors)
+        for g, w in zip(got.tokens, want.tokens):
+            np.testing.assert_array_equal(g, w)
+
+
 async def test_concurrent_requests_share_sends_and_each_gets_its_own_vector(pool, local_model):
     settings, _ = pool
     client = EmbeddingPoolClient(settings)
