@@ -714,14 +714,15 @@ class CacheService:
 
     # -- accounting ------------------------------------------------------------------------------------------
     async def record(self, kind: str, saved_usd: float = 0.0, key: str | None = None,
-                     request_id: str | None = None, query: dict[str, Any] | None = None) -> None:
-        """Count an outcome. For a hit, ``request_id`` remembers which entry answered that request, and a
-        semantic hit's ``query`` (prompt, vector, tokens, score) what it was asked, for ``feedback``."""
+                     request_id: str | None = None, query: dict[str, Any] | None = None, n: int = 1) -> None:
+        """Count an outcome (``n`` of them: callers send bypasses in batches). For a hit, ``request_id``
+        remembers which entry answered that request, and a semantic hit's ``query`` (prompt, vector, tokens,
+        score) what it was asked, for ``feedback``."""
         counter = {"exact": "hits_exact", "semantic": "hits_semantic", "miss": "misses",
                    "bypass": "bypasses"}.get(kind)
         if counter is None:
             raise ValueError(f"unknown cache outcome {kind!r}")
-        self._counters[counter] += 1
+        self._counters[counter] += max(1, int(n))
         self._counters["saved_usd"] += float(saved_usd)
         if key and kind in ("exact", "semantic"):
             row = self._store.rows.get(key)
@@ -865,6 +866,9 @@ class CacheOutcome:
         return self.kind in ("exact", "semantic")
 
 
+_COUNTS_FLUSH_S = 1.0
+
+
 class CacheClient:
     """The only cache surface a caller touches. ``embedder``: anything with ``async encode_async(texts,
     tokens=True)`` returning an ``Encoded`` (an in-process ``runtime.embedding.Embedder`` in tests and
@@ -878,6 +882,8 @@ class CacheClient:
         self.wait_timeout_s = settings.retry.request_timeout_s + settings.limiter.max_wait_s
         self.claim_lease_s = 15.0
         self._verifier: Any = None
+        self._counts: dict[str, int] = {}   # bypasses and misses counted here, not yet sent (see _record)
+        self._counts_flush: Any = None
 
     @property
     def embedder(self) -> Any:
@@ -908,7 +914,31 @@ class CacheClient:
     def _record(self, kind: str, saved: float = 0.0, key: str | None = None, request_id: str | None = None,
                 query: dict[str, Any] | None = None) -> None:
         # fire and forget: statistics must not add a round trip to the hit path
+        if kind in ("bypass", "miss") and not (saved or key or request_id or query):
+            # a bypass or a miss is only a count, and even submitting a Ray call costs ~0.5 ms on this loop: a
+            # request should not pay that for statistics, so these are sent once a second, summed
+            self._counts[kind] = self._counts.get(kind, 0) + 1
+            if self._counts_flush is None:
+                try:
+                    loop = asyncio.get_running_loop()
+                except RuntimeError:
+                    self._send_counts()
+                    return
+                self._counts_flush = loop.call_later(_COUNTS_FLUSH_S, self._send_counts)
+            return
         self._actor.record.remote(kind, saved, key, request_id, query)
+
+    def _send_counts(self) -> list[Any]:
+        if self._counts_flush is not None:
+            self._counts_flush.cancel()
+            self._counts_flush = None
+        counts, self._counts = self._counts, {}
+        return [self._actor.record.remote(kind, 0.0, None, None, None, n) for kind, n in counts.items() if n]
+
+    async def flush_counts(self) -> None:
+        """Send the counts kept here now, and return once the cache actor has them."""
+        for ref in self._send_counts():
+            await ref
 
     async def lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool = True,
                      now: float | None = None, *, owner: str | None = None, wait_s: float | None = None,

@@ -191,7 +191,13 @@ class CallerActor:
         return dict(self.pipeline.stats)
 
     async def flush(self) -> int:
-        """Everything journaled so far is in the ledger when this returns."""
+        """Everything journaled so far is in the ledger (and every cache statistic at the cache) when this
+        returns."""
+        if self._cache is not None:
+            try:
+                await self._cache.flush_counts()
+            except Exception:  # noqa: BLE001 - statistics only: the cache actor is restarting
+                pass
         ledger = self.pipeline.ports.ledger
         return await ledger.drain() if isinstance(ledger, LocalLedgerClient) else 0
 

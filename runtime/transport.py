@@ -220,10 +220,10 @@ class SdkTransport:
         if t.stream:
             return await self._streamed(model, params, headers, t)
         try:
-            raw = await asyncio.wait_for(
-                self.client.messages.with_raw_response.create(model=model, **params, extra_headers=headers,
-                                                              timeout=t.httpx()),
-                timeout=t.total_s + t.connect_s)
+            # asyncio.timeout, not wait_for: no extra task per call (the overall cap behind httpx's own timeouts)
+            async with asyncio.timeout(t.total_s + t.connect_s):
+                raw = await self.client.messages.with_raw_response.create(model=model, **params,
+                                                                          extra_headers=headers, timeout=t.httpx())
             message = await raw.parse()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a CallFailed
             raise classify(exc) from None

@@ -87,7 +87,8 @@ async def test_exact_then_semantic_hit_with_saving(cache):
     sem = await client.lookup(req(PARA), "claude-haiku-5-5", "A", now=T0 + 1)
     assert sem.kind == "semantic", sem.reason
     assert sem.similarity >= client._settings.cache.similarity_threshold
-    stats = await _stats_when(actor, lambda st: st["hits_exact"] + st["hits_semantic"] >= 2)  # fire-and-forget
+    # fire-and-forget counts; a miss is counted in the client and sent within a second (CacheClient._record)
+    stats = await _stats_when(actor, lambda st: st["hits_exact"] + st["hits_semantic"] >= 2 and st["misses"] >= 1)
     assert stats["hits_exact"] == 1 and stats["hits_semantic"] == 1 and stats["misses"] == 1
     assert stats["saved_usd"] == pytest.approx(0.04) and stats["entries"] == 1
 
