@@ -104,6 +104,7 @@ class CallerActor:
             ledger_port = LocalLedgerClient(self._ledger, self._journal, owner=f"{self._name}|{self._life}",
                                             budgeted=budgeted, lease_term_s=settings.ledger.budget_lease_term_s,
                                             drain_interval_s=settings.ledger.journal_drain_s)
+            ledger_port.alone = lambda: self._in_flight <= 1
         else:
             ledger_port = LedgerClient(self._ledger)
         self._ports = ports = Ports(

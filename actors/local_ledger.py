@@ -56,6 +56,8 @@ class LocalLedgerClient(LedgerClient):
         self._drain_lock: asyncio.Lock | None = None
         self._recent: list[tuple[float, float]] = []
         self.stats = {"local": 0, "remote": 0, "drained": 0}
+        # whether this caller runs no other request now (set by the caller): then a record's sync runs inline
+        self.alone = lambda: False
 
     # -- start-up ----------------------------------------------------------------------------------------------
     def recover_sync(self, caller: str, life: str) -> None:
@@ -122,7 +124,7 @@ class LocalLedgerClient(LedgerClient):
             # the ledger ends this request's part of its lease's hold when the record lands
             entry["lease"], entry["reserved"] = lease_id, reserved
             self._local[rid] = (lease_id, 0.0)
-        await self.journal.append([entry])
+        await self.journal.append([entry], alone=self.alone())
         if final:
             self._local.pop(rid, None)
             self._journaled.discard(rid)

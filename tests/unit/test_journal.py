@@ -94,3 +94,29 @@ def test_a_disk_that_refuses_the_sync_fails_the_append(tmp_path, monkeypatch):
 
     with pytest.raises(OSError):
         asyncio.run(go())
+
+
+def test_a_lone_append_syncs_inline_and_a_busy_one_shares_the_thread(tmp_path, monkeypatch):
+    import threading
+
+    path = tmp_path / "caller.jsonl"
+    threads = []
+    real = os.fdatasync
+
+    def watching(fd):
+        threads.append(threading.current_thread().name)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", watching)
+
+    async def go():
+        j = Journal(path)
+        await j.append([entry(1)], alone=True)
+        loop_thread = threading.current_thread().name
+        await asyncio.gather(*(j.append([entry(i)]) for i in range(2, 6)))
+        return j, loop_thread
+
+    j, loop_thread = asyncio.run(go())
+    assert threads[0] == loop_thread          # alone: synced right on the loop
+    assert all(t != loop_thread for t in threads[1:])  # concurrent: in a worker thread, shared
+    assert j._synced == j._written
