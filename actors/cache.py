@@ -10,7 +10,7 @@
     except Exception:
         await client.release(out)                      # waiters on this key try themselves
         raise
-    await client.store(out, msg, model_used, cost_usd)
+    await client.store(out, msg, model_used, cost_usd, wait=False)   # sent; client.drain() waits for it
 
 Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
 claims, TTL, size cap, ANN index, a byte-capped in-memory mirror); it never judges whether a neighbour is the
@@ -21,6 +21,11 @@ every candidate from the loose cosine up), and the actor stays a fast state owne
 pool's deadline: the lookup goes on as ``bypass`` after its exact part (an exact hit is still served), and the
 answer is not stored. The one judgement the actor makes is after a user's "that answer was wrong"
 (``feedback``): it evicts the entry and raises its neighbours' own thresholds, with the same pure verifier.
+
+Round trips on a miss: the exact lookup (beside the embedding), then one ``probe`` (the exact key again, the
+candidates, and the single-flight claim taken before the client judges them; a client that finds a hit hands
+the claim back without waiting). The request path sends its answer's put without waiting for it: waiters on
+the key get the row when it lands, and a put that fails releases the claim.
 
 Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
 (max_restarts=-1, no state carried by Ray) rebuilds its exact-key dict from the table and serves the entry.
@@ -572,6 +577,26 @@ class CacheService:
         self._ensure_maintenance()
         return await asyncio.to_thread(self._store.search, vector, scope_id, k, _now(now), min_similarity)
 
+    async def probe(self, key: str, vector: Any, scope_id: str, k: int = 5, now: float | None = None,
+                    min_similarity: float = -1.0, owner: str = "", lease_s: float | None = None
+                    ) -> dict[str, Any]:
+        """The miss path's one round trip after the embedding: ``key``'s row if it is live now (a leader may
+        have stored it since the caller's exact lookup), else the candidates (as ``search``) and whether the
+        caller now leads ``key`` (as ``claim``). The claim is taken before the caller judges the candidates,
+        so a miss needs no second trip; a caller that finds a hit gives it back."""
+        self._ensure_maintenance()
+        t = _now(now)
+        if self._store.live(key, t) is not None:
+            row = self._store.row(key) if self._store.has_payload(key) else await asyncio.to_thread(
+                self._store.row, key)
+            if row is not None:
+                return {"exact": row, "rows": [], "leader": False}
+        leader = await self.claim(key, t, owner, lease_s)  # no await inside: atomic with the check above
+        rows = []
+        if k > 0 and vector is not None:
+            rows = await asyncio.to_thread(self._store.search, vector, scope_id, k, t, min_similarity)
+        return {"exact": None, "rows": rows, "leader": leader}
+
     # -- writes ----------------------------------------------------------------------------------------------
     async def put(self, entry: dict[str, Any]) -> None:
         self._ensure_maintenance()
@@ -884,6 +909,7 @@ class CacheClient:
         self._verifier: Any = None
         self._counts: dict[str, int] = {}   # bypasses and misses counted here, not yet sent (see _record)
         self._counts_flush: Any = None
+        self._puts: set[asyncio.Future] = set()   # writes sent by store(wait=False), not yet done
 
     @property
     def embedder(self) -> Any:
@@ -995,11 +1021,19 @@ class CacheClient:
         # with the verifier, every candidate from the loose cosine up is judged; without it, the cosine decides
         floor = cs.verify_min_similarity if judge is not None else cs.similarity_threshold
         rejected: str | None = None
-        if policy.semantic_eligible(prompt):
-            rows = await self._actor.search.remote(vector, scope_id, self._k, now, floor)
-        else:
+        # one trip for the candidates and the single-flight claim: on a miss (most lookups that get this far)
+        # the claim is already ours; on a hit it is handed back without waiting
+        eligible = policy.semantic_eligible(prompt)
+        if not eligible:
             # past the embedding window two different prompts embed alike: only the exact key may match
-            rows, rejected = [], "too long for a semantic match"
+            rejected = "too long for a semantic match"
+        got = await self._actor.probe.remote(key, vector if eligible else None, scope_id,
+                                             self._k if eligible else 0, now, floor, owner, self.claim_lease_s)
+        if got["exact"] is not None:  # a leader stored it since the exact lookup
+            hit = self._as_hit(got["exact"], "exact", max_tokens, {**base, "vector": vector})
+            if hit is not None:
+                return hit
+        rows, leader = got["rows"], got["leader"]
         for cand in rows:  # best first
             if cand["scope_id"] != scope_id:
                 continue
@@ -1018,11 +1052,12 @@ class CacheClient:
                      "tokens": cache_verifier.pack_tokens(q_tokens), "score": score} if request_id else None
             hit = self._as_hit(cand, "semantic", max_tokens, {**base, "vector": vector}, score, query)
             if hit is not None:
+                if leader:
+                    self._actor.release.remote(key, owner)  # not awaited: the hit goes back now
                 return hit
             rejected = rejected or "cached answer longer than max_tokens"
 
-        leader = await self._actor.claim.remote(key, now, owner, self.claim_lease_s)
-        if not leader:
+        if not leader and got["exact"] is None:
             waited = await self._actor.wait.remote(key, wait_s)
             hit = self._as_hit(waited, "exact", max_tokens, {**base, "vector": vector})
             if hit is not None:
@@ -1047,16 +1082,16 @@ class CacheClient:
                             similarity=row.get("similarity"), score=score, **fields)
 
     async def store(self, outcome: CacheOutcome, message: dict, model_used: str, cost_usd: float,
-                    now: float | None = None) -> bool:
-        """Put a fresh answer in the cache (and hand it to this key's waiters). False when not stored."""
+                    now: float | None = None, *, wait: bool = True) -> bool:
+        """Put a fresh answer in the cache (and hand it to this key's waiters). False when not stored.
+        ``wait=False`` (the request path): returns once the write is sent, not done, so the answer does not wait
+        out the cache's write; a write that fails then releases the claim, and ``drain`` waits for them all."""
         if outcome.kind != "miss" or not outcome.key:
             return False
-        if model_used != outcome.model:
-            # a fallback or budget downgrade answered: that answer must not sit under the routed model's key
-            await self.release(outcome)
-            return False
-        if not policy.is_storable(message):
-            await self.release(outcome)
+        if model_used != outcome.model or not policy.is_storable(message):
+            # a fallback or budget downgrade answered (that answer must not sit under the routed model's key),
+            # or an answer not to keep (truncated, a refusal): its waiters go to the API themselves
+            await self._give_back(outcome, wait)
             return False
         t = _now(now)
         kind = policy.classify(outcome.prompt)
@@ -1064,7 +1099,7 @@ class CacheClient:
         if vector is None:
             encoded = await self._embed(outcome.prompt)
             if encoded is None:
-                await self.release(outcome)
+                await self._give_back(outcome, wait)
                 return False
             vector, tokens = encoded
         entry = {
@@ -1075,12 +1110,40 @@ class CacheClient:
             "tokens": cache_verifier.pack_tokens(tokens), "request_id": outcome.request_id,
         }
         try:
-            await self._actor.put.remote(entry)
+            ref = self._actor.put.remote(entry)
+            if not wait:
+                task = asyncio.ensure_future(self._put_done(ref, outcome))
+                self._puts.add(task)
+                task.add_done_callback(self._puts.discard)
+                return True
+            await ref
         except Exception as exc:  # noqa: BLE001 - the answer is paid for and goes back to the user regardless
             log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
             await self.release(outcome)
             return False
         return True
+
+    async def _put_done(self, ref: Any, outcome: CacheOutcome) -> None:
+        try:
+            await ref
+        except Exception as exc:  # noqa: BLE001 - the answer went back already; its waiters must not hang
+            log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
+            await self.release(outcome)
+
+    async def drain(self) -> None:
+        """Every write sent so far is done (or failed and released), and every count kept here is sent."""
+        while self._puts:
+            await asyncio.gather(*list(self._puts), return_exceptions=True)
+        await self.flush_counts()
+
+    async def _give_back(self, outcome: CacheOutcome, wait: bool) -> None:
+        if wait:
+            await self.release(outcome)
+        elif outcome.kind == "miss" and outcome.key:
+            try:
+                self._actor.release.remote(outcome.key, outcome.owner)  # sent, not waited for
+            except Exception:  # noqa: BLE001 - a restarted actor holds no claims
+                pass
 
     async def release(self, outcome: CacheOutcome) -> None:
         """The leader failed: wake this key's waiters so each tries for itself."""

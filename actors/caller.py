@@ -192,12 +192,12 @@ class CallerActor:
         return dict(self.pipeline.stats)
 
     async def flush(self) -> int:
-        """Everything journaled so far is in the ledger (and every cache statistic at the cache) when this
-        returns."""
+        """Everything journaled so far is in the ledger (and every cache write and statistic at the cache) when
+        this returns."""
         if self._cache is not None:
             try:
-                await self._cache.flush_counts()
-            except Exception:  # noqa: BLE001 - statistics only: the cache actor is restarting
+                await self._cache.drain()
+            except Exception:  # noqa: BLE001 - a restarting cache actor: its writes released their claims
                 pass
         ledger = self.pipeline.ports.ledger
         return await ledger.drain() if isinstance(ledger, LocalLedgerClient) else 0

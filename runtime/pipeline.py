@@ -98,7 +98,8 @@ class CachePort(Protocol):
                      owner: str | None = None, wait_s: float | None = None, request_id: str | None = None
                      ) -> Any: ...
 
-    async def store(self, outcome: Any, message: dict, model_used: str, cost_usd: float) -> bool: ...
+    async def store(self, outcome: Any, message: dict, model_used: str, cost_usd: float, *,
+                    wait: bool = True) -> bool: ...
 
     async def release(self, outcome: Any) -> None: ...
 
@@ -262,7 +263,9 @@ class Pipeline:
             raise
         if outcome is not None and outcome.kind == "miss":
             try:
-                await cache.store(outcome, result.message.model_dump(mode="json"), result.model, result.cost_usd)
+                # sent, not waited for: its waiters get it from the cache as it lands, this answer goes now
+                await cache.store(outcome, result.message.model_dump(mode="json"), result.model, result.cost_usd,
+                                  wait=False)
             except Exception:  # noqa: BLE001 - the answer is paid for and goes back regardless
                 log.warning("cache store failed for %s", req.request_id)
         return result

@@ -93,6 +93,44 @@ async def test_exact_then_semantic_hit_with_saving(cache):
     assert stats["saved_usd"] == pytest.approx(0.04) and stats["entries"] == 1
 
 
+async def test_a_semantic_hit_hands_back_the_claim_its_probe_took(cache):
+    # the miss path's one trip (CacheActor.probe) claims the key before the candidates are judged: a lookup that
+    # then finds a hit must not leave its own key claimed, or the next asker of that exact prompt would park
+    # behind a leader that never calls the API
+    actor, client, _ = cache
+    await seed(client, req(Q), "Use reversed().")
+    sem = await client.lookup(req(PARA), "claude-haiku-5-5", "A", now=T0 + 1, owner="reader")
+    assert sem.kind == "semantic", sem.reason
+    # the release was sent, not waited for, before the hit came back (an async actor need not run it before
+    # the next call): wait for it to land
+    deadline = time.monotonic() + 30
+    while ray.get(actor.stats.remote())["claims"]:
+        assert time.monotonic() < deadline, "the probe's claim was never handed back"
+        await asyncio.sleep(0.02)
+    again = await client.lookup(req(PARA), "claude-haiku-5-5", "A", now=T0 + 1, owner="other")
+    assert again.kind == "semantic"
+
+
+async def test_store_without_waiting_hands_the_answer_to_waiters_and_drain_waits_for_it(cache):
+    actor, client, _ = cache
+    params = req("Explain how a B-tree stays balanced")
+    leader, tasks = await _gather_with_leader(client, params, 4)
+    assert await client.store(leader, answer("Splits and merges."), "claude-haiku-5-5", 0.01, now=T0,
+                              wait=False)
+    outs = await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    assert [o.kind for o in outs if o is not leader] == ["exact"] * 3
+    await client.drain()
+    assert not client._puts
+    assert ray.get(actor.stats.remote())["claims"] == 0
+    # an answer not to keep, sent without waiting: the key is free for the next asker
+    out = await client.lookup(req(Q), "claude-haiku-5-5", "A", now=T0)
+    assert out.leader
+    assert not await client.store(out, answer("trunc", stop="max_tokens"), "claude-haiku-5-5", 0.01, now=T0,
+                                  wait=False)
+    again = await client.lookup(req(Q), "claude-haiku-5-5", "A", now=T0)
+    assert again.kind == "miss" and again.leader
+
+
 @pytest.mark.parametrize("change", ["tenant", "tenant_none", "system", "model", "history"])
 async def test_scope_isolation(cache, change):
     _, client, _ = cache
