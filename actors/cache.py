@@ -90,6 +90,7 @@ _TABLE_COLS = _INDEX_COLS + _PAYLOAD_COLS
 _ROW_BYTES = 700
 _VEC_BYTES = DIM * 4 + 112
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
+_LANDING_WAIT_S = 2.0  # a lookup waits at most this long for its scope's puts in flight (a stuck write: go on)
 
 
 def _now(now: float | None) -> float:
@@ -543,6 +544,9 @@ class CacheService:
         self._puts: GroupSubmitter[dict[str, Any], None] = GroupSubmitter(
             self._write_puts, max_batch=2_048, max_inflight=1, name="cache-puts")
         self._write_lock = asyncio.Lock()  # writes, deletes and compaction never overlap
+        # per scope, the puts received and not yet searchable: a lookup in that scope waits for them (callers
+        # send an answer's put without waiting, and a paraphrase asked right after that answer must find it)
+        self._landing: dict[str, list[tuple[asyncio.Future, str, np.ndarray]]] = {}
         self._counters = {"hits_exact": 0, "hits_semantic": 0, "misses": 0, "bypasses": 0, "evictions": 0,
                           "saved_usd": 0.0, "puts": 0, "writes": 0, "feedback_wrong": 0, "feedback_ok": 0,
                           "tightened": 0}
@@ -571,10 +575,26 @@ class CacheService:
             return self._store.row(key)
         return await asyncio.to_thread(self._store.row, key)  # the mirror let it go: read it back
 
+    async def _landed(self, scope_id: str, vector: Any, min_similarity: float, key: str | None = None) -> None:
+        """Wait for this scope's puts still landing that this lookup could find: the same key, or a vector at
+        least ``min_similarity`` from ``vector`` (others do not hold it up: under load a scope always has some)."""
+        pending = self._landing.get(scope_id)
+        if not pending:
+            return
+        q = None
+        if vector is not None:
+            q = np.asarray(vector, dtype=np.float32).reshape(-1)
+            q = q / (float(np.linalg.norm(q)) or 1.0)
+        wait = [f for f, k, v in pending
+                if k == key or (q is not None and q.shape == v.shape and float(np.dot(q, v)) >= min_similarity)]
+        if wait:
+            await asyncio.wait(wait, timeout=_LANDING_WAIT_S)
+
     async def search(self, vector: Any, scope_id: str, k: int = 5, now: float | None = None,
                      min_similarity: float = -1.0) -> list[dict[str, Any]]:
         """Candidates (prompt, response, tokens, similarity, min_score) of at least ``min_similarity``."""
         self._ensure_maintenance()
+        await self._landed(scope_id, vector, min_similarity)
         return await asyncio.to_thread(self._store.search, vector, scope_id, k, _now(now), min_similarity)
 
     async def probe(self, key: str, vector: Any, scope_id: str, k: int = 5, now: float | None = None,
@@ -585,6 +605,7 @@ class CacheService:
         caller now leads ``key`` (as ``claim``). The claim is taken before the caller judges the candidates,
         so a miss needs no second trip; a caller that finds a hit gives it back."""
         self._ensure_maintenance()
+        await self._landed(scope_id, vector if k > 0 else None, min_similarity, key)
         t = _now(now)
         if self._store.live(key, t) is not None:
             row = self._store.row(key) if self._store.has_payload(key) else await asyncio.to_thread(
@@ -604,7 +625,20 @@ class CacheService:
         if entry.get("request_id"):
             self._remember(str(entry["request_id"]), {"key": row["key"], "scope_id": row["scope_id"],
                                                       "kind": "stored"})
-        await self._puts.submit(row)
+        scope = row["scope_id"]
+        landed = asyncio.get_running_loop().create_future()
+        vec = row["vector"] / (float(np.linalg.norm(row["vector"])) or 1.0)
+        entry_landing = (landed, row["key"], vec)
+        self._landing.setdefault(scope, []).append(entry_landing)
+        try:
+            await self._puts.submit(row)
+        finally:
+            pending = [p for p in self._landing[scope] if p is not entry_landing]
+            if pending:
+                self._landing[scope] = pending
+            else:
+                del self._landing[scope]
+            landed.set_result(None)
 
     async def put_many(self, entries: list[dict[str, Any]]) -> int:
         """Bulk load (benchmarks, warm-up): one write for the lot."""

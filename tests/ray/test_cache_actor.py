@@ -131,6 +131,23 @@ async def test_store_without_waiting_hands_the_answer_to_waiters_and_drain_waits
     assert again.kind == "miss" and again.leader
 
 
+async def test_a_paraphrase_asked_right_after_an_unawaited_store_finds_it(cache):
+    # the request path sends its answer's put without waiting: a lookup in that scope waits for puts still
+    # landing there, so the next question never misses an answer that was already given
+    _, client, _ = cache
+    pairs = [("How do I reverse a list in Python?", "How can I reverse a list in Python?"),
+             ("What is the capital city of Australia?", "What's the capital city of Australia?"),
+             ("How do I read a CSV file with pandas?", "How can I read a CSV file with pandas?")]
+    for q, para in pairs:
+        out = await client.lookup(req(q), "claude-haiku-5-5", "A", now=T0)
+        assert out.kind == "miss" and out.leader
+        assert await client.store(out, answer(f"answer to {q}"), "claude-haiku-5-5", 0.01, now=T0, wait=False)
+        near = await client.lookup(req(para), "claude-haiku-5-5", "A", now=T0)
+        assert near.kind == "semantic", (para, near.reason)
+        assert near.message["content"][0]["text"] == f"answer to {q}"
+    await client.drain()
+
+
 @pytest.mark.parametrize("change", ["tenant", "tenant_none", "system", "model", "history"])
 async def test_scope_isolation(cache, change):
     _, client, _ = cache
