@@ -120,8 +120,7 @@ def default_models() -> dict[str, ModelInfo]:
         "claude-sonnet-4-6": ModelInfo(model_class="sonnet", tokenizer="v1", prices=_flat(3.0, 15.0)),
         "claude-haiku-4-5": ModelInfo(model_class="haiku", tokenizer="v1", prices=_flat(1.0, 5.0)),
         "claude-opus-4-1": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(15.0, 75.0)),
-        "claude-sonnet-4-5": ModelInfo(model_class="sonnet", tokenizer="v1", prices=_flat(3.0, 15.0),
-                                       deprecated=True),
+        # claude-sonnet-4-5 reached its end of life on 2026-11-30 (the SDK dropped it in 2.17): no longer a default
         "claude-opus-4-5": ModelInfo(model_class="opus", tokenizer="v1", prices=_flat(5.0, 25.0),
                                      deprecated=True),
     }
@@ -149,7 +148,6 @@ _MIN_CACHE_TOKENS: dict[str, int] = {
     "claude-opus-4-6": 4_096,
     "claude-opus-4-5": 4_096,
     "claude-sonnet-4-6": 1_024,
-    "claude-sonnet-4-5": 1_024,
     "claude-haiku-4-5": 4_096,
     "claude-opus-4-1": 1_024,
 }

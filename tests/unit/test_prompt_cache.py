@@ -602,7 +602,7 @@ def test_savings_equal_uncached_price_minus_real_price():
 def test_minimum_cacheable_lengths_follow_the_published_figures():
     mins = {m: i.min_cache_tokens for m, i in S.models.items()}
     assert mins["claude-opus-5"] == mins["claude-fable-5-1"] == 512
-    assert mins["claude-sonnet-5-5"] == mins["claude-sonnet-4-6"] == mins["claude-sonnet-4-5"] == 1_024
+    assert mins["claude-sonnet-5-5"] == mins["claude-sonnet-4-6"] == 1_024
     assert mins["claude-opus-4-1"] == 1_024
     assert mins["claude-haiku-4-5"] == mins["claude-opus-4-5"] == mins["claude-opus-4-6"] == 4_096
     assert mins["claude-haiku-5-5"] == 4_096
