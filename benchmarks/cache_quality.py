@@ -20,7 +20,9 @@ runtime/cache_train.py; the plain cosine's here, with the same rule: the highest
   hits by category, and recall on their assistant-style paraphrases; the older 84 + 40 pairs
   (benchmarks/adversarial_pairs.py) too;
 * holdout3 (cache_pairs_holdout3.tsv, same format as holdout2), only when that file exists: the same columns
-  as holdout2.
+  as holdout2 (scored blind once on 2026-11-29; its misses since read: seen);
+* holdout4 (cache_pairs_holdout4.tsv), written blind on 2026-12-07 and scored once: wrong hits by category
+  and paraphrase recall, printed after the main table.
 
     python benchmarks/cache_quality.py     # ~2 min on 2 cores (embedding ~6k sentences with tokens)
 
@@ -46,7 +48,9 @@ from runtime.cache_train import choose_threshold, load_sts  # noqa: E402
 from runtime.settings import CacheSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
-HOLDOUT3_FILE = ROOT / "benchmarks/data/cache_pairs_holdout3.tsv"
+# fresh sets written blind after the others, each scored as it arrives (once a set's misses are read, it is seen)
+FRESH = {"holdout3": ROOT / "benchmarks/data/cache_pairs_holdout3.tsv",
+         "holdout4": ROOT / "benchmarks/data/cache_pairs_holdout4.tsv"}
 PRECISION_TARGET = 0.98
 COS_GRID = [round(t, 3) for t in np.arange(0.70, 0.9951, 0.005)]
 PROB_GRID = [round(t, 3) for t in np.arange(0.50, 0.9951, 0.005)]
@@ -85,14 +89,19 @@ def by_category(pairs: list, hits: np.ndarray) -> dict[str, int]:
 
 
 def load_holdout3() -> list:
-    """holdout3's pairs (same format as cache_pairs_holdout2.tsv), or [] when the file is not there."""
+    return load_fresh("holdout3")
+
+
+def load_fresh(name: str) -> list:
+    """A fresh set's pairs (same format as cache_pairs_holdout2.tsv), or [] when its file is not there."""
     import csv
 
     from benchmarks.adversarial_pairs import Pair
 
-    if not HOLDOUT3_FILE.exists():
+    path = FRESH[name]
+    if not path.exists():
         return []
-    with open(HOLDOUT3_FILE, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         lines = [line for line in f if not line.startswith("#")]
     return [Pair(r["query"], r["cached"], r["category"], r["split"])
             for r in csv.DictReader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)]
@@ -155,6 +164,9 @@ def main() -> None:
     h2_para = [p for p in holdout2 if p.same]
     holdout3 = load_holdout3()
     h3 = bool(holdout3)
+    h4_all = load_fresh("holdout4")
+    h4_near = [p for p in h4_all if not p.same]
+    h4_para = [p for p in h4_all if p.same]
     h3_near = [p for p in holdout3 if not p.same]
     h3_para = [p for p in holdout3 if p.same]
     sets = {
@@ -168,6 +180,8 @@ def main() -> None:
         "h2_para": ([(p.query, p.cached) for p in h2_para], np.ones(len(h2_para), dtype=int)),
         "h3_near": ([(p.query, p.cached) for p in h3_near], np.zeros(len(h3_near), dtype=int)),
         "h3_para": ([(p.query, p.cached) for p in h3_para], np.ones(len(h3_para), dtype=int)),
+        "h4_near": ([(p.query, p.cached) for p in h4_near], np.zeros(len(h4_near), dtype=int)),
+        "h4_para": ([(p.query, p.cached) for p in h4_para], np.ones(len(h4_para), dtype=int)),
         "old_adv": ([(q, c) for q, c, _ in ADVERSARIAL], np.zeros(len(ADVERSARIAL), dtype=int)),
         "old_para": ([(q, c) for q, c, _ in PARAPHRASES], np.ones(len(PARAPHRASES), dtype=int)),
     }
@@ -219,6 +233,16 @@ def main() -> None:
                                                 if h],
                 "holdout3_paraphrase_recall": float(sc["h3_para"].accept(m, t).mean()) if h3_para else 0.0,
                 "holdout3_paraphrase_pairs": len(h3_para),
+            })
+        if h4_all:
+            h4_hit = sc["h4_near"].accept(m, t)
+            rows[-1].update({
+                "holdout4_wrong_hits": int(h4_hit.sum()), "holdout4_pairs": len(h4_near),
+                "holdout4_by_category": by_category(h4_near, h4_hit),
+                "holdout4_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(h4_near, h4_hit)
+                                                if h],
+                "holdout4_paraphrase_recall": float(sc["h4_para"].accept(m, t).mean()) if h4_para else 0.0,
+                "holdout4_paraphrase_pairs": len(h4_para),
             })
     extra = [
         {"method": "plain cosine @ 0.95 (seed)", "threshold": 0.95,
@@ -283,6 +307,15 @@ def main() -> None:
             print(f"  holdout2 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
         for cat, q, c in r.get("holdout3_wrong_hit_examples", []):
             print(f"  holdout3 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
+    if h4_all:
+        print(f"\nholdout4 ({len(h4_near)} near misses, {len(h4_para)} paraphrases): wrong hits, by category, "
+              "and paraphrase recall")
+        for r in rows:
+            print(f"{r['method']:20s} wrong {r['holdout4_wrong_hits']}/{r['holdout4_pairs']}  para R "
+                  f"{r['holdout4_paraphrase_recall']:.3f}  {r['holdout4_by_category']}")
+        for r in rows:
+            for cat, q, c in r["holdout4_wrong_hit_examples"]:
+                print(f"  holdout4 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
     print(f"\nthe category guard's vetoes on the test half's near misses: {vetoes}")
     print(f"guard + verifier per candidate (cold caches, {cost['n']} dev candidates): p50 {cost['p50_us']:.0f} us, "
           f"p99 {cost['p99_us']:.0f} us")
@@ -294,7 +327,8 @@ def main() -> None:
         "sizes": {"train": len(train), "dev": len(dev), "near_miss_test": len(near), "paraphrase_test": len(para),
                   "near_miss_holdout": len(h_near), "paraphrase_holdout": len(h_para),
                   "near_miss_holdout2": len(h2_near), "paraphrase_holdout2": len(h2_para),
-                  **({"near_miss_holdout3": len(h3_near), "paraphrase_holdout3": len(h3_para)} if h3 else {})},
+                  **({"near_miss_holdout3": len(h3_near), "paraphrase_holdout3": len(h3_para)} if h3 else {}),
+                  **({"near_miss_holdout4": len(h4_near), "paraphrase_holdout4": len(h4_para)} if h4_all else {})},
         "timing_s": {"embed": embed_s, "judge": judge_s},
     }
     (RESULTS / "cache_quality.json").write_text(json.dumps(out, indent=1, default=float))

@@ -39,7 +39,7 @@ from importlib import resources
 from typing import Any
 
 CATEGORIES = ("layout", "negation", "quoted", "how much", "who", "when", "where", "which way", "modality",
-              "object", "names")
+              "object", "names", "substitution")
 _FILES = {"negation.txt": "negation", "how_much.txt": "how much", "who.txt": "who", "when.txt": "when",
           "where.txt": "where", "which_way.txt": "which way", "modality.txt": "modality",
           "object.txt": "object", "names.txt": "names"}
@@ -707,7 +707,62 @@ def check(query: str, candidate: str) -> Veto | None:
     q_only, c_only = q.names - set(c.words), c.names - set(q.words)
     if q_only and c_only:
         return Veto("names", f"{sorted(q_only)} vs {sorted(c_only)}")
+    swapped = _one_slot_changed(q, c)
+    if swapped:
+        return Veto("substitution", swapped)
     return None
+
+
+_SUFFIXES = ("ingly", "edly", "ings", "ing", "ies", "ied", "ed", "es", "ly", "s")
+
+
+def stem(word: str) -> str:
+    """A crude suffix stripper: enough to make "plays", "played" and "playing" one content word."""
+    for suf in _SUFFIXES:
+        if word.endswith(suf) and len(word) - len(suf) >= 3:
+            return word[: -len(suf)]
+    return word
+
+
+def _edits(a: str, b: str) -> int:
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def _spelling(a: str, b: str) -> bool:
+    """One word spelt two ways (colour / color, organise / organize): long, same start, at most two edits."""
+    return min(len(a), len(b)) >= 5 and a[:2] == b[:2] and _edits(a, b) <= 2
+
+
+def _one_slot_changed(q: _Text, c: _Text) -> str | None:
+    """The prompts agree word for word except in one place, where a content word (or two) was replaced by
+    another: "almond flour" / "coconut flour", "first week" / "first year", "company director" / "company
+    shareholder". That is how a different question is made from a cached one, and no category list can name
+    every pair of things; a paraphrase rewords more than one place, or changes only function words, an
+    inflection or a spelling. The price: a synonym swapped into an otherwise identical prompt is a miss."""
+    from difflib import SequenceMatcher
+
+    ops = [op for op in SequenceMatcher(None, q.words, c.words, autojunk=False).get_opcodes() if op[0] != "equal"]
+    if len(ops) != 1 or ops[0][0] != "replace":
+        return None
+    _, i1, i2, j1, j2 = ops[0]
+    if i2 - i1 > 2 or j2 - j1 > 2:
+        return None
+    lex = _lexicon()
+    plain = lex.lists.get("function words", frozenset()) | lex.lists.get("request words", frozenset())
+    # negations were compared above, by count ("no one" / "nobody")
+    a = [w for i, w in enumerate(q.words[i1:i2], i1) if w not in plain and "negation" not in q.claimed.get(i, ())]
+    b = [w for j, w in enumerate(c.words[j1:j2], j1) if w not in plain and "negation" not in c.claimed.get(j, ())]
+    if not a or not b or {stem(w) for w in a} == {stem(w) for w in b}:
+        return None
+    if len(a) == len(b) == 1 and _spelling(a[0], b[0]):
+        return None
+    return f"one word changed ({' '.join(q.orig[i1:i2])} vs {' '.join(c.orig[j1:j2])})"
 
 
 def guard(query: str, candidate: str) -> str | None:

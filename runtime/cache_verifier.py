@@ -52,15 +52,7 @@ FEATURES = (
 _LOW_ALIGN = 0.5  # a token whose best match on the other side is below this has no counterpart there
 
 _WORD = re.compile(r"[a-z0-9]+")
-_SUFFIXES = ("ingly", "edly", "ings", "ing", "ies", "ied", "ed", "es", "ly", "s")
-
-
-def stem(word: str) -> str:
-    """A crude suffix stripper: enough to make "plays", "played" and "playing" one content word."""
-    for suf in _SUFFIXES:
-        if word.endswith(suf) and len(word) - len(suf) >= 3:
-            return word[: -len(suf)]
-    return word
+stem = cache_guard.stem  # the same content word for the guard and the verifier's features
 
 
 @lru_cache(maxsize=1)

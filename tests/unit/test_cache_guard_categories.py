@@ -126,7 +126,9 @@ def test_naming_the_same_alternatives_passes():
 def test_variety_rule_compares_only_whole_modifiers():
     # a modifier partly shared ("flat road" / "flat mountain") is left to the verifier: on STS-B train, reading
     # such spans as modifiers vetoed subject + verb phrases ("a dog jumps over" / "a dog leaping over")
-    assert cg.check("A dog jumps over a fence.", "A dog leaping over a fence.") is None
+    # (the verb swapped in an otherwise identical sentence is the substitution rule's to judge, not this one's)
+    veto = cg.check("A dog jumps over a fence.", "A dog leaping over a fence.")
+    assert veto is None or veto.category == "substitution", veto
 
 
 # -- found under the v2 verifier on seen sets (the test half, the older 84 pairs), fixed by category ------------
@@ -285,3 +287,28 @@ def test_materials_differ(q, c):
 def test_material_rephrasings_pass(q, c):
     veto = cg.check(q, c)
     assert veto is None or veto.category != "object", veto
+
+
+# substitution: otherwise identical prompts with one content word (or two) replaced are different questions,
+# whatever the words are (no category lists every pair of things)
+@pytest.mark.parametrize("q,c", [
+    ("Can I substitute oat milk for cream in a quiche?", "Can I substitute soy milk for cream in a quiche?"),
+    ("What temperature should I roast a whole duck at?", "What temperature should I roast a whole goose at?"),
+    ("What should a new hire do during the first month?", "What should a new hire do during the first quarter?"),
+    ("Which vaccines does a puppy need before boarding?", "Which vaccines does a kitten need before boarding?"),
+])
+def test_one_content_word_replaced_is_vetoed(q, c):
+    assert all(v is not None for v in _vetoed(q, c)), (q, c)
+    assert cg._one_slot_changed(cg._analyse(q), cg._analyse(c)) is not None
+
+
+@pytest.mark.parametrize("q,c", [
+    ("How do I change the colour of a div?", "How do I change the color of a div?"),      # a spelling
+    ("How do I organise my email inbox?", "How do I organize my email inbox?"),
+    ("How does a kid learn to play chess?", "How do kids learn to play chess?"),          # an inflection
+    ("How do I reverse a list in Python?", "How can I reverse a list in Python?"),       # function words only
+    ("Please explain how DNS caching works", "Explain how DNS caching works"),             # framing
+])
+def test_spelling_inflection_and_function_words_are_not_a_substitution(q, c):
+    assert cg._one_slot_changed(cg._analyse(q), cg._analyse(c)) is None
+    assert cg._one_slot_changed(cg._analyse(c), cg._analyse(q)) is None
