@@ -710,6 +710,92 @@ def check(query: str, candidate: str) -> Veto | None:
     swapped = _one_slot_changed(q, c)
     if swapped:
         return Veto("substitution", swapped)
+    order = _same_words_reordered(q, c)
+    if order:
+        return Veto("which way", order)
+    moved = _negation_moved(q, c)
+    if moved:
+        return Veto("negation", moved)
+    return None
+
+
+def _plain() -> frozenset[str]:
+    lex = _lexicon()
+    return lex.lists.get("function words", frozenset()) | lex.lists.get("request words", frozenset())
+
+
+_COORDINATORS = frozenset({"and", "or", "nor", "vs", "versus", "plus"})
+
+
+def _same_words_reordered(q: _Text, c: _Text) -> str | None:
+    """The same words in the same frame, with content words traded between places: "euros for 100 dollars" /
+    "dollars for 100 euros", "a company in Ireland hiring in Poland" / "in Poland hiring in Ireland". Two
+    parties or ends trade roles, whichever words they are. A coordination read the other way round ("salt and
+    pepper" / "pepper and salt") asks the same, and so does one block moved ("at sea level, what is ..."); a
+    reworded frame (passive, possessive) is left alone because the frame's words then differ."""
+    a, b = q.words, c.words
+    if len(a) != len(b) or a == b:
+        return None
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    if len(diff) < 2 or sorted(a[i] for i in diff) != sorted(b[i] for i in diff):
+        return None
+    plain = _plain()
+    if len({stem(a[i]) for i in diff if a[i] not in plain}) < 2:
+        return None  # only function words moved ("is it" / "it is")
+    lo, hi = diff[0], diff[-1]
+    span_a, span_b = a[lo:hi + 1], b[lo:hi + 1]
+    if any(span_b == span_a[k:] + span_a[:k] for k in range(1, len(span_a))):
+        return None  # one block moved ("at sea level, what is ..." / "what is ... at sea level")
+    for start in range(max(0, lo - 3), lo + 1):
+        for end in range(hi + 1, min(len(a), hi + 4) + 1):
+            span_a, span_b = a[start:end], b[start:end]
+            for k, w in enumerate(span_a):
+                if w in _COORDINATORS and span_b == span_a[k + 1:] + [w] + span_a[:k]:
+                    return None
+    return f"the same words in another order ({' '.join(q.orig[lo:hi + 1])} / {' '.join(c.orig[lo:hi + 1])})"
+
+
+_CLAUSE_BREAKS = frozenset({"but", "although", "though", "whereas", "while"})
+
+
+def _clauses(t: _Text) -> list[tuple[frozenset[str], int]]:
+    """Each clause's content stems and how many negations it holds (clauses cut at but / although / ...)."""
+    plain = _plain()
+    out: list[tuple[frozenset[str], int]] = []
+    words: set[str] = set()
+    negs = 0
+    for i, w in enumerate(t.words):
+        if w in _CLAUSE_BREAKS:
+            out.append((frozenset(words), negs))
+            words, negs = set(), 0
+            continue
+        if "negation" in t.claimed.get(i, ()):
+            if "negation" not in t.claimed.get(i - 1, ()):  # a phrase ("no one") is one negation
+                negs += 1
+        elif w not in plain:
+            words.add(stem(w))
+    out.append((frozenset(words), negs))
+    return out
+
+
+def _negation_moved(q: _Text, c: _Text) -> str | None:
+    """As many negations on each side, in different clauses: "why isn't my dog eating but still drinking" /
+    "why is my dog eating but not drinking". A clause is matched to the other side's clause sharing most of its
+    content words, wherever it stands (reordered clauses are no change)."""
+    qc, cc = _clauses(q), _clauses(c)
+    if len(qc) < 2 and len(cc) < 2:
+        return None  # one clause each: the count above already compared them
+    for words, negs in qc:
+        if not words:
+            continue
+        best, share = None, 0.0
+        for other, other_negs in cc:
+            union = words | other
+            j = len(words & other) / len(union) if union else 0.0
+            if j > share:
+                best, share = other_negs, j
+        if best is not None and share >= 0.5 and best != negs:
+            return f"a negation moved to another clause ({negs} vs {best} in the clause on {sorted(words)[:3]})"
     return None
 
 
@@ -753,8 +839,7 @@ def _one_slot_changed(q: _Text, c: _Text) -> str | None:
     _, i1, i2, j1, j2 = ops[0]
     if i2 - i1 > 2 or j2 - j1 > 2:
         return None
-    lex = _lexicon()
-    plain = lex.lists.get("function words", frozenset()) | lex.lists.get("request words", frozenset())
+    plain = _plain()
     # negations were compared above, by count ("no one" / "nobody")
     a = [w for i, w in enumerate(q.words[i1:i2], i1) if w not in plain and "negation" not in q.claimed.get(i, ())]
     b = [w for j, w in enumerate(c.words[j1:j2], j1) if w not in plain and "negation" not in c.claimed.get(j, ())]

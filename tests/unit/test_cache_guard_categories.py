@@ -312,3 +312,39 @@ def test_one_content_word_replaced_is_vetoed(q, c):
 def test_spelling_inflection_and_function_words_are_not_a_substitution(q, c):
     assert cg._one_slot_changed(cg._analyse(q), cg._analyse(c)) is None
     assert cg._one_slot_changed(cg._analyse(c), cg._analyse(q)) is None
+
+
+# which way: the same words in the same frame with two of them trading places; coordinations and one moved
+# block are the same question
+@pytest.mark.parametrize("q,c", [
+    ("Can I swap butter for margarine in shortbread?", "Can I swap margarine for butter in shortbread?"),
+    ("Is a visa from Chile needed to visit Peru?", "Is a visa from Peru needed to visit Chile?"),
+    ("Why does my cat chase my dog at night?", "Why does my dog chase my cat at night?"),
+])
+def test_two_words_trading_places_is_vetoed(q, c):
+    assert all(v is not None and v.category == "which way" for v in _vetoed(q, c)), (q, c, _vetoed(q, c))
+
+
+@pytest.mark.parametrize("q,c", [
+    ("Should I learn Rust or Go first?", "Should I learn Go or Rust first?"),
+    ("What wine goes with salmon and asparagus?", "What wine goes with asparagus and salmon?"),
+    ("What is the speed of sound at high altitude?", "At high altitude, what is the speed of sound?"),
+])
+def test_coordinations_and_a_moved_block_are_not_a_swap(q, c):
+    assert cg._same_words_reordered(cg._analyse(q), cg._analyse(c)) is None
+    assert cg._same_words_reordered(cg._analyse(c), cg._analyse(q)) is None
+
+
+# negation: as many negations, in another clause
+@pytest.mark.parametrize("q,c", [
+    ("Why does my laptop charge but not turn on?", "Why does my laptop not charge but turn on?"),
+    ("My tomato plant flowers although it doesn't fruit; why?", "My tomato plant doesn't flower although it fruits; why?"),
+])
+def test_a_negation_moved_to_another_clause_is_vetoed(q, c):
+    assert all(v is not None and v.category == "negation" for v in _vetoed(q, c)), (q, c, _vetoed(q, c))
+
+
+def test_clauses_in_another_order_keep_their_negations():
+    q = "My phone won't connect to wifi, but bluetooth works fine"
+    c = "Bluetooth works fine but my phone won't connect to wifi"
+    assert cg._negation_moved(cg._analyse(q), cg._analyse(c)) is None
