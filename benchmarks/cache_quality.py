@@ -224,26 +224,17 @@ def main() -> None:
             "old_adversarial_hits": int(sc["old_adv"].accept(m, t).sum()),
             "old_paraphrase_recall": float(sc["old_para"].accept(m, t).mean()),
         })
-        if h3:
-            h3_hit = sc["h3_near"].accept(m, t)
-            rows[-1].update({
-                "holdout3_wrong_hits": int(h3_hit.sum()), "holdout3_pairs": len(h3_near),
-                "holdout3_by_category": by_category(h3_near, h3_hit),
-                "holdout3_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(h3_near, h3_hit)
-                                                if h],
-                "holdout3_paraphrase_recall": float(sc["h3_para"].accept(m, t).mean()) if h3_para else 0.0,
-                "holdout3_paraphrase_pairs": len(h3_para),
-            })
-        if h4_all:
-            h4_hit = sc["h4_near"].accept(m, t)
-            rows[-1].update({
-                "holdout4_wrong_hits": int(h4_hit.sum()), "holdout4_pairs": len(h4_near),
-                "holdout4_by_category": by_category(h4_near, h4_hit),
-                "holdout4_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(h4_near, h4_hit)
-                                                if h],
-                "holdout4_paraphrase_recall": float(sc["h4_para"].accept(m, t).mean()) if h4_para else 0.0,
-                "holdout4_paraphrase_pairs": len(h4_para),
-            })
+        for name, short, f_near, f_para in (("holdout3", "h3", h3_near, h3_para),
+                                            ("holdout4", "h4", h4_near, h4_para)):
+            if f_near or f_para:
+                hit = sc[f"{short}_near"].accept(m, t)
+                rows[-1].update({
+                    f"{name}_wrong_hits": int(hit.sum()), f"{name}_pairs": len(f_near),
+                    f"{name}_by_category": by_category(f_near, hit),
+                    f"{name}_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(f_near, hit) if h],
+                    f"{name}_paraphrase_recall": float(sc[f"{short}_para"].accept(m, t).mean()) if f_para else 0.0,
+                    f"{name}_paraphrase_pairs": len(f_para),
+                })
     extra = [
         {"method": "plain cosine @ 0.95 (seed)", "threshold": 0.95,
          "dev": prf(sc["dev"].accept("plain cosine", 0.95), sets["dev"][1]),

@@ -707,15 +707,12 @@ def check(query: str, candidate: str) -> Veto | None:
     q_only, c_only = q.names - set(c.words), c.names - set(q.words)
     if q_only and c_only:
         return Veto("names", f"{sorted(q_only)} vs {sorted(c_only)}")
-    swapped = _one_slot_changed(q, c)
-    if swapped:
-        return Veto("substitution", swapped)
-    order = _same_words_reordered(q, c)
-    if order:
-        return Veto("which way", order)
-    moved = _negation_moved(q, c)
-    if moved:
-        return Veto("negation", moved)
+    # rules on the two prompts' shape, whatever the words: last, so a named category explains first
+    for category, rule in (("substitution", _one_slot_changed), ("which way", _same_words_reordered),
+                           ("negation", _negation_moved)):
+        why = rule(q, c)
+        if why:
+            return Veto(category, why)
     return None
 
 
