@@ -21,8 +21,9 @@ runtime/cache_train.py; the plain cosine's here, with the same rule: the highest
   (benchmarks/adversarial_pairs.py) too;
 * holdout3 (cache_pairs_holdout3.tsv, same format as holdout2), only when that file exists: the same columns
   as holdout2 (scored blind once on 2026-11-29; its misses since read: seen);
-* holdout4 (cache_pairs_holdout4.tsv), written blind on 2026-12-07 and scored once: wrong hits by category
-  and paraphrase recall, printed after the main table.
+* holdout4 and holdout5 (cache_pairs_holdout4.tsv, ..._holdout5.tsv), written blind on 2026-12-07 and each
+  scored once (holdout4 then read: seen): wrong hits by category and paraphrase recall, printed after the main
+  table.
 
     python benchmarks/cache_quality.py     # ~2 min on 2 cores (embedding ~6k sentences with tokens)
 
@@ -49,8 +50,8 @@ from runtime.settings import CacheSettings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks/results"
 # fresh sets written blind after the others, each scored as it arrives (once a set's misses are read, it is seen)
-FRESH = {"holdout3": ROOT / "benchmarks/data/cache_pairs_holdout3.tsv",
-         "holdout4": ROOT / "benchmarks/data/cache_pairs_holdout4.tsv"}
+FRESH = {f"holdout{i}": ROOT / f"benchmarks/data/cache_pairs_holdout{i}.tsv" for i in (3, 4, 5)}
+LATER = ("holdout4", "holdout5")  # printed after the main table
 PRECISION_TARGET = 0.98
 COS_GRID = [round(t, 3) for t in np.arange(0.70, 0.9951, 0.005)]
 PROB_GRID = [round(t, 3) for t in np.arange(0.50, 0.9951, 0.005)]
@@ -164,9 +165,8 @@ def main() -> None:
     h2_para = [p for p in holdout2 if p.same]
     holdout3 = load_holdout3()
     h3 = bool(holdout3)
-    h4_all = load_fresh("holdout4")
-    h4_near = [p for p in h4_all if not p.same]
-    h4_para = [p for p in h4_all if p.same]
+    later = {name: ([p for p in load_fresh(name) if not p.same], [p for p in load_fresh(name) if p.same])
+             for name in LATER}
     h3_near = [p for p in holdout3 if not p.same]
     h3_para = [p for p in holdout3 if p.same]
     sets = {
@@ -180,8 +180,8 @@ def main() -> None:
         "h2_para": ([(p.query, p.cached) for p in h2_para], np.ones(len(h2_para), dtype=int)),
         "h3_near": ([(p.query, p.cached) for p in h3_near], np.zeros(len(h3_near), dtype=int)),
         "h3_para": ([(p.query, p.cached) for p in h3_para], np.ones(len(h3_para), dtype=int)),
-        "h4_near": ([(p.query, p.cached) for p in h4_near], np.zeros(len(h4_near), dtype=int)),
-        "h4_para": ([(p.query, p.cached) for p in h4_para], np.ones(len(h4_para), dtype=int)),
+        **{f"{name}_{kind}": ([(p.query, p.cached) for p in ps], np.full(len(ps), int(kind == "para")))
+           for name, (f_near, f_para) in later.items() for kind, ps in (("near", f_near), ("para", f_para))},
         "old_adv": ([(q, c) for q, c, _ in ADVERSARIAL], np.zeros(len(ADVERSARIAL), dtype=int)),
         "old_para": ([(q, c) for q, c, _ in PARAPHRASES], np.ones(len(PARAPHRASES), dtype=int)),
     }
@@ -225,7 +225,7 @@ def main() -> None:
             "old_paraphrase_recall": float(sc["old_para"].accept(m, t).mean()),
         })
         for name, short, f_near, f_para in (("holdout3", "h3", h3_near, h3_para),
-                                            ("holdout4", "h4", h4_near, h4_para)):
+                                            *((n, n, fn, fp) for n, (fn, fp) in later.items())):
             if f_near or f_para:
                 hit = sc[f"{short}_near"].accept(m, t)
                 rows[-1].update({
@@ -298,15 +298,17 @@ def main() -> None:
             print(f"  holdout2 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
         for cat, q, c in r.get("holdout3_wrong_hit_examples", []):
             print(f"  holdout3 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
-    if h4_all:
-        print(f"\nholdout4 ({len(h4_near)} near misses, {len(h4_para)} paraphrases): wrong hits, by category, "
+    for name, (f_near, f_para) in later.items():
+        if not (f_near or f_para):
+            continue
+        print(f"\n{name} ({len(f_near)} near misses, {len(f_para)} paraphrases): wrong hits, by category, "
               "and paraphrase recall")
         for r in rows:
-            print(f"{r['method']:20s} wrong {r['holdout4_wrong_hits']}/{r['holdout4_pairs']}  para R "
-                  f"{r['holdout4_paraphrase_recall']:.3f}  {r['holdout4_by_category']}")
+            print(f"{r['method']:20s} wrong {r[name + '_wrong_hits']}/{r[name + '_pairs']}  para R "
+                  f"{r[name + '_paraphrase_recall']:.3f}  {r[name + '_by_category']}")
         for r in rows:
-            for cat, q, c in r["holdout4_wrong_hit_examples"]:
-                print(f"  holdout4 wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
+            for cat, q, c in r[name + "_wrong_hit_examples"]:
+                print(f"  {name} wrong hit, {r['method']}, {cat}: {q!r} / {c!r}")
     print(f"\nthe category guard's vetoes on the test half's near misses: {vetoes}")
     print(f"guard + verifier per candidate (cold caches, {cost['n']} dev candidates): p50 {cost['p50_us']:.0f} us, "
           f"p99 {cost['p99_us']:.0f} us")
@@ -319,7 +321,8 @@ def main() -> None:
                   "near_miss_holdout": len(h_near), "paraphrase_holdout": len(h_para),
                   "near_miss_holdout2": len(h2_near), "paraphrase_holdout2": len(h2_para),
                   **({"near_miss_holdout3": len(h3_near), "paraphrase_holdout3": len(h3_para)} if h3 else {}),
-                  **({"near_miss_holdout4": len(h4_near), "paraphrase_holdout4": len(h4_para)} if h4_all else {})},
+                  **{f"{kind}_{name}": len(ps) for name, (f_near, f_para) in later.items()
+                     for kind, ps in (("near_miss", f_near), ("paraphrase", f_para)) if ps}},
         "timing_s": {"embed": embed_s, "judge": judge_s},
     }
     (RESULTS / "cache_quality.json").write_text(json.dumps(out, indent=1, default=float))
