@@ -689,6 +689,12 @@ def check(query: str, candidate: str) -> Veto | None:
         return Veto("how much", f"numbers differ ({list(q.numbers)} vs {list(c.numbers)})")
     if q.versions != c.versions:
         return Veto("when", f"versions differ ({sorted(q.versions)} vs {sorted(c.versions)})")
+    q_clock, c_clock = _clock(query), _clock(candidate)
+    if q_clock != c_clock:
+        return Veto("when", f"times of day differ ({sorted(q_clock)} vs {sorted(c_clock)})")
+    negated = _negated_modifier(query, c) or _negated_modifier(candidate, q)
+    if negated:
+        return Veto("negation", negated)
     veto = _classes(q, c)
     if veto is not None:
         return veto
@@ -845,6 +851,29 @@ def _one_slot_changed(q: _Text, c: _Text) -> str | None:
     if len(a) == len(b) == 1 and _spelling(a[0], b[0]):
         return None
     return f"one word changed ({' '.join(q.orig[i1:i2])} vs {' '.join(c.orig[j1:j2])})"
+
+
+_CLOCK = re.compile(r"\b(\d{1,2})(?::(\d\d))?\s*([ap])\.?\s?m\b\.?", re.IGNORECASE)
+
+
+@lru_cache(maxsize=8192)
+def _clock(text: str) -> frozenset[str]:
+    """Clock times with their half of the day ("3 am", "3:30 p.m."): the numbers agree, the halves may not."""
+    return frozenset(f"{int(h)}:{m or '00'}{ap.lower()}m" for h, m, ap in _CLOCK.findall(text))
+
+
+_NEGATED_MODIFIER = re.compile(r"\b(non|anti)-([a-z]{3,})", re.IGNORECASE)
+
+
+def _negated_modifier(text: str, other: _Text) -> str | None:
+    """A hyphenated "non-" / "anti-" word on one side with no trace of it on the other ("non-alcoholic wine" /
+    "wine", "a non-stick pan" / "a pan"): the prefixed form against its bare one is ``_prefixed_opposite``'s."""
+    words = set(other.words)
+    for prefix, base in _NEGATED_MODIFIER.findall(text):
+        joined = (prefix + base).lower()
+        if joined not in words and base.lower() not in words:
+            return f"{prefix}-{base} on one side only"
+    return None
 
 
 def guard(query: str, candidate: str) -> str | None:

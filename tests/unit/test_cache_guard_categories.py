@@ -348,3 +348,34 @@ def test_clauses_in_another_order_keep_their_negations():
     q = "My phone won't connect to wifi, but bluetooth works fine"
     c = "Bluetooth works fine but my phone won't connect to wifi"
     assert cg._negation_moved(cg._analyse(q), cg._analyse(c)) is None
+
+
+# when: the same clock time in the other half of the day
+@pytest.mark.parametrize("q,c", [
+    ("Should I take my thyroid pill at 7 am or later?", "Should I take my thyroid pill at 7 pm or later?"),
+    ("Is a 10:30 p.m. bedtime fine for a teenager?", "Is a 10:30 a.m. bedtime fine for a teenager?"),
+])
+def test_am_and_pm_differ(q, c):
+    assert all(v is not None and v.category == "when" for v in _vetoed(q, c)), (q, c, _vetoed(q, c))
+
+
+def test_am_the_verb_is_not_a_clock():
+    assert cg._clock("Am I too old at 45 to learn piano?") == frozenset()
+    assert cg._clock("I am 3 weeks pregnant") == frozenset()
+
+
+# modality: a question opened by "Could" / "Might" asks about possibility, not what will happen
+def test_could_opening_a_question_is_modality():
+    v = _vetoed("Could my landlord raise the rent twice a year?", "Will my landlord raise the rent twice a year?")
+    assert all(x is not None and x.category == "modality" for x in v), v
+    assert cg.check("Could I get a refund on a sale item?", "Can I get a refund on a sale item?") is None
+    assert cg.check("Could you summarise this contract?", "Can you summarise this contract?") is None
+
+
+# negation: a hyphenated non- / anti- modifier on one side only
+@pytest.mark.parametrize("q,c", [
+    ("Can I use metal utensils on a non-stick pan?", "Can I use metal utensils on a pan?"),
+    ("Is an anti-glare coating worth it on glasses?", "Is a coating worth it on glasses?"),
+])
+def test_a_negated_modifier_on_one_side_only_is_vetoed(q, c):
+    assert all(v is not None and v.category == "negation" for v in _vetoed(q, c)), (q, c, _vetoed(q, c))
