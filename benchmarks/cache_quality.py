@@ -89,10 +89,6 @@ def by_category(pairs: list, hits: np.ndarray) -> dict[str, int]:
     return out
 
 
-def load_holdout3() -> list:
-    return load_fresh("holdout3")
-
-
 def load_fresh(name: str) -> list:
     """A fresh set's pairs (same format as cache_pairs_holdout2.tsv), or [] when its file is not there."""
     import csv
@@ -163,12 +159,11 @@ def main() -> None:
     h_para = [p for p in holdout if p.same]
     h2_near = [p for p in holdout2 if not p.same]
     h2_para = [p for p in holdout2 if p.same]
-    holdout3 = load_holdout3()
-    h3 = bool(holdout3)
-    later = {name: ([p for p in load_fresh(name) if not p.same], [p for p in load_fresh(name) if p.same])
-             for name in LATER}
-    h3_near = [p for p in holdout3 if not p.same]
-    h3_para = [p for p in holdout3 if p.same]
+    fresh = {name: ([p for p in ps if not p.same], [p for p in ps if p.same])
+             for name, ps in ((name, load_fresh(name)) for name in FRESH)}
+    h3_near, h3_para = fresh["holdout3"]
+    h3 = bool(h3_near or h3_para)
+    later = {name: fresh[name] for name in LATER}
     sets = {
         "train": ([(a, b) for a, b, _ in train], np.array([y for _, _, y in train])),
         "dev": ([(a, b) for a, b, _ in dev], np.array([y for _, _, y in dev])),
@@ -178,10 +173,8 @@ def main() -> None:
         "h_para": ([(p.query, p.cached) for p in h_para], np.ones(len(h_para), dtype=int)),
         "h2_near": ([(p.query, p.cached) for p in h2_near], np.zeros(len(h2_near), dtype=int)),
         "h2_para": ([(p.query, p.cached) for p in h2_para], np.ones(len(h2_para), dtype=int)),
-        "h3_near": ([(p.query, p.cached) for p in h3_near], np.zeros(len(h3_near), dtype=int)),
-        "h3_para": ([(p.query, p.cached) for p in h3_para], np.ones(len(h3_para), dtype=int)),
         **{f"{name}_{kind}": ([(p.query, p.cached) for p in ps], np.full(len(ps), int(kind == "para")))
-           for name, (f_near, f_para) in later.items() for kind, ps in (("near", f_near), ("para", f_para))},
+           for name, (f_near, f_para) in fresh.items() for kind, ps in (("near", f_near), ("para", f_para))},
         "old_adv": ([(q, c) for q, c, _ in ADVERSARIAL], np.zeros(len(ADVERSARIAL), dtype=int)),
         "old_para": ([(q, c) for q, c, _ in PARAPHRASES], np.ones(len(PARAPHRASES), dtype=int)),
     }
@@ -224,15 +217,14 @@ def main() -> None:
             "old_adversarial_hits": int(sc["old_adv"].accept(m, t).sum()),
             "old_paraphrase_recall": float(sc["old_para"].accept(m, t).mean()),
         })
-        for name, short, f_near, f_para in (("holdout3", "h3", h3_near, h3_para),
-                                            *((n, n, fn, fp) for n, (fn, fp) in later.items())):
+        for name, (f_near, f_para) in fresh.items():
             if f_near or f_para:
-                hit = sc[f"{short}_near"].accept(m, t)
+                hit = sc[f"{name}_near"].accept(m, t)
                 rows[-1].update({
                     f"{name}_wrong_hits": int(hit.sum()), f"{name}_pairs": len(f_near),
                     f"{name}_by_category": by_category(f_near, hit),
                     f"{name}_wrong_hit_examples": [[p.category, p.query, p.cached] for p, h in zip(f_near, hit) if h],
-                    f"{name}_paraphrase_recall": float(sc[f"{short}_para"].accept(m, t).mean()) if f_para else 0.0,
+                    f"{name}_paraphrase_recall": float(sc[f"{name}_para"].accept(m, t).mean()) if f_para else 0.0,
                     f"{name}_paraphrase_pairs": len(f_para),
                 })
     extra = [
@@ -250,8 +242,9 @@ def main() -> None:
                    "paraphrase_recall": float(sc["para"].accept(m, t).mean()),
                    "holdout2_near_miss_hits": int(sc["h2_near"].accept(m, t).sum()),
                    "holdout2_paraphrase_recall": float(sc["h2_para"].accept(m, t).mean()),
-                   **({"holdout3_near_miss_hits": int(sc["h3_near"].accept(m, t).sum()),
-                       "holdout3_paraphrase_recall": float(sc["h3_para"].accept(m, t).mean()) if h3_para else 0.0}
+                   **({"holdout3_near_miss_hits": int(sc["holdout3_near"].accept(m, t).sum()),
+                       "holdout3_paraphrase_recall": float(sc["holdout3_para"].accept(m, t).mean())
+                       if h3_para else 0.0}
                       if h3 else {})}
                   for t in (PROB_GRID if m == "guard + verifier" else COS_GRID)] for m in METHODS}
     vetoes: dict[str, int] = {}
@@ -320,8 +313,7 @@ def main() -> None:
         "sizes": {"train": len(train), "dev": len(dev), "near_miss_test": len(near), "paraphrase_test": len(para),
                   "near_miss_holdout": len(h_near), "paraphrase_holdout": len(h_para),
                   "near_miss_holdout2": len(h2_near), "paraphrase_holdout2": len(h2_para),
-                  **({"near_miss_holdout3": len(h3_near), "paraphrase_holdout3": len(h3_para)} if h3 else {}),
-                  **{f"{kind}_{name}": len(ps) for name, (f_near, f_para) in later.items()
+                  **{f"{kind}_{name}": len(ps) for name, (f_near, f_para) in fresh.items()
                      for kind, ps in (("near_miss", f_near), ("paraphrase", f_para)) if ps}},
         "timing_s": {"embed": embed_s, "judge": judge_s},
     }
