@@ -607,12 +607,10 @@ class CacheService:
         self._ensure_maintenance()
         await self._landed(scope_id, vector if k > 0 else None, min_similarity, key)
         t = _now(now)
-        if self._store.live(key, t) is not None:
-            row = self._store.row(key) if self._store.has_payload(key) else await asyncio.to_thread(
-                self._store.row, key)
-            if row is not None:
-                return {"exact": row, "rows": [], "leader": False}
-        leader = await self.claim(key, t, owner, lease_s)  # no await inside: atomic with the check above
+        row = await self.lookup_exact(key, t)
+        if row is not None:
+            return {"exact": row, "rows": [], "leader": False}
+        leader = await self.claim(key, t, owner, lease_s)  # checks the key's row again, atomically with the claim
         rows = []
         if k > 0 and vector is not None:
             rows = await asyncio.to_thread(self._store.search, vector, scope_id, k, t, min_similarity)
@@ -1125,7 +1123,7 @@ class CacheClient:
         if model_used != outcome.model or not policy.is_storable(message):
             # a fallback or budget downgrade answered (that answer must not sit under the routed model's key),
             # or an answer not to keep (truncated, a refusal): its waiters go to the API themselves
-            await self._give_back(outcome, wait)
+            await self.release(outcome, wait=wait)
             return False
         t = _now(now)
         kind = policy.classify(outcome.prompt)
@@ -1133,7 +1131,7 @@ class CacheClient:
         if vector is None:
             encoded = await self._embed(outcome.prompt)
             if encoded is None:
-                await self._give_back(outcome, wait)
+                await self.release(outcome, wait=wait)
                 return False
             vector, tokens = encoded
         entry = {
@@ -1170,20 +1168,14 @@ class CacheClient:
             await asyncio.gather(*list(self._puts), return_exceptions=True)
         await self.flush_counts()
 
-    async def _give_back(self, outcome: CacheOutcome, wait: bool) -> None:
-        if wait:
-            await self.release(outcome)
-        elif outcome.kind == "miss" and outcome.key:
-            try:
-                self._actor.release.remote(outcome.key, outcome.owner)  # sent, not waited for
-            except Exception:  # noqa: BLE001 - a restarted actor holds no claims
-                pass
-
-    async def release(self, outcome: CacheOutcome) -> None:
-        """The leader failed: wake this key's waiters so each tries for itself."""
+    async def release(self, outcome: CacheOutcome, *, wait: bool = True) -> None:
+        """The leader failed: wake this key's waiters so each tries for itself (``wait=False``: sent, not
+        waited for)."""
         if outcome.kind == "miss" and outcome.key:
             try:
-                await self._actor.release.remote(outcome.key, outcome.owner)
+                ref = self._actor.release.remote(outcome.key, outcome.owner)
+                if wait:
+                    await ref
             except Exception:  # noqa: BLE001
                 pass  # a restarted actor holds no claims: nobody is waiting on this one any more
 
