@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -834,8 +835,6 @@ def _one_slot_changed(q: _Text, c: _Text) -> str | None:
     shareholder". That is how a different question is made from a cached one, and no category list can name
     every pair of things; a paraphrase rewords more than one place, or changes only function words, an
     inflection or a spelling. The price: a synonym swapped into an otherwise identical prompt is a miss."""
-    from difflib import SequenceMatcher
-
     ops = [op for op in SequenceMatcher(None, q.words, c.words, autojunk=False).get_opcodes() if op[0] != "equal"]
     if len(ops) != 1 or ops[0][0] != "replace":
         return None
