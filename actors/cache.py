@@ -44,6 +44,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -90,6 +91,9 @@ _TABLE_COLS = _INDEX_COLS + _PAYLOAD_COLS
 _ROW_BYTES = 700
 _VEC_BYTES = DIM * 4 + 112
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
+_EMBED_HERE_MAX = 8  # lookups embedded by the cache actor at once (embed_in_actor); more go to the pool
+_STORE_LATER_S = 0.002  # long enough for the caller's thread to take its answer (and the GIL) first
+_QUICK_STACK_MAX = 2_000  # a scope this small is stacked into its search matrix on the actor's loop (~0.2 ms)
 _LANDING_WAIT_S = 2.0  # a lookup waits at most this long for its scope's puts in flight (a stuck write: go on)
 
 
@@ -288,6 +292,28 @@ class CacheStore:
                 v = np.asarray(r["vector"], dtype=np.float32)
                 return v / (np.linalg.norm(v) or 1.0)
         return None
+
+    def search_quick(self, vector: Any, scope_id: str, k: int, now: float, min_similarity: float = -1.0
+                     ) -> list[dict[str, Any]] | None:
+        """``search`` where it is a small matmul and nothing to read: the scope's vectors are in memory with
+        their matrix built (or few enough to stack in well under a millisecond), and every found row's payload
+        is held. None where it is not: then ``search`` (which may read the table) answers."""
+        if self.scope_counts.get(scope_id, 0) == 0:
+            return []
+        if scope_id not in self._scope_vecs or self.scope_counts[scope_id] > self.flat_scope_max:
+            return None
+        if scope_id not in self._scope_mats and len(self._scope_vecs[scope_id]) > _QUICK_STACK_MAX:
+            return None
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        norm = float(np.linalg.norm(q))
+        if norm == 0 or q.shape[0] != DIM:
+            return []
+        found = self._search_memory(q / norm, scope_id, k, now, min_similarity)
+        if any(r["key"] not in self._payload for r in found):
+            return None
+        self._scope_use.move_to_end(scope_id)
+        payloads = self._payloads([r["key"] for r in found])
+        return [{**r, **{c: payloads[r["key"]][c] for c in _PAYLOAD_COLS}} for r in found]
 
     def search(self, vector: Any, scope_id: str, k: int, now: float, min_similarity: float = -1.0
                ) -> list[dict[str, Any]]:
@@ -553,6 +579,35 @@ class CacheService:
         self._interval = maintenance_interval_s
         self._maint_task: asyncio.Task[None] | None = None
         self._last_maintenance: dict[str, Any] = {}
+        # settings.cache.embed_in_actor: this actor embeds a lookup's prompt itself, so the search runs where
+        # the vector is made (one round trip on a miss instead of two). The model loads in the background, and
+        # until it has, or while _EMBED_HERE_MAX lookups already wait for it, callers use the embedding pool.
+        # Lookups that arrive together share one model call, run off the loop
+        self._embedder: Any = None
+        self._embedding = 0   # lookups being embedded here now
+        self._embed_counts = {"embedded_here": 0, "sent_to_pool": 0}
+        self._embed_thread: ThreadPoolExecutor | None = None
+        self._embed_group: GroupSubmitter[str, tuple[np.ndarray, np.ndarray | None]] = GroupSubmitter(
+            self._encode_batch, max_batch=_EMBED_HERE_MAX, max_inflight=1, name="cache-embed")
+        if settings.cache.embed_in_actor:
+            self._embed_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-embed")
+            self._embed_thread.submit(self._load_embedder)
+
+    def _load_embedder(self) -> None:
+        try:
+            from runtime.embedding import Embedder  # torch: only in an actor told to embed
+
+            s = self._settings
+            self._embedder = Embedder(s.cache.embedding_model, max_batch=_EMBED_HERE_MAX, lru_size=0,
+                                      device=s.embedding.device, threads=s.embedding.threads)
+        except Exception:  # noqa: BLE001 - the pool embeds every lookup instead
+            log.exception("cache actor could not load the embedding model; lookups use the embedding pool")
+
+    async def _encode_batch(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        emb = self._embedder
+        enc = await asyncio.get_running_loop().run_in_executor(self._embed_thread,
+                                                               lambda: emb.encode(texts, tokens=True))
+        return [(enc.vectors[i], enc.tokens[i] if enc.tokens else None) for i in range(len(texts))]
 
     def _ensure_maintenance(self) -> None:
         if self._maint_task is None and self._interval > 0:
@@ -613,8 +668,41 @@ class CacheService:
         leader = await self.claim(key, t, owner, lease_s)  # checks the key's row again, atomically with the claim
         rows = []
         if k > 0 and vector is not None:
-            rows = await asyncio.to_thread(self._store.search, vector, scope_id, k, t, min_similarity)
+            # on the loop where it is a small matmul (a thread hop costs more than the search), else off it
+            rows = self._store.search_quick(vector, scope_id, k, t, min_similarity)
+            if rows is None:
+                rows = await asyncio.to_thread(self._store.search, vector, scope_id, k, t, min_similarity)
         return {"exact": None, "rows": rows, "leader": leader}
+
+    async def lookup(self, key: str, text: str, scope_id: str, k: int = 5, now: float | None = None,
+                     min_similarity: float = -1.0, owner: str = "", lease_s: float | None = None
+                     ) -> dict[str, Any]:
+        """A lookup in one round trip, where the actor embeds (``settings.cache.embed_in_actor``): ``key``'s row
+        if live (nothing embedded); else ``text`` embedded here, then ``probe``: its candidates and the claim,
+        with the ``vector`` and token embeddings (``tokens``) the caller judges and stores with. ``embedded``
+        False: nothing was embedded or claimed (no model here, or it is busy with another lookup, or it
+        failed), and the caller embeds through the pool and probes. ``k`` 0: only the exact key may match."""
+        self._ensure_maintenance()
+        t = _now(now)
+        row = await self.lookup_exact(key, t)
+        if row is not None:
+            return {"exact": row, "rows": [], "leader": False, "embedded": False}
+        if self._embedder is None or self._embedding >= _EMBED_HERE_MAX:
+            # a deeper queue here would be throughput bought with the singletons' CPU: that is the pool's job
+            self._embed_counts["sent_to_pool"] += 1
+            return {"exact": None, "rows": [], "leader": False, "embedded": False}
+        self._embedding += 1
+        try:
+            vector, tokens = await self._embed_group.submit(str(text))
+        except Exception as exc:  # noqa: BLE001 - the caller goes to the pool instead
+            log.warning("cache actor embedding failed: %s", type(exc).__name__)
+            self._embed_counts["sent_to_pool"] += 1
+            return {"exact": None, "rows": [], "leader": False, "embedded": False}
+        finally:
+            self._embedding -= 1
+        self._embed_counts["embedded_here"] += 1
+        got = await self.probe(key, vector if k > 0 else None, scope_id, k, t, min_similarity, owner, lease_s)
+        return {**got, "embedded": True, "vector": vector, "tokens": tokens}
 
     # -- writes ----------------------------------------------------------------------------------------------
     async def put(self, entry: dict[str, Any]) -> None:
@@ -855,6 +943,8 @@ class CacheService:
             "waiting": self._waiting,
             "last_maintenance": self._last_maintenance,
             "location": redact_url(self._store.uri),
+            "embedding": {"in_actor": self._embed_thread is not None, "loaded": self._embedder is not None,
+                          **self._embed_counts},
         }
 
     async def maintain(self, now: float | None = None) -> dict[str, Any]:
@@ -942,6 +1032,8 @@ class CacheClient:
         self._counts: dict[str, int] = {}   # bypasses and misses counted here, not yet sent (see _record)
         self._counts_flush: Any = None
         self._puts: set[asyncio.Future] = set()   # writes sent by store(wait=False), not yet done
+        # store_later writes not sent yet: id -> (timer handle, what to store)
+        self._unsent: dict[int, tuple[asyncio.TimerHandle, tuple[CacheOutcome, Any, str, float]]] = {}
 
     @property
     def embedder(self) -> Any:
@@ -1018,6 +1110,8 @@ class CacheClient:
     async def _lookup(self, params: dict, model: str, tenant: str | None, cache_enabled: bool,
                       now: float | None, owner: str, wait_s: float, request_id: str | None) -> CacheOutcome:
         cs = self._settings.cache
+        if self._unsent:
+            self._send_unsent()  # an answer given just before this lookup: its write goes first
         max_tokens = params.get("max_tokens")
         reason = policy.bypass_reason(params, cs, cache_enabled)
         if reason is not None:
@@ -1030,37 +1124,38 @@ class CacheClient:
         base = dict(key=key, scope_id=scope_id, prompt=prompt, tenant=tenant or "", max_tokens=max_tokens,
                     model=model, request_id=request_id)
 
-        # the embedding overlaps the exact lookup; on an exact hit it is cancelled (never sent, if the pool
-        # client was still filling a batch)
-        embedding = asyncio.ensure_future(self._embed(prompt))
-        try:
-            row = await self._actor.lookup_exact.remote(key, now)
-            hit = self._as_hit(row, "exact", max_tokens, base)
-        except BaseException:
-            embedding.cancel()
-            raise
-        if hit is not None:
-            embedding.cancel()
-            return hit
-
-        encoded = await embedding
-        if encoded is None:  # the exact part ran; without a vector neither search nor a storable row
-            self._record("bypass")
-            return CacheOutcome("bypass", None, 0.0, "", "", None, False, "embedding unavailable", prompt,
-                                tenant=tenant or "", max_tokens=max_tokens, model=model)
-        vector, q_tokens = encoded
         judge = self.verifier
         # with the verifier, every candidate from the loose cosine up is judged; without it, the cosine decides
         floor = cs.verify_min_similarity if judge is not None else cs.similarity_threshold
-        rejected: str | None = None
-        # one trip for the candidates and the single-flight claim: on a miss (most lookups that get this far)
-        # the claim is already ours; on a hit it is handed back without waiting
         eligible = policy.semantic_eligible(prompt)
-        if not eligible:
-            # past the embedding window two different prompts embed alike: only the exact key may match
-            rejected = "too long for a semantic match"
-        got = await self._actor.probe.remote(key, vector if eligible else None, scope_id,
-                                             self._k if eligible else 0, now, floor, owner, self.claim_lease_s)
+        # past the embedding window two different prompts embed alike: only the exact key may match
+        rejected = None if eligible else "too long for a semantic match"
+        k = self._k if eligible else 0
+        got: dict[str, Any] | None = None
+        if cs.embed_in_actor:
+            # one trip: the exact key, else the prompt embedded where the rows are, its candidates and the claim
+            got = await self._actor.lookup.remote(key, prompt, scope_id, k, now, floor, owner, self.claim_lease_s)
+            hit = self._as_hit(got["exact"], "exact", max_tokens, base)
+            if hit is not None:
+                return hit
+            if not got["embedded"]:
+                got = None  # its model is busy or absent: the pool embeds, and a probe follows
+        if got is None:
+            encoded = await self._embed_beside_exact(prompt, key, now, max_tokens, base,
+                                                     exact_done=cs.embed_in_actor)
+            if isinstance(encoded, CacheOutcome):
+                return encoded  # an exact hit
+            if encoded is None:  # the exact part ran; without a vector neither search nor a storable row
+                self._record("bypass")
+                return CacheOutcome("bypass", None, 0.0, "", "", None, False, "embedding unavailable", prompt,
+                                    tenant=tenant or "", max_tokens=max_tokens, model=model)
+            vector, q_tokens = encoded
+            # one trip for the candidates and the single-flight claim: on a miss (most lookups that get this
+            # far) the claim is already ours; on a hit it is handed back without waiting
+            got = await self._actor.probe.remote(key, vector if eligible else None, scope_id, k, now, floor, owner,
+                                                 self.claim_lease_s)
+        else:
+            vector, q_tokens = got["vector"], got["tokens"]
         if got["exact"] is not None:  # a leader stored it since the exact lookup
             hit = self._as_hit(got["exact"], "exact", max_tokens, {**base, "vector": vector})
             if hit is not None:
@@ -1100,6 +1195,25 @@ class CacheClient:
         return CacheOutcome("miss", None, 0.0, vector=vector, leader=leader, reason=rejected, owner=owner,
                             tokens=q_tokens, **base)
 
+    async def _embed_beside_exact(self, prompt: str, key: str, now: float | None, max_tokens: Any,
+                                  base: dict[str, Any], *, exact_done: bool
+                                  ) -> CacheOutcome | tuple[np.ndarray, np.ndarray | None] | None:
+        """The prompt's vector and token embeddings from the pool (None: unavailable), with the exact lookup
+        beside it unless ``exact_done``; an exact hit is returned instead (its embedding cancelled: never sent,
+        if the pool client was still filling a batch)."""
+        embedding = asyncio.ensure_future(self._embed(prompt))
+        if not exact_done:
+            try:
+                row = await self._actor.lookup_exact.remote(key, now)
+                hit = self._as_hit(row, "exact", max_tokens, base)
+            except BaseException:
+                embedding.cancel()
+                raise
+            if hit is not None:
+                embedding.cancel()
+                return hit
+        return await embedding
+
     def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any],
                 score: float | None = None, query: dict[str, Any] | None = None) -> CacheOutcome | None:
         if row is None:
@@ -1116,24 +1230,44 @@ class CacheClient:
     async def store(self, outcome: CacheOutcome, message: dict, model_used: str, cost_usd: float,
                     now: float | None = None, *, wait: bool = True) -> bool:
         """Put a fresh answer in the cache (and hand it to this key's waiters). False when not stored.
-        ``wait=False`` (the request path): returns once the write is sent, not done, so the answer does not wait
-        out the cache's write; a write that fails then releases the claim, and ``drain`` waits for them all."""
+        ``wait=False``: returns once the write is sent, not done, so the answer does not wait out the cache's
+        write; a write that fails then releases the claim, and ``drain`` waits for them all."""
         if outcome.kind != "miss" or not outcome.key:
             return False
-        if model_used != outcome.model or not policy.is_storable(message):
-            # a fallback or budget downgrade answered (that answer must not sit under the routed model's key),
-            # or an answer not to keep (truncated, a refusal): its waiters go to the API themselves
-            await self.release(outcome, wait=wait)
-            return False
-        t = _now(now)
-        kind = policy.classify(outcome.prompt)
         vector, tokens = outcome.vector, outcome.tokens
-        if vector is None:
+        if vector is None and model_used == outcome.model and policy.is_storable(message):
             encoded = await self._embed(outcome.prompt)
             if encoded is None:
                 await self.release(outcome, wait=wait)
                 return False
             vector, tokens = encoded
+        stored, ref = self._send_put(outcome, message, model_used, cost_usd, now, vector, tokens)
+        if not stored:
+            if wait and ref is not None:
+                with contextlib.suppress(Exception):  # a restarted actor holds no claims to release
+                    await ref
+            return False
+        if not wait:
+            self._track(ref, outcome)
+            return True
+        try:
+            await ref
+        except Exception as exc:  # noqa: BLE001 - the answer is paid for and goes back to the user regardless
+            log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
+            await self.release(outcome)
+            return False
+        return True
+
+    def _send_put(self, outcome: CacheOutcome, message: dict, model_used: str, cost_usd: float,
+                  now: float | None, vector: Any, tokens: Any) -> tuple[bool, Any]:
+        """Sends the answer's put: (True, its ref); or, for an answer not to store, the claim's release:
+        (False, its ref or None). Never suspends, so a caller knows the send happened when it returns."""
+        if model_used != outcome.model or not policy.is_storable(message) or vector is None:
+            # a fallback or budget downgrade answered (that answer must not sit under the routed model's key),
+            # or an answer not to keep (truncated, a refusal): its waiters go to the API themselves
+            return False, self._release_now(outcome)
+        t = _now(now)
+        kind = policy.classify(outcome.prompt)
         entry = {
             "key": outcome.key, "scope_id": outcome.scope_id, "tenant": outcome.tenant, "model": model_used,
             "kind": kind, "prompt": outcome.prompt, "vector": np.asarray(vector, dtype=np.float32),
@@ -1142,18 +1276,52 @@ class CacheClient:
             "tokens": cache_verifier.pack_tokens(tokens), "request_id": outcome.request_id,
         }
         try:
-            ref = self._actor.put.remote(entry)
-            if not wait:
-                task = asyncio.ensure_future(self._put_done(ref, outcome))
-                self._puts.add(task)
-                task.add_done_callback(self._puts.discard)
-                return True
-            await ref
+            return True, self._actor.put.remote(entry)
         except Exception as exc:  # noqa: BLE001 - the answer is paid for and goes back to the user regardless
             log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
-            await self.release(outcome)
-            return False
-        return True
+            return False, self._release_now(outcome)
+
+    def _track(self, ref: Any, outcome: CacheOutcome) -> None:
+        task = asyncio.ensure_future(self._put_done(ref, outcome))
+        self._puts.add(task)
+        task.add_done_callback(self._puts.discard)
+
+    def store_later(self, outcome: CacheOutcome, message: Any, model_used: str, cost_usd: float) -> None:
+        """``store(..., wait=False)`` a moment later (call inside the loop): the request path hands its answer
+        back first, and the answer (a dict, or the SDK's Message: dumped then) is serialised and its write sent
+        once the caller has it (~0.6 ms of work that would otherwise hold the GIL while the caller's thread
+        waits for it). A lookup or ``drain`` of this client that comes first sends it first, so a paraphrase
+        asked right after its answer still finds it landing."""
+        pending = (outcome, message, model_used, cost_usd)
+        handle = asyncio.get_running_loop().call_later(_STORE_LATER_S, self._store_pending, pending)
+        self._unsent[id(pending)] = (handle, pending)
+
+    def _store_pending(self, pending: tuple[CacheOutcome, Any, str, float]) -> None:
+        self._unsent.pop(id(pending), None)
+        outcome, message, model_used, cost_usd = pending
+        try:
+            if outcome.kind != "miss" or not outcome.key:
+                return
+            if not isinstance(message, dict):
+                message = message.model_dump(mode="json")
+            if outcome.vector is None:  # the prompt must be embedded first: the task tracks its own put
+                task = asyncio.ensure_future(self.store(outcome, message, model_used, cost_usd, wait=False))
+                self._puts.add(task)
+                task.add_done_callback(self._puts.discard)
+                return
+            stored, ref = self._send_put(outcome, message, model_used, cost_usd, None, outcome.vector,
+                                         outcome.tokens)
+            if stored:
+                self._track(ref, outcome)
+        except Exception as exc:  # noqa: BLE001 - the answer went back already; its waiters must not hang
+            log.warning("cache store failed: %s", type(exc).__name__)
+            self._release_now(outcome)
+
+    def _send_unsent(self) -> None:
+        """Send every ``store_later`` write still waiting for its moment, now."""
+        for handle, pending in list(self._unsent.values()):
+            handle.cancel()
+            self._store_pending(pending)
 
     async def _put_done(self, ref: Any, outcome: CacheOutcome) -> None:
         try:
@@ -1164,6 +1332,7 @@ class CacheClient:
 
     async def drain(self) -> None:
         """Every write sent so far is done (or failed and released), and every count kept here is sent."""
+        self._send_unsent()
         while self._puts:
             await asyncio.gather(*list(self._puts), return_exceptions=True)
         await self.flush_counts()
@@ -1171,13 +1340,20 @@ class CacheClient:
     async def release(self, outcome: CacheOutcome, *, wait: bool = True) -> None:
         """The leader failed: wake this key's waiters so each tries for itself (``wait=False``: sent, not
         waited for)."""
-        if outcome.kind == "miss" and outcome.key:
+        ref = self._release_now(outcome)
+        if wait and ref is not None:
             try:
-                ref = self._actor.release.remote(outcome.key, outcome.owner)
-                if wait:
-                    await ref
+                await ref
             except Exception:  # noqa: BLE001
                 pass  # a restarted actor holds no claims: nobody is waiting on this one any more
+
+    def _release_now(self, outcome: CacheOutcome) -> Any:
+        if outcome.kind == "miss" and outcome.key:
+            try:
+                return self._actor.release.remote(outcome.key, outcome.owner)
+            except Exception:  # noqa: BLE001
+                pass
+        return None
 
     @contextlib.asynccontextmanager
     async def holding(self, outcome: CacheOutcome):

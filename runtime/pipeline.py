@@ -101,6 +101,8 @@ class CachePort(Protocol):
     async def store(self, outcome: Any, message: dict, model_used: str, cost_usd: float, *,
                     wait: bool = True) -> bool: ...
 
+    def store_later(self, outcome: Any, message: Any, model_used: str, cost_usd: float) -> None: ...
+
     async def release(self, outcome: Any) -> None: ...
 
     def holding(self, outcome: Any) -> contextlib.AbstractAsyncContextManager: ...
@@ -263,9 +265,9 @@ class Pipeline:
             raise
         if outcome is not None and outcome.kind == "miss":
             try:
-                # sent, not waited for: its waiters get it from the cache as it lands, this answer goes now
-                await cache.store(outcome, result.message.model_dump(mode="json"), result.model, result.cost_usd,
-                                  wait=False)
+                # the answer goes now; it is serialised and its write sent on the loop's next turn, and its
+                # waiters get it from the cache as it lands
+                cache.store_later(outcome, result.message, result.model, result.cost_usd)
             except Exception:  # noqa: BLE001 - the answer is paid for and goes back regardless
                 log.warning("cache store failed for %s", req.request_id)
         return result

@@ -409,6 +409,37 @@ def _put(store, key: str) -> None:
     store.apply([row])
 
 
+def test_the_quick_search_finds_what_the_search_finds_and_declines_what_needs_the_table(tmp_path):
+    # the probe searches on the actor's loop when the scope is a small matmul with every payload held, and in a
+    # thread otherwise: both must give the same rows in the same order
+    from actors.cache import CacheService, CacheStore
+
+    store = CacheStore(tmp_path / "quick")
+    rng = np.random.default_rng(7)
+    scopes = ["ab" * 16, "cd" * 16]
+    rows = []
+    for i in range(60):
+        rows.append(CacheService._validate({
+            "key": f"{i:064x}", "scope_id": scopes[i % 2], "prompt": f"prompt {i}", "response": "{}",
+            "vector": rng.standard_normal(384).astype(np.float32), "expires_at": T0 + 3_600, "created_at": T0}))
+    store.write(rows)
+    store.apply(rows)
+    for j in range(10):
+        q = rows[j]["vector"] + 0.5 * rng.standard_normal(384).astype(np.float32)
+        for scope in scopes:
+            quick = store.search_quick(q, scope, 5, T0 + 1, -1.0)
+            full = store.search(q, scope, 5, T0 + 1, -1.0)
+            assert quick is not None and len(quick) == 5
+            assert [(r["key"], r["similarity"], r["prompt"]) for r in quick] == \
+                [(r["key"], r["similarity"], r["prompt"]) for r in full]
+            assert all(r["scope_id"] == scope for r in quick)
+    assert store.search_quick(rows[0]["vector"], "ef" * 16, 5, T0, -1.0) == []   # an empty scope
+    assert store.search_quick(rows[0]["vector"], scopes[0], 5, T0 + 7_200, -1.0) == []   # all expired
+    store._payload.clear()   # the mirror let the answers go: they are read back from the table, off the loop
+    assert store.search_quick(rows[0]["vector"], scopes[0], 5, T0 + 1, -1.0) is None
+    assert store.search(rows[0]["vector"], scopes[0], 5, T0 + 1, -1.0)[0]["key"] == rows[0]["key"]
+
+
 def test_a_file_uri_is_a_table_that_outlives_its_store(tmp_path):
     from actors.cache import CacheStore
 
