@@ -10,22 +10,26 @@
     except Exception:
         await client.release(out)                      # waiters on this key try themselves
         raise
-    await client.store(out, msg, model_used, cost_usd, wait=False)   # sent; client.drain() waits for it
+    client.store_later(out, msg, model_used, cost_usd) # sent just after; client.drain() waits for it
 
 Division of labour: the actor stores and finds rows (exact dict, scope-filtered vector search, single-flight
 claims, TTL, size cap, ANN index, a byte-capped in-memory mirror); it never judges whether a neighbour is the
 same question. The client, in the caller's process, has the prompt embedded by the shared embedding pool
 (actors/embedder.py: sentence vector and token embeddings from one forward pass; the model is never loaded in
-a caller) and applies runtime.cache_policy (bypass, guard) and runtime.cache_verifier (the learned judge, on
-every candidate from the loose cosine up), and the actor stays a fast state owner. No embedding within the
+a caller), or by the actor itself with ``cache.embed_in_actor``, and applies runtime.cache_policy (bypass,
+guard) and runtime.cache_verifier (the learned judge, on every candidate from the loose cosine up), and the
+actor stays a fast state owner. No embedding within the
 pool's deadline: the lookup goes on as ``bypass`` after its exact part (an exact hit is still served), and the
 answer is not stored. The one judgement the actor makes is after a user's "that answer was wrong"
 (``feedback``): it evicts the entry and raises its neighbours' own thresholds, with the same pure verifier.
 
 Round trips on a miss: the exact lookup (beside the embedding), then one ``probe`` (the exact key again, the
 candidates, and the single-flight claim taken before the client judges them; a client that finds a hit hands
-the claim back without waiting). The request path sends its answer's put without waiting for it: waiters on
-the key get the row when it lands, and a put that fails releases the claim.
+the claim back without waiting). With ``cache.embed_in_actor`` the actor also holds the model, and a lookup is
+one trip (``CacheService.lookup``: the exact key, else the prompt embedded here and then the probe), falling
+back to the pool and a probe when the actor's model is busy or not loaded. The request path sends its answer's
+put just after the answer goes back, without waiting for it: waiters on the key get the row when it lands, and a
+put that fails releases the claim.
 
 Persistence: a put returns only after its row is in the LanceDB table on disk, so a restarted actor
 (max_restarts=-1, no state carried by Ray) rebuilds its exact-key dict from the table and serves the entry.
