@@ -13,8 +13,10 @@ number the re-run's attempts after it.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -44,6 +46,8 @@ def secrets_fingerprint(upstreams: list[UpstreamSettings]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+log = logging.getLogger(__name__)
+
 CONTROL = "control"  # the concurrency group of the pool's calls: answered even when every request slot is taken
 
 
@@ -71,6 +75,11 @@ def journal_path(settings: Settings, caller: str) -> str:
     return str(base / tag / f"{caller}.jsonl")
 
 
+def _log_close_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("closing a replaced SDK client failed: %s", type(task.exception()).__name__)
+
+
 class CallerActor:
     def __init__(self, settings: Settings, upstreams: list[UpstreamSettings], limiter, ledger, cache=None,
                  name: str | None = None) -> None:
@@ -80,6 +89,10 @@ class CallerActor:
         self._in_flight = 0
         self._served = 0
         self._draining = False
+        # reconfigure builds a new pipeline; the old one's requests finish on it, and then its transports (an
+        # SDK client and its connection pool each) are closed
+        self._running: dict[int, int] = {}   # id(pipeline) -> requests running on it
+        self._retired: list[Pipeline] = []
         self._cache = CacheClient(cache, settings) if cache is not None else None
         self._node_id = ray.get_runtime_context().get_node_id()
         self._started = time.time()
@@ -95,6 +108,7 @@ class CallerActor:
             self._cache.embedder.discover()
 
     def _build(self, settings: Settings, upstreams: list[UpstreamSettings]) -> None:
+        old = getattr(self, "pipeline", None)
         # the caller is the one place that holds credentials: each upstream gets its SDK client here
         self.settings = settings.without_secrets()
         self._upstreams = list(upstreams)  # for callers this one spawns for the pool, and count_tokens
@@ -107,7 +121,7 @@ class CallerActor:
             ledger_port.alone = lambda: self._in_flight <= 1
         else:
             ledger_port = LedgerClient(self._ledger)
-        self._ports = ports = Ports(
+        ports = Ports(
             admission=LimiterClient(self._limiter, settings.limiter.max_wait_s, leases=settings.limiter.leases,
                                     caller=f"{self._name}|{self._life}",
                                     lease_term_s=settings.limiter.lease_term_s,
@@ -121,6 +135,33 @@ class CallerActor:
         )
         self.pipeline = Pipeline(self.settings, ports, caller=self._name, life=self._life,
                                  upstreams=[u.without_secrets() for u in upstreams])
+        if old is not None:
+            self._retired.append(old)
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        """Close the transports of replaced pipelines that no request runs on any more."""
+        for p in [p for p in self._retired if not self._running.get(id(p))]:
+            self._retired.remove(p)
+            for transport in p.ports.transports.values():
+                close = getattr(transport, "aclose", None)
+                if close is not None:
+                    task = asyncio.ensure_future(close())
+                    task.add_done_callback(_log_close_failure)
+
+    def _enter(self) -> Pipeline:
+        p = self.pipeline
+        self._running[id(p)] = self._running.get(id(p), 0) + 1
+        return p
+
+    def _leave(self, p: Pipeline) -> None:
+        left = self._running[id(p)] - 1
+        if left:
+            self._running[id(p)] = left
+        else:
+            del self._running[id(p)]
+            if self._retired:
+                self._close_retired()
 
     @ray.method(concurrency_group=CONTROL)
     def ready(self) -> str:
@@ -182,9 +223,9 @@ class CallerActor:
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> str:
+    async def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> str:
         """New limits, retry policy and upstreams for requests that start from now on (running ones finish
-        under the settings they started with)."""
+        under the settings they started with, and then the old SDK clients are closed)."""
         self._build(settings, upstreams)
         return self._life
 
@@ -204,11 +245,13 @@ class CallerActor:
 
     async def handle(self, req: NormalizedRequest) -> Result:
         self._in_flight += 1
+        p = self._enter()
         try:
-            return await self.pipeline.run(req)
+            return await p.run(req)
         except ClaudeRuntimeError as exc:
             raise exc.with_request_id(req.request_id)
         finally:
+            self._leave(p)
             self._in_flight -= 1
             self._served += 1
 
@@ -216,10 +259,12 @@ class CallerActor:
         """The answer as the API's stream events (a Ray streaming generator: call with
         ``num_returns="streaming"``)."""
         self._in_flight += 1
+        p = self._enter()
         try:
-            async for event in self.pipeline.stream(req):
+            async for event in p.stream(req):
                 yield event
         finally:
+            self._leave(p)
             self._in_flight -= 1
             self._served += 1
 
@@ -227,12 +272,8 @@ class CallerActor:
     async def count_tokens(self, req: NormalizedRequest) -> int:
         """``messages.count_tokens`` for a validated request (its model routed as the pipeline would), admitted
         against the count_tokens rate limit like the pipeline's own counts."""
-        from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, Estimate, Outcome
-        from runtime.errors import OverloadedAfterFallback, UpstreamError
-        from runtime.errors import AuthenticationError as UpstreamAuthError
+        from runtime.errors import UpstreamError
         from runtime.router import route
-        from runtime.transport import CallFailed
-        from runtime.usage import Usage
 
         model = route(req.requested_model, req.params, self.settings).model
         ups = [u for u in self._upstreams if u.kind != "bedrock"]
@@ -241,9 +282,22 @@ class CallerActor:
                                 request_id=req.request_id, status=None, error_type="not_supported")
         name = ups[0].name if ups else ""
         groups = (ups[0].group,) if ups else ()
+        p = self._enter()   # its transports stay open until this count is done
+        try:
+            return await self._count_tokens(p.ports, req, model, name, groups)
+        finally:
+            self._leave(p)
+
+    async def _count_tokens(self, ports: Ports, req: NormalizedRequest, model: str, name: str,
+                            groups: tuple[str, ...]) -> int:
+        from runtime.admission import COUNT_TOKENS_CLASS, NOT_SENT, Estimate, Outcome
+        from runtime.errors import OverloadedAfterFallback, UpstreamError
+        from runtime.errors import AuthenticationError as UpstreamAuthError
+        from runtime.transport import CallFailed
+        from runtime.usage import Usage
+
         e = Estimate(request_id=req.request_id, model_class=COUNT_TOKENS_CLASS, user_id=None,
                      priority=req.priority, input_tokens=0, max_output_tokens=0, groups=groups)
-        ports = self._ports
         grant = await ports.admission.acquire(e, deadline_s=req.deadline_s)
         transport = ports.transports[name] if name else ports.transport
         try:

@@ -153,7 +153,7 @@ class InProcessCaller:
 
     def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> None:
         async def go() -> None:
-            self.caller.reconfigure(settings.without_secrets(), upstreams)
+            await self.caller.reconfigure(settings.without_secrets(), upstreams)
 
         self._submit(go()).result()
 

@@ -208,6 +208,10 @@ class SdkTransport:
                                               timeout=retry.request_timeout_s, **kw)
         self.client = client
 
+    async def aclose(self) -> None:
+        """Close the client's connections (its aiohttp session or httpx pool): call once nothing uses it."""
+        await self.client.close()
+
     @staticmethod
     def _headers(request_id: str, attempt: int) -> dict[str, str]:
         return {RUNTIME_REQUEST_ID_HEADER: request_id, RUNTIME_ATTEMPT_HEADER: str(int(attempt))}

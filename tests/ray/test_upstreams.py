@@ -154,6 +154,35 @@ def test_restarting_with_other_settings_is_refused_unless_reconfigured_and_names
         srv.stop()
 
 
+def test_reconfigure_closes_the_replaced_sdk_clients_once_their_requests_are_done(tmp_path, ray_up):
+    # each reconfigure builds new SDK clients (their own connection pools); the old ones must be closed, but
+    # only after the requests that started on them have their answers
+    srv = server(tmp_path, "closing", latency_ms=1_500)
+    ups = [{"name": "one", "base_url": srv.url, "api_key": "k"}]
+    first = settings(tmp_path, ups, callers={"num_callers": 1, "in_process": True})
+    rt = runtime.start(first, name="closing")
+    try:
+        caller = rt._local.caller
+        old = list(caller.pipeline.ports.transports.values())
+        running = rt._local._submit(rt.acall(user_msg("started before the change", 8)))
+        wait_until = time.monotonic() + 30
+        while not caller._running and time.monotonic() < wait_until:
+            time.sleep(0.01)   # the request is on the old pipeline
+        assert caller._running
+        runtime.start(settings(tmp_path, ups, callers={"num_callers": 1, "in_process": True},
+                               limits=uniform_limits(200, 10_000_000, 10_000_000)), name="closing", reconfigure=True)
+        assert caller.pipeline.ports.transports["one"] is not old[0]
+        assert not any(t.client.is_closed() for t in old)   # still in use
+        assert running.result(timeout=60).message.content   # answered through the old client
+        while not all(t.client.is_closed() for t in old) and time.monotonic() < wait_until:
+            time.sleep(0.01)
+        assert all(t.client.is_closed() for t in old) and not caller._retired
+        assert rt.call(user_msg("after the change", 8)).upstream == "one"   # the new client works
+    finally:
+        rt.shutdown()
+        srv.stop()
+
+
 def test_the_local_api_runs_only_when_asked_and_says_so(tmp_path, ray_up, monkeypatch):
     monkeypatch.setenv("CLAUDE_RUNTIME_FAKE_API", "1")
     rt = runtime.start(Settings(data_dir=tmp_path / "fake", cache={"enabled": False},
