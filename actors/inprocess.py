@@ -109,7 +109,7 @@ class InProcessCaller:
     """Runs the pipeline in this process on a daemon thread's event loop; ``call`` blocks, ``acall`` awaits."""
 
     def __init__(self, settings: Settings, upstreams: list[UpstreamSettings], limiter: Any, ledger: Any,
-                 cache: Any = None) -> None:
+                 cache: Any = None, pool: Any = None) -> None:
         self.name = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         public = settings.without_secrets()
         self._journal = Path(journal_path(public, self.name))
@@ -130,7 +130,21 @@ class InProcessCaller:
         except BaseException:
             self._stop_loop()
             raise
+        self._reporter: asyncio.Future | None = None
+        if pool is not None:
+            # the pool does not run this caller, but `claude-runtime status` asks the pool: tell it how we stand
+            self._reporter = self._submit(self._report(pool))
         atexit.register(self.close)
+
+    async def _report(self, pool: Any) -> None:
+        from actors.pool import OUTSIDE_REPORT_S
+
+        while True:
+            try:
+                pool.report.remote(self.name, self.caller.load())  # not awaited: a status row, nothing more
+            except Exception:  # noqa: BLE001 - the pool restarting: the next report gets there
+                pass
+            await asyncio.sleep(OUTSIDE_REPORT_S)
 
     def _submit(self, coro: Any) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -169,6 +183,8 @@ class InProcessCaller:
         if self._closed:
             return
         self._closed = True
+        if self._reporter is not None:
+            self._reporter.cancel()
         drained = False
         if ray.is_initialized():
             try:
@@ -228,14 +244,14 @@ _LOCAL_LOCK = threading.Lock()
 
 
 def local_caller(namespace: str, settings: Settings, upstreams: list[UpstreamSettings], limiter: Any, ledger: Any,
-                 cache: Any = None, *, reconfigure: bool = False) -> InProcessCaller:
+                 cache: Any = None, *, reconfigure: bool = False, pool: Any = None) -> InProcessCaller:
     with _LOCAL_LOCK:
         have = _LOCAL.get(namespace)
         if have is not None and not have._closed:
             if reconfigure:
                 have.reconfigure(settings, upstreams)
             return have
-        _LOCAL[namespace] = made = InProcessCaller(settings, upstreams, limiter, ledger, cache)
+        _LOCAL[namespace] = made = InProcessCaller(settings, upstreams, limiter, ledger, cache, pool)
         return made
 
 

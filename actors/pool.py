@@ -35,6 +35,7 @@ from runtime.pool import CallerLoad, PoolPolicy, free_names, index_of
 log = logging.getLogger(__name__)
 
 POOL_NAME = "caller_pool"
+OUTSIDE_REPORT_S = 2.0  # how often a driver's in-process caller tells the pool its load, for status
 CALLER_PREFIX = "caller-"
 
 
@@ -72,6 +73,8 @@ class CallerPool:
         self._members: dict[str, Any] = {}        # name -> handle: every caller, active or draining
         self._loads: dict[str, CallerLoad] = {}
         self._info: dict[str, dict[str, Any]] = {}  # the last load() answer per caller (node, served, ...)
+        # drivers' in-process callers: name -> (monotonic time, load()) of their last report, for status only
+        self._outside: dict[str, tuple[float, dict[str, Any]]] = {}
         self._starting: dict[str, asyncio.Task] = {}
         self._gauges = GaugeExporter(settings)
         self._requested: int | None = None
@@ -123,6 +126,14 @@ class CallerPool:
         active = [n for n in sorted(self._members, key=index_of) if not self._loads.get(n, CallerLoad(n)).draining]
         live = [n for n in active if self._loads.get(n, CallerLoad(n)).reachable]
         return [(n, self._members[n]) for n in (live or active)]
+
+    async def report(self, name: str, load: dict[str, Any]) -> None:
+        """A driver's in-process caller says how it stands (every ``OUTSIDE_REPORT_S``); ``status`` lists it
+        until it stops reporting. Never routed to, never scaled: it belongs to its driver."""
+        self._outside[name] = (time.monotonic(), dict(load))
+        stale = [n for n, (at, _) in self._outside.items() if time.monotonic() - at > 10 * OUTSIDE_REPORT_S]
+        for n in stale:
+            del self._outside[n]
 
     async def all_members(self) -> list[tuple[str, Any]]:
         """Every caller, draining ones included (shutdown stops them all)."""
@@ -302,6 +313,7 @@ class CallerPool:
                     "reachable": c.reachable} for n, c in sorted(self._loads.items(), key=lambda kv: index_of(kv[0]))]
         members += [{"name": n, "in_flight": 0, "draining": False, "reachable": False, "starting": True}
                     for n in self._starting]
+        members += status_view.outside_members(self._outside, time.monotonic(), 3 * OUTSIDE_REPORT_S)
 
         def actor(name: str) -> Any:
             try:

@@ -675,7 +675,8 @@ def start(settings: Settings | None = None, *, name: str = "default", reconfigur
     if settings.callers.in_process:
         from actors.inprocess import local_caller
 
-        local = local_caller(namespace, public, ups, limiter, ledger, cache, reconfigure=bool(running and reconfigure))
+        local = local_caller(namespace, public, ups, limiter, ledger, cache, reconfigure=bool(running and reconfigure),
+                             pool=pool)
     return Runtime(settings, callers, limiter, ledger, cache, fake, namespace, pool, group, local=local)
 
 

@@ -48,9 +48,21 @@ def global_budgets(budgets: Any, spent_today: float, spent_month: float) -> dict
 
 
 def pool_summary(members: list[dict[str, Any]]) -> dict[str, Any]:
-    active = [m for m in members if not m.get("draining")]
-    return {"active": len(active), "draining": len(members) - len(active),
+    """Counts over the pool's callers; a driver's in-process caller (``in_process``) is listed and its requests
+    counted, but it is not one of the pool's active callers (the pool neither routes to it nor scales it)."""
+    pooled = [m for m in members if not m.get("in_process")]
+    active = [m for m in pooled if not m.get("draining")]
+    return {"active": len(active), "draining": len(pooled) - len(active),
+            "in_process": len(members) - len(pooled),
             "in_flight": sum(int(m.get("in_flight") or 0) for m in members), "members": members}
+
+
+def outside_members(reports: dict[str, tuple[float, dict[str, Any]]], now: float, max_age_s: float
+                    ) -> list[dict[str, Any]]:
+    """Status rows for in-process callers from their last reports (name -> (when, ``load()``)); one that has
+    not reported for ``max_age_s`` (its driver exited) is left out."""
+    return [{**load, "name": name, "in_process": True, "reachable": True, "draining": False}
+            for name, (at, load) in sorted(reports.items()) if now - at <= max_age_s]
 
 
 def view(*, limiter: dict[str, Any] | None, budgets: dict[str, Any], cache: dict[str, Any] | None,
@@ -83,14 +95,15 @@ def render(status: dict[str, Any]) -> str:
     con = Console(file=buf, width=120, force_terminal=False)
     c = status.get("callers") or {}
     con.print(f"callers: {c.get('active', 0)} active, {c.get('draining', 0)} draining, "
-              f"{c.get('in_flight', 0)} requests in flight"
+              + (f"{c['in_process']} in-process, " if c.get("in_process") else "")
+              + f"{c.get('in_flight', 0)} requests in flight"
               + (f" (pool {c['floor']}..{c['ceiling']}, target {c['target']})" if c.get("ceiling") else ""),
               soft_wrap=True)
     t = Table()
     for col in ("caller", "state", "in flight", "node", "served"):
         t.add_column(col)
     for m in c.get("members") or []:
-        t.add_row(m.get("name", "?"), "draining" if m.get("draining") else
+        t.add_row(m.get("name", "?"), "in-process" if m.get("in_process") else "draining" if m.get("draining") else
                   ("unreachable" if m.get("reachable") is False else "active"), str(m.get("in_flight", "?")),
                   str(m.get("node") or "?")[:12], str(m.get("served", "")))
     con.print(t)

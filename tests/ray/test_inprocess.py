@@ -136,6 +136,25 @@ def test_starting_again_in_this_process_reuses_its_caller(rt):
     assert rt.call(user_msg("Say hi.", 8), cache=False).attempts == 1
 
 
+def test_status_lists_the_in_process_caller_with_its_requests_and_leases(rt):
+    from runtime.status import render
+
+    rt.call(user_msg("Say hello.", 8), cache=False)   # holds capacity leases from here on
+
+    def mine():
+        state = rt.status()
+        rows = [m for m in state["callers"]["members"] if m.get("in_process") and m["name"] == rt._local.name]
+        return (state, rows[0]) if rows and rows[0].get("served") else None
+
+    state, row = wait_for(mine, "the in-process caller in status", timeout_s=30)
+    assert row["leases"] and row["in_flight"] == 0 and row["node"]
+    # listed and counted apart: the pool's own callers are what its floor and target speak of
+    assert state["callers"]["in_process"] == 1
+    assert state["callers"]["active"] == len([m for m in state["callers"]["members"] if not m.get("in_process")])
+    assert rt._local.name in state["leases"]
+    assert "in-process" in render(state)
+
+
 def test_close_drains_the_journal_and_removes_its_files(rt):
     # last in this module: it closes the module's in-process caller
     from pathlib import Path

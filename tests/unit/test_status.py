@@ -45,3 +45,16 @@ def test_the_view_and_its_rendering():
     for shown in ("caller-0", "draining", "sonnet", "daily", "25.0%", "42 entries", "s3://b/c",
                   "default/sonnet", "pool 1..4"):
         assert shown in text, shown
+
+
+def test_in_process_callers_are_listed_from_fresh_reports_and_counted_apart():
+    from runtime.status import outside_members, pool_summary
+
+    reports = {"inproc-a": (100.0, {"in_flight": 3, "served": 9, "node": "n1"}),
+               "inproc-b": (90.0, {"in_flight": 5, "served": 1, "node": "n2"})}
+    rows = outside_members(reports, now=101.0, max_age_s=6.0)   # b stopped reporting: its driver is gone
+    assert [r["name"] for r in rows] == ["inproc-a"] and rows[0]["in_process"] and rows[0]["in_flight"] == 3
+    pooled = [{"name": "caller-0", "in_flight": 2, "draining": False},
+              {"name": "caller-1", "in_flight": 1, "draining": True}]
+    got = pool_summary(pooled + rows)
+    assert (got["active"], got["draining"], got["in_process"], got["in_flight"]) == (1, 1, 1, 6)
