@@ -32,6 +32,20 @@ def wait_for(cond, what: str = "condition", timeout_s: float = 60.0, every_s: fl
         time.sleep(every_s)
 
 
+async def stats_when(actor, pred, timeout_s: float = 30.0) -> dict[str, Any]:
+    """An actor's ``stats()`` once ``pred`` holds (its counters are fed by fire-and-forget calls, or a model
+    loads in the background); fail the test after ``timeout_s``."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = await actor.stats.remote()
+        if pred(st):
+            return st
+        assert time.monotonic() < deadline, f"stats never reached the expected state: {st}"
+        await asyncio.sleep(0.02)
+
+
 def fast_settings(data_dir, **over: Any) -> Settings:
     """Generous limits, quick backoff: tests exercise behaviour, not waiting."""
     kw: dict[str, Any] = dict(

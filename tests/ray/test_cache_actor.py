@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import ray
 
-from tests.runtime_fixtures import ray_local  # noqa: F401 - a fixture
+from tests.runtime_fixtures import ray_local, stats_when  # noqa: F401 - a fixture
 from actors.cache import NAMESPACE, CacheActor, CacheClient, get_or_create_cache
 from runtime import cache_policy as cp
 from runtime.embedding import get_embedder
@@ -67,17 +67,6 @@ Q = "How do I reverse a list in Python?"
 PARA = "How can I reverse a list in Python?"
 
 
-async def _stats_when(actor, pred, timeout=30.0):
-    """The actor's stats once ``pred`` holds (counters are fed by fire-and-forget calls)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = await actor.stats.remote()
-        if pred(st):
-            return st
-        assert time.monotonic() < deadline, f"stats never reached the expected state: {st}"
-        await asyncio.sleep(0.02)
-
-
 async def test_exact_then_semantic_hit_with_saving(cache):
     actor, client, _ = cache
     await seed(client, req(Q), "Use reversed() or list.reverse().", cost=0.02)
@@ -88,7 +77,7 @@ async def test_exact_then_semantic_hit_with_saving(cache):
     assert sem.kind == "semantic", sem.reason
     assert sem.similarity >= client._settings.cache.similarity_threshold
     # fire-and-forget counts; a miss is counted in the client and sent within a second (CacheClient._record)
-    stats = await _stats_when(actor, lambda st: st["hits_exact"] + st["hits_semantic"] >= 2 and st["misses"] >= 1)
+    stats = await stats_when(actor, lambda st: st["hits_exact"] + st["hits_semantic"] >= 2 and st["misses"] >= 1)
     assert stats["hits_exact"] == 1 and stats["hits_semantic"] == 1 and stats["misses"] == 1
     assert stats["saved_usd"] == pytest.approx(0.04) and stats["entries"] == 1
 
@@ -229,7 +218,7 @@ async def test_bypass_never_reads_or_writes(cache):
     assert not await client.store(out, answer("Sunny."), "claude-haiku-5-5", 0.01, now=T0)
     off = await client.lookup(req(Q), "claude-haiku-5-5", "A", cache_enabled=False, now=T0)
     assert off.kind == "bypass"
-    stats = await _stats_when(actor, lambda st: st["bypasses"] >= 2)
+    stats = await stats_when(actor, lambda st: st["bypasses"] >= 2)
     assert stats["entries"] == 0 and stats["bypasses"] == 2
 
 

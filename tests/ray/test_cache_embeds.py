@@ -4,14 +4,13 @@ hands the embedding to the pool when its model is busy or absent. Real Ray, real
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import numpy as np
 import pytest
 import ray
 
-from tests.runtime_fixtures import ray_local  # noqa: F401 - a fixture
+from tests.runtime_fixtures import ray_local, stats_when  # noqa: F401 - a fixture
 from actors.cache import NAMESPACE, CacheActor, CacheClient
 from runtime.embedding import get_embedder
 from runtime.settings import CacheSettings, Settings
@@ -46,16 +45,6 @@ def answer(text: str) -> dict:
             "usage": {"input_tokens": 10, "output_tokens": 20}}
 
 
-async def _stats_when(actor, pred, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        st = await actor.stats.remote()
-        if pred(st):
-            return st
-        assert time.monotonic() < deadline, f"stats never reached the expected state: {st}"
-        await asyncio.sleep(0.05)
-
-
 def _actor(tmp_path, **cache):
     settings = Settings(data_dir=tmp_path, cache=CacheSettings(embed_in_actor=True, **cache))
     actor = CacheActor.options(name=f"cache-{uuid.uuid4().hex[:8]}", namespace=NAMESPACE,
@@ -73,7 +62,7 @@ def embedding_cache(ray_local, tmp_path):
 
 async def test_the_actor_embeds_a_miss_and_serves_exact_and_paraphrase_without_the_pool(embedding_cache):
     actor, client, _ = embedding_cache
-    await _stats_when(actor, lambda st: st["embedding"]["loaded"])
+    await stats_when(actor, lambda st: st["embedding"]["loaded"], timeout_s=120)
     out = await client.lookup(req(Q), MODEL, "A", now=T0)
     assert out.kind == "miss" and out.leader
     # the actor's vector is the model's vector: rows it embeds and rows the pool embedded are searched alike
@@ -97,7 +86,7 @@ async def test_the_actor_embeds_a_miss_and_serves_exact_and_paraphrase_without_t
 
 async def test_concurrent_lookups_share_the_actors_model_and_the_overflow_goes_to_the_pool(embedding_cache):
     actor, client, _ = embedding_cache
-    await _stats_when(actor, lambda st: st["embedding"]["loaded"])
+    await stats_when(actor, lambda st: st["embedding"]["loaded"], timeout_s=120)
     prompts = [f"What is the boiling point of {x} at sea level?" for x in
                ("water", "ethanol", "acetone", "mercury", "benzene", "glycerol", "methanol", "hexane",
                 "toluene", "propanol", "octane", "pentane")]
@@ -134,7 +123,7 @@ async def test_store_later_sends_before_the_next_lookup_and_drain_waits_for_it(e
     # here a lookup is one trip, sent at once: a paraphrase asked right after, from the same client, must still
     # find that answer (the real clock throughout: store_later stamps the row with it)
     actor, client, _ = embedding_cache
-    await _stats_when(actor, lambda st: st["embedding"]["loaded"])
+    await stats_when(actor, lambda st: st["embedding"]["loaded"], timeout_s=120)
     pairs = [("How do I sort a dict by value in Python?", "How can I sort a dict by value in Python?"),
              ("What is the tallest mountain in Africa?", "What's the tallest mountain in Africa?")]
     for q, para in pairs:
