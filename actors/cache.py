@@ -97,7 +97,9 @@ _VEC_BYTES = DIM * 4 + 112
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _EMBED_HERE_MAX = 8  # lookups embedded by the cache actor at once (embed_in_actor); more go to the pool
 _STORE_LATER_S = 0.002  # long enough for the caller's thread to take its answer (and the GIL) first
-_QUICK_STACK_MAX = 2_000  # a scope this small is stacked into its search matrix on the actor's loop (~0.2 ms)
+# a scope this small is stacked into its search matrix on the actor's loop (~0.3 ms; 2,000 rows took ~2.7 ms,
+# and every put into a scope makes its next search stack it again)
+_QUICK_STACK_MAX = 500
 _LANDING_WAIT_S = 2.0  # a lookup waits at most this long for its scope's puts in flight (a stuck write: go on)
 
 
@@ -684,8 +686,9 @@ class CacheService:
         """A lookup in one round trip, where the actor embeds (``settings.cache.embed_in_actor``): ``key``'s row
         if live (nothing embedded); else ``text`` embedded here, then ``probe``: its candidates and the claim,
         with the ``vector`` and token embeddings (``tokens``) the caller judges and stores with. ``embedded``
-        False: nothing was embedded or claimed (no model here, or it is busy with another lookup, or it
-        failed), and the caller embeds through the pool and probes. ``k`` 0: only the exact key may match."""
+        False: nothing was embedded or claimed (no model here yet, _EMBED_HERE_MAX lookups already waiting for
+        it, or it failed), and the caller embeds through the pool and probes. ``k`` 0: only the exact key may
+        match."""
         self._ensure_maintenance()
         t = _now(now)
         row = await self.lookup_exact(key, t)

@@ -8,8 +8,9 @@ alternate (direct, ours, direct, ...) so both see the same machine noise. Varian
 (cache=False), and cache on with unique prompts (the miss path: embedding + vector search + single-flight), each
 through a caller actor (``ray.get(rt.submit(...))``: two Ray hops) and through the driver's own in-process caller
 (``rt.call(...)`` with ``Settings.callers.in_process=True``: no hop). The miss path twice: with
-``cache.embed_in_actor`` (the cache actor embeds and searches in one trip) and without (the embedding pool embeds,
-then the cache is asked), each against the embedding's own floor (one prompt through the pool, measured in the same iterations).
+``cache.embed_in_actor`` (the cache actor embeds and searches in one trip) and without (the embedding pool
+embeds, then the cache is asked), each against the embedding's own floor (one prompt through the pool, measured
+in the same iterations).
 """
 
 from __future__ import annotations
@@ -182,7 +183,10 @@ def main() -> None:
         console.print(f"{name}: added p50 less this phase's embedding p50 ({emb[phase]:.2f} ms): "
                       f"{row['added_p50_minus_embedding_ms']:.2f} ms")
     console.print(f"caller pipeline stats: {lease_stats}")
-    console.print(f"wrote {write_json('overhead', {'n': args.n, 'budget': args.budget, 'rows': rows, 'embedding_p50_ms': emb, 'machine_load': os.getloadavg(), 'cache_puts': cache_stats.get('puts'), 'cache_misses': cache_stats.get('misses'), 'cache_embedding': cache_stats.get('embedding')})}")
+    out = {"n": args.n, "budget": args.budget, "rows": rows, "embedding_p50_ms": emb,
+           "machine_load": os.getloadavg(), "cache_puts": cache_stats.get("puts"),
+           "cache_misses": cache_stats.get("misses"), "cache_embedding": cache_stats.get("embedding")}
+    console.print(f"wrote {write_json('overhead', out)}")
 
 
 if __name__ == "__main__":

@@ -265,8 +265,8 @@ class Pipeline:
             raise
         if outcome is not None and outcome.kind == "miss":
             try:
-                # the answer goes now; it is serialised and its write sent on the loop's next turn, and its
-                # waiters get it from the cache as it lands
+                # the answer goes now; it is serialised and its write sent just after (CacheClient.store_later),
+                # and its waiters get it from the cache as it lands
                 cache.store_later(outcome, result.message, result.model, result.cost_usd)
             except Exception:  # noqa: BLE001 - the answer is paid for and goes back regardless
                 log.warning("cache store failed for %s", req.request_id)
