@@ -1255,7 +1255,7 @@ class CacheClient:
                     await ref
             return False
         if not wait:
-            self._track(ref, outcome)
+            self._track(self._put_done(ref, outcome))
             return True
         try:
             await ref
@@ -1288,8 +1288,9 @@ class CacheClient:
             log.warning("cache unavailable, answer not stored: %s", type(exc).__name__)
             return False, self._release_now(outcome)
 
-    def _track(self, ref: Any, outcome: CacheOutcome) -> None:
-        task = asyncio.ensure_future(self._put_done(ref, outcome))
+    def _track(self, work: Any) -> None:
+        """Run ``work`` (a write's completion, or a whole store) as a task ``drain`` waits for."""
+        task = asyncio.ensure_future(work)
         self._puts.add(task)
         task.add_done_callback(self._puts.discard)
 
@@ -1312,14 +1313,12 @@ class CacheClient:
             if not isinstance(message, dict):
                 message = message.model_dump(mode="json")
             if outcome.vector is None:  # the prompt must be embedded first: the task tracks its own put
-                task = asyncio.ensure_future(self.store(outcome, message, model_used, cost_usd, wait=False))
-                self._puts.add(task)
-                task.add_done_callback(self._puts.discard)
+                self._track(self.store(outcome, message, model_used, cost_usd, wait=False))
                 return
             stored, ref = self._send_put(outcome, message, model_used, cost_usd, None, outcome.vector,
                                          outcome.tokens)
             if stored:
-                self._track(ref, outcome)
+                self._track(self._put_done(ref, outcome))
         except Exception as exc:  # noqa: BLE001 - the answer went back already; its waiters must not hang
             log.warning("cache store failed: %s", type(exc).__name__)
             self._release_now(outcome)
