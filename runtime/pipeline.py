@@ -216,6 +216,7 @@ class Pipeline:
                 queue.put_nowait(exc.with_request_id(req.request_id) if isinstance(exc, ClaudeRuntimeError)
                                  else exc)
             finally:
+                self._plans.pop(req.request_id, None)
                 queue.put_nowait(done)
 
         task = asyncio.ensure_future(produce())
