@@ -62,6 +62,7 @@ from runtime import cache_policy as policy
 from runtime import cache_verifier
 from runtime.embedding_types import EmbeddingUnavailable
 from runtime.groupsubmit import GroupSubmitter
+from runtime.scope_vectors import ScopeVectors
 from runtime.settings import is_uri, redact_url
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,12 @@ _INDEX_COLS = [f.name for f in SCHEMA if f.name != "vector" and f.name not in _P
 _TABLE_COLS = _INDEX_COLS + _PAYLOAD_COLS
 # what the mirror costs per row, estimated for the byte cap: an index row's dict, a vector with its array
 _ROW_BYTES = 700
-_VEC_BYTES = DIM * 4 + 112
+_VEC_BYTES = DIM * 4 * 2  # a row of its scope's matrix (runtime/scope_vectors.py), and room to grow as much again
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
 _EMBED_HERE_MAX = 8  # lookups embedded by the cache actor at once (embed_in_actor); more go to the pool
 _STORE_LATER_S = 0.002  # long enough for the caller's thread to take its answer (and the GIL) first
-# a scope this small is stacked into its search matrix on the actor's loop (~0.3 ms; 2,000 rows took ~2.7 ms,
-# and every put into a scope makes its next search stack it again)
-_QUICK_STACK_MAX = 500
+# a scope this small is searched on the actor's loop (a 5,000 x 384 matmul: ~0.06 ms; a thread hop costs more)
+_QUICK_SEARCH_MAX = 5_000
 _LANDING_WAIT_S = 2.0  # a lookup waits at most this long for its scope's puts in flight (a stuck write: go on)
 
 
@@ -145,8 +145,7 @@ class CacheStore:
         self.scope_counts: dict[str, int] = {}
         # vectors of live rows, per warm scope, for exact in-memory search of scopes up to flat_scope_max
         # rows (a LanceDB query costs ~20 ms of fixed overhead here; a 2k x 384 matmul well under 1 ms)
-        self._scope_vecs: dict[str, dict[str, np.ndarray]] = {}
-        self._scope_mats: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._scope_vecs: dict[str, ScopeVectors] = {}
         self._scope_use: OrderedDict[str, None] = OrderedDict()  # warm scopes, least recently searched first
         self._cold: set[str] = set()  # scopes whose vectors the cap left on disk
         self._vec_count = 0
@@ -199,8 +198,7 @@ class CacheStore:
             self._payload_bytes -= p["_bytes"]
         while self.mirror_bytes() > self.mirror_max_bytes and self._scope_use:
             sid, _ = self._scope_use.popitem(last=False)
-            self._vec_count -= len(self._scope_vecs.pop(sid, {}))
-            self._scope_mats.pop(sid, None)
+            self._vec_count -= len(self._scope_vecs.pop(sid, ()))
             self._cold.add(sid)
 
     def _keep_payload(self, key: str, row: dict[str, Any]) -> None:
@@ -253,11 +251,10 @@ class CacheStore:
             self.scope_counts[scope_id] = n
         vecs = self._scope_vecs.get(scope_id)
         if vecs is not None:
-            if vecs.pop(key, None) is not None:
+            if vecs.pop(key):
                 self._vec_count -= 1
-            if not vecs:
+            if not len(vecs):
                 self._scope_vecs.pop(scope_id, None)
-        self._scope_mats.pop(scope_id, None)
 
     # -- reads -------------------------------------------------------------------------------------------------
     def live(self, key: str, now: float) -> dict[str, Any] | None:
@@ -288,7 +285,8 @@ class CacheStore:
         row = self.rows.get(key)
         if row is None:
             return None
-        held = self._scope_vecs.get(row["scope_id"], {}).get(key)
+        vecs = self._scope_vecs.get(row["scope_id"])
+        held = vecs.get(key) if vecs is not None else None
         if held is not None:
             return held
         found = (self.table.search().where(f"key = '{key}'").select(["created_at", "vector"]).limit(None)
@@ -301,14 +299,14 @@ class CacheStore:
 
     def search_quick(self, vector: Any, scope_id: str, k: int, now: float, min_similarity: float = -1.0
                      ) -> list[dict[str, Any]] | None:
-        """``search`` where it is a small matmul and nothing to read: the scope's vectors are in memory with
-        their matrix built (or few enough to stack in well under a millisecond), and every found row's payload
-        is held. None where it is not: then ``search`` (which may read the table) answers."""
+        """``search`` where it is a small matmul and nothing to read: the scope's vectors are in memory, at most
+        ``_QUICK_SEARCH_MAX`` of them, and every found row's payload is held. None where it is not: then
+        ``search`` (which may read the table) answers."""
         if self.scope_counts.get(scope_id, 0) == 0:
             return []
         if scope_id not in self._scope_vecs or self.scope_counts[scope_id] > self.flat_scope_max:
             return None
-        if scope_id not in self._scope_mats and len(self._scope_vecs[scope_id]) > _QUICK_STACK_MAX:
+        if len(self._scope_vecs[scope_id]) > _QUICK_SEARCH_MAX:
             return None
         q = np.asarray(vector, dtype=np.float32).reshape(-1)
         norm = float(np.linalg.norm(q))
@@ -366,23 +364,12 @@ class CacheStore:
 
     def _search_memory(self, q: np.ndarray, scope_id: str, k: int, now: float, min_similarity: float
                        ) -> list[dict[str, Any]]:
-        mat = self._scope_mats.get(scope_id)
-        if mat is None:
-            vecs = self._scope_vecs[scope_id]
-            mat = self._scope_mats[scope_id] = (list(vecs), np.stack(list(vecs.values())))
-        keys, m = mat
-        sims = m @ q
-        # only rows at or above the floor are ranked: a lookup's loose floor leaves a handful of a 10k-row
-        # scope, and sorting those instead of every row saves ~0.1 ms per search (same rows, same order; a
-        # tie, which takes two identical vectors, goes by insertion order)
-        above = np.flatnonzero(sims >= min_similarity)
-        order = above[np.argsort(-sims[above], kind="stable")]
         out = []
-        for i in order:
-            row = self.rows.get(keys[i])
+        for key, sim in self._scope_vecs[scope_id].ranked(q, min_similarity):
+            row = self.rows.get(key)
             if row is None or row["scope_id"] != scope_id or row["expires_at"] <= now:
                 continue
-            out.append({**row, "similarity": float(sims[i])})
+            out.append({**row, "similarity": sim})
             if len(out) >= k:
                 break
         return out
@@ -415,11 +402,12 @@ class CacheStore:
             self.scope_counts[sid] = self.scope_counts.get(sid, 0) + 1
             if sid not in self._cold:
                 vec = np.asarray(e["vector"], dtype=np.float32).reshape(-1)
-                vecs = self._scope_vecs.setdefault(sid, {})
-                vecs[key] = vec / (np.linalg.norm(vec) or 1.0)
+                vecs = self._scope_vecs.get(sid)
+                if vecs is None:
+                    vecs = self._scope_vecs[sid] = ScopeVectors(DIM)
+                vecs.put(key, vec / (np.linalg.norm(vec) or 1.0))
                 self._vec_count += 1
                 self._scope_use[sid] = None
-                self._scope_mats.pop(sid, None)
             if "response" in e:
                 self._keep_payload(key, e)  # a fresh answer: the likeliest to be asked for next
             else:
