@@ -682,22 +682,35 @@ class CacheService:
         row = await self.lookup_exact(key, t)
         if row is not None:
             return {"exact": row, "rows": [], "leader": False, "embedded": False}
-        if self._embedder is None or self._embedding >= _EMBED_HERE_MAX:
-            # a deeper queue here would be throughput bought with the singletons' CPU: that is the pool's job
+        embedded = await self._embed_here(text)
+        if embedded is None:
             self._embed_counts["sent_to_pool"] += 1
             return {"exact": None, "rows": [], "leader": False, "embedded": False}
-        self._embedding += 1
-        try:
-            vector, tokens = await self._embed_group.submit(str(text))
-        except Exception as exc:  # noqa: BLE001 - the caller goes to the pool instead
-            log.warning("cache actor embedding failed: %s", type(exc).__name__)
-            self._embed_counts["sent_to_pool"] += 1
-            return {"exact": None, "rows": [], "leader": False, "embedded": False}
-        finally:
-            self._embedding -= 1
         self._embed_counts["embedded_here"] += 1
+        vector, tokens = embedded
         got = await self.probe(key, vector if k > 0 else None, scope_id, k, t, min_similarity, owner, lease_s)
         return {**got, "embedded": True, "vector": vector, "tokens": tokens}
+
+    async def embed(self, text: str) -> dict[str, Any] | None:
+        """``text`` embedded as a lookup here embeds it (``vector`` and token embeddings ``tokens``), or None
+        where this actor does not embed (not ``embed_in_actor``, model not loaded yet, busy). What the miss path
+        pays for its embedding, measured on the model copy that serves it (benchmarks/overhead.py: another
+        copy's floor would leave this one out of the CPU's cache)."""
+        embedded = await self._embed_here(text)
+        return None if embedded is None else {"vector": embedded[0], "tokens": embedded[1]}
+
+    async def _embed_here(self, text: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+        if self._embedder is None or self._embedding >= _EMBED_HERE_MAX:
+            # a deeper queue here would be throughput bought with the singletons' CPU: that is the pool's job
+            return None
+        self._embedding += 1
+        try:
+            return await self._embed_group.submit(str(text))
+        except Exception as exc:  # noqa: BLE001 - the caller goes to the pool instead
+            log.warning("cache actor embedding failed: %s", type(exc).__name__)
+            return None
+        finally:
+            self._embedding -= 1
 
     # -- writes ----------------------------------------------------------------------------------------------
     async def put(self, entry: dict[str, Any]) -> None:
