@@ -1140,9 +1140,19 @@ class CacheClient:
         rejected = None if eligible else "too long for a semantic match"
         k = self._k if eligible else 0
         got: dict[str, Any] | None = None
+
+        def meanwhile() -> None:
+            # what judging needs of the prompt alone, done while the round trip is out rather than after it
+            if eligible:
+                policy.prepare_judging(prompt)
+                if judge is not None:
+                    cache_verifier.content_stems(prompt)
+
         if cs.embed_in_actor:
             # one trip: the exact key, else the prompt embedded where the rows are, its candidates and the claim
-            got = await self._actor.lookup.remote(key, prompt, scope_id, k, now, floor, owner, self.claim_lease_s)
+            ref = self._actor.lookup.remote(key, prompt, scope_id, k, now, floor, owner, self.claim_lease_s)
+            meanwhile()
+            got = await ref
             hit = self._as_hit(got["exact"], "exact", max_tokens, base)
             if hit is not None:
                 return hit
@@ -1150,7 +1160,8 @@ class CacheClient:
                 got = None  # its model is busy or absent: the pool embeds, and a probe follows
         if got is None:
             encoded = await self._embed_beside_exact(prompt, key, now, max_tokens, base,
-                                                     exact_done=cs.embed_in_actor)
+                                                     exact_done=cs.embed_in_actor,
+                                                     meanwhile=None if cs.embed_in_actor else meanwhile)
             if isinstance(encoded, CacheOutcome):
                 return encoded  # an exact hit
             if encoded is None:  # the exact part ran; without a vector neither search nor a storable row
@@ -1204,11 +1215,11 @@ class CacheClient:
                             tokens=q_tokens, **base)
 
     async def _embed_beside_exact(self, prompt: str, key: str, now: float | None, max_tokens: Any,
-                                  base: dict[str, Any], *, exact_done: bool
+                                  base: dict[str, Any], *, exact_done: bool, meanwhile: Any = None
                                   ) -> CacheOutcome | tuple[np.ndarray, np.ndarray | None] | None:
         """The prompt's vector and token embeddings from the pool (None: unavailable), with the exact lookup
         beside it unless ``exact_done``; an exact hit is returned instead (its embedding cancelled: never sent,
-        if the pool client was still filling a batch)."""
+        if the pool client was still filling a batch). ``meanwhile()`` runs while the embedding is out."""
         embedding = asyncio.ensure_future(self._embed(prompt))
         if not exact_done:
             try:
@@ -1220,6 +1231,8 @@ class CacheClient:
             if hit is not None:
                 embedding.cancel()
                 return hit
+        if meanwhile is not None:
+            meanwhile()
         return await embedding
 
     def _as_hit(self, row: dict[str, Any] | None, kind: str, max_tokens: Any, base: dict[str, Any],

@@ -875,6 +875,12 @@ def _negated_modifier(text: str, other: _Text) -> str | None:
     return None
 
 
+def prepare(text: str) -> None:
+    """Analyse ``text`` now (the analysis is cached): a lookup does this for its prompt while the cache finds
+    candidates, so that judging them afterwards is only the comparisons."""
+    _analyse(text)
+
+
 def guard(query: str, candidate: str) -> str | None:
     """``check`` as a reason string ("who: age groups differ (child vs adult)"); None to accept."""
     veto = check(query, candidate)

@@ -297,6 +297,11 @@ def guard(query: str, candidate: str) -> str | None:
     return cache_guard.guard(query, candidate)
 
 
+def prepare_judging(prompt: str) -> None:
+    """Do now the part of judging candidates that depends on the prompt alone (``guard``'s analysis of it)."""
+    cache_guard.prepare(prompt)
+
+
 # all-MiniLM-L6-v2 reads 256 word pieces and drops the rest; ~3 characters a piece keeps well inside that
 SEMANTIC_MAX_CHARS = 700
 
