@@ -205,6 +205,22 @@ class LimiterClient:
             self.stats["retries"] += 1
             await asyncio.sleep(pause)
 
+    def try_acquire(self, e: Estimate) -> Grant | None:
+        """A grant from this caller's leases now (no wait, no round trip), or None: ``acquire`` then. For an
+        admission made before it is known whether the request will go out (the pipeline admits while the
+        cache looks up): ``e`` counts toward the demand that sizes leases only once ``admitted(e)`` says it
+        goes; one that does not goes back through ``give_back``."""
+        if self.book is None or self._capped(e):
+            return None
+        grant = self.book.try_admit(e, note=False)
+        self._ensure_refresher()
+        return grant
+
+    def admitted(self, e: Estimate) -> None:
+        """``e``'s early grant (``try_acquire``) is used: count it in the demand, as ``acquire`` would have."""
+        if self.book is not None:
+            self.book.note(e)
+
     async def _send_acquires(self, batch: list[Estimate]) -> list[Grant | RetryAfter]:
         self.stats["acquire_calls"] += 1
         self.stats["decisions"] += len(batch)

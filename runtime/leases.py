@@ -113,11 +113,15 @@ class LeaseBook:
         self.stats = {"local": 0, "missed": 0, "leases": 0, "returned": 0}
 
     # -- admission --------------------------------------------------------------------------------------------
-    def try_admit(self, e: Estimate) -> Grant | None:
+    def try_admit(self, e: Estimate, *, note: bool = True) -> Grant | None:
+        """A grant on one of ``e``'s groups' leases, or None. ``note`` False: ``e`` is not counted in the demand
+        that sizes the next leases (an admission made before it is known whether the request will be sent:
+        ``note(e)`` counts it once it is)."""
         now = self.clock()
         for group in (e.groups or (DEFAULT_GROUP,)):
             key = (group, e.model_class)
-            self._note(key, now, e)
+            if note:
+                self._note(key, now, e)
             loc = self._active.get(key)
             if loc is None or loc.expires <= now:
                 continue
@@ -134,6 +138,11 @@ class LeaseBook:
                              e.user_id, 0.0, group)
         self.stats["missed"] += 1
         return None
+
+    def note(self, e: Estimate) -> None:
+        now = self.clock()
+        for group in (e.groups or (DEFAULT_GROUP,)):
+            self._note((group, e.model_class), now, e)
 
     def _note(self, key: tuple[str, str], now: float, e: Estimate) -> None:
         seen = self._seen.get(key)

@@ -69,6 +69,9 @@ from runtime.usage import Usage
 
 log = logging.getLogger("claude_runtime.pipeline")
 _OBSERVE_AFTER_S = 0.002
+# an early grant (admitted while the cache looked up) is used only this soon after it was made: a lookup that
+# took longer waited for another request's answer, and capacity admitted for later would sit unused meanwhile
+_EARLY_MAX_AGE_S = 0.5
 
 
 # -- ports ------------------------------------------------------------------------------------------------------
@@ -79,6 +82,11 @@ class AdmissionPort(Protocol):
     def reconcile(self, outcome: Outcome) -> None: ...
 
     def give_back(self, grant: Grant) -> None: ...
+
+    # optional: a grant now, with no wait and no round trip (a caller's lease), or None; not counted as demand
+    # until ``admitted``. The pipeline admits this way while the cache looks up (see ``_admit_early``)
+    #   def try_acquire(self, estimate: Estimate) -> Grant | None: ...
+    #   def admitted(self, estimate: Estimate) -> None: ...
 
 
 class LedgerPort(Protocol):
@@ -135,6 +143,19 @@ class _Attempts:
     void: list[int] = field(default_factory=list)
     calls: int = 0
     prompt: "_PromptUse | None" = None   # the current attempt's prompt-cache placement and decision
+
+
+@dataclass
+class _Early:
+    """A grant made while the cache looked up: used by the first attempt if that attempt asks for exactly this
+    estimate, else given back."""
+
+    model: str
+    estimate: Estimate
+    grant: Grant
+    at: float
+    reserve_usd: float | None   # the attempt's reservation, worked out meanwhile too (None: it needs a count)
+    taken: bool = False   # used by the first attempt, or given back
 
 
 @dataclass
@@ -243,10 +264,26 @@ class Pipeline:
         cache = self.ports.cache
 
         outcome = None
+        early: _Early | None = None
         if cache is not None:
-            outcome = await cache.lookup(req.params, model, req.tenant, cache_enabled=req.cache_enabled,
-                                         owner=str(run.owner), wait_s=max(0.0, deadline_at - self.clock()),
-                                         request_id=req.request_id)
+            look = asyncio.ensure_future(cache.lookup(
+                req.params, model, req.tenant, cache_enabled=req.cache_enabled, owner=str(run.owner),
+                wait_s=max(0.0, deadline_at - self.clock()), request_id=req.request_id))
+            try:
+                if req.cache_enabled and getattr(self.ports.admission, "try_acquire", None) is not None:
+                    # admission runs while the lookup is out (embedding, search): once its round trip has
+                    # left, which one turn of the loop lets it do. A hit gives the grant back
+                    await asyncio.sleep(0)
+                    early = self._admit_early(req, model)
+                outcome = await look
+            except BaseException:
+                look.cancel()
+                self._give_back_early(early)
+                raise
+            if early is not None and (outcome.kind in ("exact", "semantic")
+                                      or self.clock() - early.at > _EARLY_MAX_AGE_S):
+                self._give_back_early(early)
+                early = None
             if outcome.kind in ("exact", "semantic"):
                 result = await self._cache_hit(req, outcome, t0, reason)
                 if emit is not None:
@@ -260,8 +297,9 @@ class Pipeline:
         try:
             holder = cache.holding(outcome) if leading else contextlib.nullcontext()
             async with holder:
-                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run, emit)
+                result = await self._call(req, model, reason, cache_kind, t0, deadline_at, run, emit, early)
         except BaseException as exc:
+            self._give_back_early(early)  # failed before its first attempt took it
             await self._clean_up(req, model, run, outcome if leading else None, exc, t0)
             raise
         if outcome is not None and outcome.kind == "miss":
@@ -272,6 +310,34 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - the answer is paid for and goes back regardless
                 log.warning("cache store failed for %s", req.request_id)
         return result
+
+    def _admit_early(self, req: NormalizedRequest, model: str) -> _Early | None:
+        """The first attempt's grant, if the admission port can give it at once (a lease with room): the
+        estimate as ``_call`` will build it for the routed model on all its upstreams. None where that estimate
+        is not known yet (a tracked prompt-cache prefix: its claim decides the input tokens) or no lease has
+        room. Never waits, never fails the request."""
+        try:
+            p = self._plan(req, model)
+            if p.prefix_hash is not None:
+                return None
+            info = self.settings.models[model]
+            est = self.estimator.estimate(req.params, info.tokenizer)
+            candidates = [self.upstreams[n] for n in self._upstream_names(model) if n in self.upstreams]
+            estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
+                                priority=req.priority, input_tokens=admission_input_tokens(est, 0),
+                                max_output_tokens=req.max_tokens,
+                                groups=tuple(dict.fromkeys(u.group for u in candidates)), tenant=req.tenant)
+            reserve = self._bound_now(req, model)
+            grant = self.ports.admission.try_acquire(estimate)
+        except Exception:  # noqa: BLE001 - an optimisation: the first attempt asks as usual
+            log.warning("early admission failed for %s", req.request_id, exc_info=True)
+            return None
+        return None if grant is None else _Early(model, estimate, grant, self.clock(), reserve)
+
+    def _give_back_early(self, early: _Early | None) -> None:
+        if early is not None and not early.taken:
+            early.taken = True
+            self.ports.admission.give_back(early.grant)
 
     async def _clean_up(self, req: NormalizedRequest, model: str, run: _Attempts, outcome: Any,
                         exc: BaseException, t0: float) -> None:
@@ -327,23 +393,38 @@ class Pipeline:
     async def _reservation(self, req: NormalizedRequest, model: str, deadline_at: float) -> float:
         """The most this attempt can cost: an upper bound of the bill, never an estimate of it."""
         s = self.settings
-        f = self._price_factor()
-        bound = input_upper_bound(req.params)
         mode = s.estimate.count_tokens
-        markers = self._cache_bound(req, model)
-        if mode == "always" or (mode == "auto" and not bound.sure and s.budgets.configured):
+        bound = input_upper_bound(req.params)
+        if self._counts_first(bound):
             # "auto" counts only where a budget needs the tighter figure, and only if counting capacity is free
             # at once: waiting for it would put the count_tokens rate limit (100 RPM at the lowest tier) and a
             # round trip on every code or non-English prompt; the structural bound below is an upper bound too
             until = deadline_at if mode == "always" else min(deadline_at, self.clock() + s.estimate.count_wait_s)
             counted = await self._count_tokens(req, model, until)
             if counted is not None:
-                return bound_cost(model, counted, req.max_tokens, s, price_factor=f, **markers)
+                return bound_cost(model, counted, req.max_tokens, s, price_factor=self._price_factor(),
+                                  **self._cache_bound(req, model))
+        return self._structural_bound(req, model, bound)
+
+    def _bound_now(self, req: NormalizedRequest, model: str) -> float | None:
+        """``_reservation`` where it needs no count from the API (no wait, no I/O), else None."""
+        bound = input_upper_bound(req.params)
+        return None if self._counts_first(bound) else self._structural_bound(req, model, bound)
+
+    def _counts_first(self, bound: Any) -> bool:
+        mode = self.settings.estimate.count_tokens
+        return mode == "always" or (mode == "auto" and self.settings.budgets.configured and not bound.sure)
+
+    def _structural_bound(self, req: NormalizedRequest, model: str, bound: Any) -> float:
+        """The reservation with no count from the API: the local estimate, raised to the prompt's structural
+        ``bound``; where the estimate cannot be trusted, that bound priced at the dearest tier it could fall in."""
+        s = self.settings
+        f = self._price_factor()
+        markers = self._cache_bound(req, model)
         if bound.sure:
             est = self.estimator.estimate(req.params, s.models[model].tokenizer)
             return bound_cost(model, max(int(est * 1.3), bound.tokens), req.max_tokens, s, price_factor=f,
                               **markers)
-        # no count to be had: the structural bound, priced at the dearest tier it could fall in
         return bound_cost(model, bound.tokens, req.max_tokens, s, worst_tier=True, price_factor=f, **markers)
 
     def _cache_bound(self, req: NormalizedRequest, model: str) -> dict[str, Any]:
@@ -442,7 +523,8 @@ class Pipeline:
 
     # -- calls, with fallback ------------------------------------------------------------------------------
     async def _call(self, req: NormalizedRequest, model: str, reason: str, cache_kind: str, t0: float,
-                    deadline_at: float, run: _Attempts, emit: Callable[[dict], None] | None = None) -> Result:
+                    deadline_at: float, run: _Attempts, emit: Callable[[dict], None] | None = None,
+                    early: _Early | None = None) -> Result:
         s = self.settings
         routed = model
         fb = FallbackRun(fallback_chain(model, s), self.policy, self.breaker, deadline_at=deadline_at,
@@ -472,13 +554,24 @@ class Pipeline:
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
             asked = self.clock()
-            grant_task = asyncio.ensure_future(self.ports.admission.acquire(
-                estimate, deadline_s=max(0.0, deadline_at - self.clock())))
+            reserve_usd = None
+            if early is not None and not early.taken and early.model == model and early.estimate == estimate:
+                # admitted while the cache looked up: this grant (and reservation figure) is the first attempt's
+                early.taken = True
+                reserve_usd = early.reserve_usd
+                self.ports.admission.admitted(estimate)
+                grant_task = asyncio.get_running_loop().create_future()
+                grant_task.set_result(early.grant)
+            else:
+                self._give_back_early(early)
+                grant_task = asyncio.ensure_future(self.ports.admission.acquire(
+                    estimate, deadline_s=max(0.0, deadline_at - self.clock())))
             try:
                 if need_begin:
                     may_downgrade = (not downgrade_checked and req.priority != "critical"
                                      and info.model_class != "haiku" and model == routed)
-                    begun = await self._begin(req, model, run, deadline_at, raise_refusal=not may_downgrade)
+                    begun = await self._begin(req, model, run, deadline_at, raise_refusal=not may_downgrade,
+                                              amount=reserve_usd)
                     need_begin = False
                     downgrade_checked = True
                     res = begun.reservation
@@ -549,14 +642,16 @@ class Pipeline:
             return await self._settle(req, model, reason, cache_kind, t0, run, fb, grant, resp, est, upstream)
 
     async def _begin(self, req: NormalizedRequest, model: str, run: _Attempts, deadline_at: float,
-                     attempt: int | None = None, *, raise_refusal: bool = True) -> Begun:
+                     attempt: int | None = None, *, raise_refusal: bool = True, amount: float | None = None
+                     ) -> Begun:
         """Reserve the attempt's worst case and write its intent. When the budget has no room now but the
         worst case fits beside the settled spend, the ledger answers once room comes (or the request's deadline
         passes). A refusal raises ``BudgetExceeded`` with the figures, or with ``raise_refusal=False`` comes
-        back in the ``Begun`` (nothing is held then)."""
+        back in the ``Begun`` (nothing is held then). ``amount``: the reservation, when already worked out."""
         if attempt is None and run.attempt > 0:
             attempt = run.attempt + 1  # a new reservation for a later attempt of this execution
-        amount = await self._reservation(req, model, deadline_at)
+        if amount is None:
+            amount = await self._reservation(req, model, deadline_at)
         begun = await self.ports.ledger.begin(Begin(
             request_id=req.request_id, owner=str(run.owner), attempt=attempt, model=model, user_id=req.user_id,
             tenant=req.tenant, priority=req.priority, reserve_usd=amount, unique=not req.id_given,
