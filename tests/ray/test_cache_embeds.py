@@ -69,6 +69,10 @@ async def test_the_actor_embeds_a_miss_and_serves_exact_and_paraphrase_without_t
     want = client.embedder.inner.encode([Q], tokens=True)
     assert np.allclose(out.vector, want.vectors[0], atol=1e-5)
     assert out.tokens is not None and out.tokens.shape == want.tokens[0].shape
+    # embed alone (the miss path's floor in benchmarks/overhead.py): the same vector, and no lookup counted
+    alone = await actor.embed.remote(Q)
+    assert np.allclose(alone["vector"], want.vectors[0], atol=1e-5)
+    assert alone["tokens"].shape == want.tokens[0].shape
     assert await client.store(out, answer("Use reversed()."), MODEL, 0.01, now=T0)
 
     exact = await client.lookup(req(Q), MODEL, "A", now=T0 + 1)
@@ -108,6 +112,7 @@ async def test_an_actor_without_its_model_leaves_every_lookup_to_the_pool(ray_lo
         client = CacheClient(actor, settings, CountingEmbedder())
         out = await client.lookup(req(Q), MODEL, "A", now=T0)
         assert out.kind == "miss" and out.leader and out.vector is not None
+        assert await actor.embed.remote(Q) is None  # nothing here to embed with
         assert await client.store(out, answer("Use reversed()."), MODEL, 0.01, now=T0)
         sem = await client.lookup(req(PARA), MODEL, "A", now=T0 + 1)
         assert sem.kind == "semantic", sem.reason
