@@ -6,6 +6,9 @@
                   │ refused: BudgetExceeded       │ error: fallback state machine (runtime/fallback.py)
                   │ 80 %: downgrade to Haiku      │   retry same / next model / surface a typed error
 
+While the cache looks up (embedding, search: ~10 ms), the first attempt is admitted on the caller's lease where
+the admission port can do that at once (``try_acquire``); a hit gives that grant back, a miss sends on it.
+
 The pipeline owns no state beyond the request it runs and the caller-wide helpers it is given (estimator,
 circuit breaker); everything durable or shared sits behind a port:
 
