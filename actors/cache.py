@@ -691,6 +691,15 @@ class CacheService:
         got = await self.probe(key, vector if k > 0 else None, scope_id, k, t, min_similarity, owner, lease_s)
         return {**got, "embedded": True, "vector": vector, "tokens": tokens}
 
+    async def lookup_packed(self, ask: tuple) -> dict[str, Any]:
+        """``lookup(*ask)``: the miss path's call, its eight arguments sent as one (Ray serialises each argument
+        on its own: ~0.1 ms more per call for eight than for one, measured on a no-op method)."""
+        return await self.lookup(*ask)
+
+    async def probe_packed(self, ask: tuple) -> dict[str, Any]:
+        """``probe(*ask)``, likewise."""
+        return await self.probe(*ask)
+
     async def embed(self, text: str) -> dict[str, Any] | None:
         """``text`` embedded as a lookup here embeds it (``vector`` and token embeddings ``tokens``), or None
         where this actor does not embed (not ``embed_in_actor``, model not loaded yet, busy). What the miss path
@@ -1150,7 +1159,8 @@ class CacheClient:
 
         if cs.embed_in_actor:
             # one trip: the exact key, else the prompt embedded where the rows are, its candidates and the claim
-            ref = self._actor.lookup.remote(key, prompt, scope_id, k, now, floor, owner, self.claim_lease_s)
+            ref = self._actor.lookup_packed.remote((key, prompt, scope_id, k, now, floor, owner,
+                                                    self.claim_lease_s))
             meanwhile()
             got = await ref
             hit = self._as_hit(got["exact"], "exact", max_tokens, base)
@@ -1171,8 +1181,8 @@ class CacheClient:
             vector, q_tokens = encoded
             # one trip for the candidates and the single-flight claim: on a miss (most lookups that get this
             # far) the claim is already ours; on a hit it is handed back without waiting
-            got = await self._actor.probe.remote(key, vector if eligible else None, scope_id, k, now, floor, owner,
-                                                 self.claim_lease_s)
+            got = await self._actor.probe_packed.remote((key, vector if eligible else None, scope_id, k, now,
+                                                         floor, owner, self.claim_lease_s))
         else:
             vector, q_tokens = got["vector"], got["tokens"]
         if got["exact"] is not None:  # a leader stored it since the exact lookup
