@@ -80,3 +80,26 @@ def _ping(rt):
         return ray.get(rt.cache.ping.remote(), timeout=5)
     except Exception:  # noqa: BLE001 - dead or restarting
         return None
+
+
+def test_a_hit_gives_back_the_grant_admitted_while_it_was_looked_up(rt):
+    book = rt._local.caller.pipeline.ports.admission.book
+    haiku = rt.settings.router.haiku_model
+
+    def leased() -> bool:
+        return any(k.endswith("/haiku") and v["expires_in_s"] > 1.0 for k, v in book.snapshot().items()
+                   if k != "stats")
+
+    # demand shows up and the in-process caller is leased a slice of haiku's buckets
+    for i in range(4):
+        rt.call(user_msg(f"Name a prime number above {i * 10}.", 64, model=haiku), cache=False)
+    q = user_msg("Which gas do plants take in for photosynthesis?", 300, model=haiku)
+    first = rt.call(q, tenant="early")
+    assert first.cache == "miss"
+    wait_for(leased, "a haiku lease with a second left", timeout_s=30)
+    local = book.stats["local"]
+    again = rt.call(q, tenant="early")
+    assert again.cache == "exact" and again.attempts == 0
+    # admitted on the lease while the cache looked up, and handed back when the cache answered
+    assert book.stats["local"] == local + 1
+    assert all(v["inflight"] == 0 for k, v in book.snapshot().items() if k != "stats")
