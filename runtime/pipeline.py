@@ -326,16 +326,27 @@ class Pipeline:
             info = self.settings.models[model]
             est = self.estimator.estimate(req.params, info.tokenizer)
             candidates = [self.upstreams[n] for n in self._upstream_names(model) if n in self.upstreams]
-            estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=admission_input_tokens(est, 0),
-                                max_output_tokens=req.max_tokens,
-                                groups=tuple(dict.fromkeys(u.group for u in candidates)), tenant=req.tenant)
-            reserve = self._bound_now(req, model)
+            estimate = self._estimate(req, info.model_class, candidates, admission_input_tokens(est, 0))
             grant = self.ports.admission.try_acquire(estimate)
         except Exception:  # noqa: BLE001 - an optimisation: the first attempt asks as usual
             log.warning("early admission failed for %s", req.request_id, exc_info=True)
             return None
-        return None if grant is None else _Early(model, estimate, grant, self.clock(), reserve)
+        if grant is None:
+            return None
+        try:
+            reserve = self._bound_now(req, model)
+        except Exception:  # noqa: BLE001 - the attempt works it out itself
+            log.warning("early reservation figure failed for %s", req.request_id, exc_info=True)
+            reserve = None
+        return _Early(model, estimate, grant, self.clock(), reserve)
+
+    @staticmethod
+    def _estimate(req: NormalizedRequest, model_class: str, candidates: list[UpstreamSettings],
+                  input_tokens: int) -> Estimate:
+        # the limiter grants on whichever candidate upstream's group has the most headroom
+        return Estimate(request_id=req.request_id, model_class=model_class, user_id=req.user_id,
+                        priority=req.priority, input_tokens=input_tokens, max_output_tokens=req.max_tokens,
+                        groups=tuple(dict.fromkeys(u.group for u in candidates)), tenant=req.tenant)
 
     def _give_back_early(self, early: _Early | None) -> None:
         if early is not None and not early.taken:
@@ -548,12 +559,8 @@ class Pipeline:
             info = s.models[model]
             est = self.estimator.estimate(req.params, info.tokenizer)
             candidates = [self.upstreams[n] for n in step.upstreams if n in self.upstreams]
-            # the limiter grants on whichever candidate group has the most headroom
-            groups = tuple(dict.fromkeys(u.group for u in candidates))
             itpm = await self._prompt_cache(req, model, run, deadline_at, est, scope=",".join(step.upstreams))
-            estimate = Estimate(request_id=req.request_id, model_class=info.model_class, user_id=req.user_id,
-                                priority=req.priority, input_tokens=itpm, max_output_tokens=req.max_tokens,
-                                groups=groups, tenant=req.tenant)
+            estimate = self._estimate(req, info.model_class, candidates, itpm)
             # the write-ahead intent (with the budget reservation when one is needed) and the admission wait
             # overlap; both finish before the call leaves
             asked = self.clock()
