@@ -156,14 +156,11 @@ class InProcessCaller:
         return self._submit(self.caller.handle(req)).result()
 
     async def acall(self, req: NormalizedRequest) -> Result:
-        fut = self._submit(self.caller.handle(req))
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:  # pragma: no cover - always called from a coroutine
-            running = None
-        if running is self._loop:  # called from our own loop's thread (a callback of ours): no hop needed
+        if asyncio.get_running_loop() is self._loop:
+            # called from our own loop's thread (a callback of ours): no hop needed. Decided before anything is
+            # submitted: submitting as well would run the request twice, two calls billed under one request id
             return await self.caller.handle(req)
-        return await asyncio.wrap_future(fut)
+        return await asyncio.wrap_future(self._submit(self.caller.handle(req)))
 
     def reconfigure(self, settings: Settings, upstreams: list[UpstreamSettings]) -> None:
         async def go() -> None:

@@ -155,6 +155,18 @@ def test_status_lists_the_in_process_caller_with_its_requests_and_leases(rt):
     assert "in-process" in render(state)
 
 
+def test_acall_from_the_runtimes_own_loop_sends_the_request_once(rt):
+    # a coroutine already on the in-process caller's loop (a callback of the user's, a test) awaits rt.acall: it
+    # runs right there, and only there
+    before = fake_stats(rt)["requests"]
+    q = user_msg("Name one ocean.", 16)
+    result = rt._local._submit(rt.acall(q, cache=False)).result(timeout=60)
+    wait_for(lambda: rt._local.in_flight() == 0, "the caller to have nothing running")
+    assert fake_stats(rt)["requests"] == before + 1
+    rows = [r for r in rt.ledger_records() if r["request_id"] == result.request_id]
+    assert [(r["attempt"], r["message_id"]) for r in rows] == [(1, result.message.id)]
+
+
 def test_close_drains_the_journal_and_removes_its_files(rt):
     # last in this module: it closes the module's in-process caller
     from pathlib import Path
