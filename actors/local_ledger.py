@@ -8,8 +8,9 @@ A request begins locally when nothing needs the ledger's judgement there and the
     only granted far from any threshold and only where no per-user or per-tenant budget is configured).
 Otherwise it asks the ledger as before (``LedgerClient``). Either way every intent is written before its call
 leaves (to the journal: from then on it survives the process) and is on disk before the answer goes back, with
-the record that closes it: the journal's fdatasync instead of the ledger's, and one sync per answer, not two
-(the intent's sync runs while the call is in flight).
+the record that closes it: the journal's fdatasync instead of the ledger's, and one sync per answer, not two.
+(Syncing the intent too, in the background while the call is out, was measured: it cost a lone request ~0.1 ms
+on the loop to start and spared its record's sync ~0.05 ms on this VM's disk.)
 
 At start, a caller first drains what its previous life left in the journal, then tells the ledger it restarted:
 the open intents of its earlier lives become unreconciled rows and a re-run numbers its attempts after them.
