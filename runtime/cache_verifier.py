@@ -152,6 +152,12 @@ def tree_margins(x: np.ndarray, split_feature: np.ndarray, split_value: np.ndarr
             code = right @ (np.int64(1) << np.arange(nodes, dtype=np.int64))
         at = _leaf_of_code(depth)[code]                              # (n, trees)
         return leaf.reshape(-1).take(at + np.arange(trees) * leaf.shape[1]).sum(axis=1)
+    return _walk_margins(x, split_feature, split_value, leaf, depth)
+
+
+def _walk_margins(x: np.ndarray, split_feature: np.ndarray, split_value: np.ndarray, leaf: np.ndarray,
+                  depth: int) -> np.ndarray:
+    """``tree_margins`` by walking every tree level by level (any depth; 2-D ``x``)."""
     trees = np.arange(split_feature.shape[0])
     rows = np.arange(x.shape[0])[:, None]
     node = np.zeros((x.shape[0], len(trees)), dtype=np.int64)
